@@ -1,0 +1,86 @@
+"""Turn a soft-prompt checkpoint into canonical tensors, one module per method.
+
+Every converter takes the adapter's config, its weights and the frozen model's shape, and returns
+a `SoftPrompt`: either virtual-token input embeddings or a per-layer KV prefix. Adding a method is
+one module plus one entry in `CONVERTERS`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from spexport.converters import p_tuning, prefix_tuning, prompt_tuning
+from spexport.converters.base import SoftPrompt
+from spexport.errors import AdapterError
+from spexport.manifest import ModelInfo
+
+__all__ = ["CONVERTERS", "SoftPrompt", "convert_adapter", "read_peft_adapter"]
+
+
+Converter = Callable[[dict, dict, ModelInfo], SoftPrompt]
+
+
+CONVERTERS: dict[str, Converter] = {
+    "PROMPT_TUNING": prompt_tuning.convert,
+    "P_TUNING": p_tuning.convert,
+    "PREFIX_TUNING": prefix_tuning.convert,
+}
+
+
+def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read adapter_config.json and the weights of a PEFT adapter folder, never running its code."""
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{config_path}: unreadable adapter config ({e})") from None
+    if (folder / "adapter_model.safetensors").is_file():
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            weights = load_file(folder / "adapter_model.safetensors")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterError(f"{folder}/adapter_model.safetensors: unreadable ({e})") from None
+    elif (folder / "adapter_model.bin").is_file():
+        weights = _load_pickle_weights(folder / "adapter_model.bin")
+    else:
+        raise AdapterError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+    return config, weights
+
+
+def _load_pickle_weights(path: Path) -> dict[str, np.ndarray]:
+    import pickle
+
+    import torch
+
+    try:
+        # weights_only refuses any pickle that would build objects other than tensors: no code runs.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"{path}: refused, not a plain tensor checkpoint ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"{path}: refused, expected a dict of tensors")
+    return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def convert_adapter(folder: Path, model: ModelInfo) -> SoftPrompt:
+    config, weights = read_peft_adapter(folder)
+    method = config.get("peft_type")
+    if method not in CONVERTERS:
+        raise AdapterError(f"{folder}: adapter method {method} is not supported; "
+                           f"spexport converts {', '.join(sorted(CONVERTERS))}")
+    try:
+        return CONVERTERS[method](config, weights, model)
+    except AdapterError as e:
+        raise AdapterError(f"{folder}: {e}") from None
+
+

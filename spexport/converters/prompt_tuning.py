@@ -1,0 +1,14 @@
+"""PROMPT_TUNING: the checkpoint holds the virtual tokens' input embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spexport.converters.base import SoftPrompt, check_fits, prompt_weights
+from spexport.manifest import ModelInfo
+
+
+def convert(config: dict, weights: dict[str, np.ndarray], model: ModelInfo) -> SoftPrompt:
+    embeddings = prompt_weights(config, weights)
+    check_fits("hidden size", embeddings.shape[1], model.hidden_size)
+    return SoftPrompt(config["peft_type"], "embeddings", embeddings[: config["num_virtual_tokens"]])

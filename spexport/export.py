@@ -1,0 +1,164 @@
+"""`spexport convert`: frozen model + soft-prompt adapters -> one ONNX artifact folder.
+
+Needs the `[export]` extra (torch, transformers, peft, optimum-onnx, onnx).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Converting never touches the network: a model or tokenizer must come from local folders.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from importlib import metadata  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from spexport import __version__, tensorfile  # noqa: E402
+from spexport.converters import SoftPrompt, convert_adapter  # noqa: E402
+from spexport.errors import AdapterError, ModelError, SpexportError  # noqa: E402
+from spexport.families import family_for, model_info  # noqa: E402
+from spexport.manifest import Manifest, ModelInfo, Task, sha256  # noqa: E402
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json"]
+MODEL_FILES = ["config.json", "generation_config.json"]
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$")
+GRAPH = "model.onnx"
+BANK = "prompts.safetensors"
+
+
+def _versions() -> dict[str, str]:
+    found = {"spexport": __version__}
+    for dist in ["torch", "transformers", "peft", "optimum-onnx", "optimum", "onnx", "onnxruntime"]:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def parse_adapters(specs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    seen = set()
+    for name, path in specs:
+        if not TASK_NAME.match(name):
+            raise AdapterError(f"task name {name!r} is not allowed: use letters, digits, '_', '-', '.', '/'")
+        if name in seen:
+            raise AdapterError(f"task name {name!r} is given twice; every --adapter needs its own name")
+        seen.add(name)
+        if not Path(path).exists():
+            raise AdapterError(f"adapter {name}: {path} does not exist")
+    if not specs:
+        raise AdapterError("no adapters given; pass at least one --adapter NAME=PATH")
+    return list(specs)
+
+
+def _load_model(model_dir: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{model_dir}: unreadable model config ({str(e).splitlines()[0]})") from None
+    family = family_for(config)
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+    except OSError:
+        generation_config = None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="float32")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{model_dir}: cannot load the model weights ({str(e).splitlines()[0]})") from None
+    return family, model.eval(), model_info(config, generation_config)
+
+
+def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
+    """Run the frozen model once over virtual-token embeddings; return their per-layer KV.
+
+    Virtual tokens come first and attend only to each other, so their keys and values do not
+    depend on anything a request sends: computing them here is exact.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model(inputs_embeds=torch.from_numpy(embeddings)[None], use_cache=True)
+    cache = out.past_key_values
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    return np.stack([np.stack([k[0].numpy(), v[0].numpy()]) for k, v in layers]).astype(np.float32)
+
+
+def _kv_prefix(model, prompt: SoftPrompt) -> np.ndarray:
+    return embeddings_to_kv(model, prompt.tensor) if prompt.kind == "embeddings" else prompt.tensor
+
+
+def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path) -> None:
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    from spexport.graph import add_prefix_inputs
+
+    with tempfile.TemporaryDirectory() as raw:
+        main_export(str(model_dir), output=raw, task=family.optimum_task, do_validation=False,
+                    local_files_only=True)
+        model = onnx.load(Path(raw) / GRAPH)
+        model = add_prefix_inputs(model, info.num_layers, info.num_kv_heads, info.head_dim)
+        large = model.ByteSize() > 1_800_000_000
+        onnx.save(model, out / GRAPH, save_as_external_data=large, location=GRAPH + ".data")
+
+
+def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
+            on_step: Callable[[str], None] = lambda step: None) -> Manifest:
+    """Export `model_dir` with every adapter into one artifact at `output`, atomically."""
+    model_dir, output = Path(model_dir), Path(output)
+    adapters = parse_adapters(adapters)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise SpexportError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    on_step("loading the frozen model")
+    family, model, info = _load_model(model_dir)
+    on_step("converting adapters")
+    prompts = {name: convert_adapter(path, info) for name, path in adapters}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        bank, tasks = {}, []
+        for name, prompt in prompts.items():
+            on_step(f"computing the KV prefix of {name}")
+            bank[name] = _kv_prefix(model, prompt)
+            tasks.append(Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
+                              tensor=name, shape=list(bank[name].shape), dtype="float32",
+                              source={"path": str(Path(dict(adapters)[name]).resolve()), "kind": prompt.kind}))
+        tensorfile.save(bank, staging / BANK)
+        on_step("exporting the frozen model to ONNX")
+        _export_graph(model_dir, info, family, staging)
+        copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
+        for f in copied:
+            shutil.copy2(model_dir / f, staging / f)
+        files = {p.name: sha256(p) for p in sorted(staging.iterdir())}
+        manifest = Manifest(family=family.name, model=info, graph=GRAPH, prompt_bank=BANK, tasks=tasks,
+                            tokenizer_files=[f for f in copied if f in TOKENIZER_FILES],
+                            versions=_versions(), files=files)
+        manifest.write(staging)
+        _replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace(staging: Path, output: Path) -> None:
+    """Move the finished artifact into place; an old one is swapped out, then removed."""
+    if output.exists():
+        trash = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(trash)
+        staging.rename(output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(output)

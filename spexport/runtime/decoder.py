@@ -1,0 +1,155 @@
+"""Serving a decoder-only artifact: logits and generation for many tasks in one batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from spexport.errors import ArtifactError, InputError
+from spexport.manifest import (KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY,
+                               PRESENT_VALUE, Manifest, inside_folder)
+from spexport.runtime import inputs, sampling
+from spexport.runtime.session import load_bank, load_tokenizer, open_session, pick_providers, verify_files
+
+
+def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True) -> DecoderModel:
+    """Open an artifact folder written by `spexport convert`.
+
+    providers: ONNX Runtime execution providers in order of preference (default CPU); any that
+    this machine lacks is dropped with a warning. verify: check every file's sha256 first.
+    """
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    if manifest.family != "decoder":
+        raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
+    if verify:
+        verify_files(folder, manifest)
+    return DecoderModel(folder, manifest, pick_providers(providers))
+
+
+class DecoderModel:
+    """A frozen causal LM plus a bank of per-task KV prefixes."""
+
+    def __init__(self, folder: Path, manifest: Manifest, providers: list[str]):
+        self.folder = folder
+        self.manifest = manifest
+        self.info = manifest.model
+        self.tasks = [t.name for t in manifest.tasks]
+        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
+        bank = load_bank(folder, manifest)
+        self._prefixes = [bank[t.tensor] for t in manifest.tasks]
+        self.session = open_session(inside_folder(folder, manifest.graph), providers)
+        self.providers = self.session.get_providers()
+        self.tokenizer = load_tokenizer(folder, manifest)
+        layers = range(self.info.num_layers)
+        self._past_names = [n.format(i) for i in layers for n in (PAST_KEY, PAST_VALUE)]
+        self._present_names = [n.format(i) for i in layers for n in (PRESENT_KEY, PRESENT_VALUE)]
+
+    # -- batching -------------------------------------------------------------------------------
+
+    def _prefix(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Stack the rows' KV prefixes, left-padding shorter ones with masked slots."""
+        longest = max(self._prefixes[r].shape[3] for r in rows)
+        layers, _, heads, _, head_dim = self._prefixes[rows[0]].shape
+        kv = np.zeros((len(rows), layers, 2, heads, longest, head_dim), np.float32)
+        mask = np.zeros((len(rows), longest), np.int64)
+        for b, r in enumerate(rows):
+            n = self._prefixes[r].shape[3]
+            kv[b, :, :, :, longest - n:] = self._prefixes[r]
+            mask[b, longest - n:] = 1
+        return kv, mask
+
+    def _empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)
+        return [np.zeros(shape, np.float32) for _ in self._past_names]
+
+    def _prepare(self, input_ids, attention_mask, task):
+        ids = inputs.as_token_matrix(input_ids, self.info.vocab_size)
+        mask = inputs.as_mask(attention_mask, ids.shape)
+        rows = inputs.task_indices(task, self.tasks, ids.shape[0])
+        budget = self.info.max_positions - max(self._prefixes[r].shape[3] for r in rows)
+        if ids.shape[1] > budget:
+            raise InputError(f"input of {ids.shape[1]} tokens is too long: with its task's virtual tokens the "
+                             f"model allows {budget} (max positions {self.info.max_positions})")
+        return ids, mask, rows
+
+    def _run(self, ids, mask, position_ids, past, prefix) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
+                 KV_PREFIX: prefix[0], PREFIX_MASK: prefix[1], **dict(zip(self._past_names, past))}
+        outputs = self.session.run(["logits", *self._present_names], feeds)
+        return outputs[0], outputs[1:]
+
+    # -- public verbs ---------------------------------------------------------------------------
+
+    def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
+               decoder_input_ids=None) -> np.ndarray:
+        """Logits [batch, seq, vocab] for the caller's tokens (no virtual positions)."""
+        if decoder_input_ids is not None:
+            raise InputError("decoder_input_ids is for encoder-decoder artifacts; this one is decoder-only")
+        ids, mask, rows = self._prepare(input_ids, attention_mask, self._require_task(task))
+        logits, _ = self._run(ids, mask, inputs.positions(mask), self._empty_past(len(ids)), self._prefix(rows))
+        return logits
+
+    def generate(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
+        """Input followed by new tokens, as transformers' `generate` returns for a causal LM.
+
+        Rows stop at the model's EOS (later slots hold the pad token), at max_new_tokens, or
+        where the model's positions run out.
+        """
+        ids, mask, rows = self._prepare(input_ids, attention_mask, self._require_task(task))
+        prefix = self._prefix(rows)
+        room = self.info.max_positions - prefix[1].shape[1] - ids.shape[1]
+        eos = np.array(self.info.eos_token_ids, np.int64)
+        pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos.size else 0)
+        rng = np.random.default_rng(seed)
+        sequences, step_ids, position_ids = ids, ids, inputs.positions(mask)
+        past = self._empty_past(len(ids))
+        unfinished = np.ones(len(ids), bool)
+        for _ in range(min(max_new_tokens, room)):
+            logits, past = self._run(step_ids, mask, position_ids, past, prefix)
+            chosen = sampling.next_tokens(logits[:, -1], do_sample, temperature, top_k, top_p, rng)
+            chosen = np.where(unfinished, chosen, pad).astype(np.int64)
+            sequences = np.concatenate([sequences, chosen[:, None]], axis=1)
+            unfinished &= ~np.isin(chosen, eos)
+            if not unfinished.any():
+                break
+            step_ids = chosen[:, None]
+            position_ids = mask.sum(axis=1, keepdims=True)
+            mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
+        return sequences
+
+    def generate_text(self, texts: str | Sequence[str], task: str | Sequence[str] = None,
+                      max_new_tokens: int = 20, **kwargs) -> list[str]:
+        """Tokenize, left-pad, generate, and decode each row's new tokens."""
+        tokenizer = self._require_tokenizer()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("texts must be a string or a non-empty list of strings")
+        encoded = [tokenizer.encode(t).ids for t in texts]
+        if not all(encoded):
+            raise InputError("a text encodes to no tokens")
+        width = max(map(len, encoded))
+        pad = self.info.pad_token_id or 0
+        ids = np.array([[pad] * (width - len(e)) + e for e in encoded], np.int64)
+        mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], np.int64)
+        out = self.generate(ids, mask, task=task, max_new_tokens=max_new_tokens, **kwargs)
+        return [tokenizer.decode(row[width:].tolist(), skip_special_tokens=True) for row in out]
+
+    def classify(self, texts, task=None):
+        raise InputError("classify is for classifier artifacts; this decoder-only artifact generates text")
+
+    def _require_task(self, task):
+        if task is None:
+            if len(self.tasks) == 1:
+                return self.tasks[0]
+            raise InputError(f"pass task=: one name, or one per row, of {', '.join(self.tasks)}")
+        return task
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
+        return self.tokenizer

@@ -1,0 +1,28 @@
+"""Next-token choice: greedy, or sampling with temperature, top-k and top-p (transformers' order)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def next_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """logits [batch, vocab] -> token ids [batch]."""
+    if not do_sample:
+        return logits.argmax(axis=-1)
+    scores = logits.astype(np.float64) / max(temperature, 1e-6)
+    if top_k and top_k < scores.shape[-1]:
+        kth = np.sort(scores, axis=-1)[:, -top_k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        # keep the smallest set whose mass reaches top_p (always at least the best token)
+        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
