@@ -11,9 +11,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import contextlib  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
+import warnings  # noqa: E402
 from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -74,7 +76,8 @@ def _load_model(model_dir: Path):
     except OSError:
         generation_config = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="float32")
+        with _quiet_tracing():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="float32")
     except (OSError, ValueError) as e:
         raise ModelError(f"{model_dir}: cannot load the model weights ({str(e).splitlines()[0]})") from None
     return family, model.eval(), model_info(config, generation_config)
@@ -99,13 +102,28 @@ def _kv_prefix(model, prompt: SoftPrompt) -> np.ndarray:
     return embeddings_to_kv(model, prompt.tensor) if prompt.kind == "embeddings" else prompt.tensor
 
 
+@contextlib.contextmanager
+def _quiet_tracing():
+    """The tracer's warnings speak to exporter developers, not to users; parity tests guard us."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path) -> None:
     import onnx
     from optimum.exporters.onnx import main_export
 
     from spexport.graph import add_prefix_inputs
 
-    with tempfile.TemporaryDirectory() as raw:
+    with tempfile.TemporaryDirectory() as raw, _quiet_tracing():
         main_export(str(model_dir), output=raw, task=family.optimum_task, do_validation=False,
                     local_files_only=True)
         model = onnx.load(Path(raw) / GRAPH)

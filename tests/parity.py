@@ -1,0 +1,34 @@
+"""PEFT in PyTorch is the definition of correct: helpers comparing it with an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+
+def peft_model(model_dir: Path, adapter_dir: Path) -> PeftModel:
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
+
+
+def peft_logits(model: PeftModel, input_ids: np.ndarray) -> np.ndarray:
+    """Logits of the caller's tokens (PEFT's prompt tuning also returns the virtual positions)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(input_ids)).logits.numpy()
+    return logits[:, -input_ids.shape[1]:]
+
+
+def peft_generate(model: PeftModel, input_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    ids = torch.from_numpy(input_ids)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    return out.numpy()
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())

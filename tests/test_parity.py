@@ -1,0 +1,50 @@
+"""Every method on every family matches PeftModel: logits within 1e-4, greedy tokens identical."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import TASKS
+from parity import max_abs_diff, peft_generate, peft_logits, peft_model
+
+ATOL = 1e-4
+NEW_TOKENS = 14
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    return np.random.default_rng(0).integers(4, 150, size=(2, 9)).astype(np.int64)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_logits_and_greedy_match_peft(built, runtime_model, input_ids, task):
+    reference = peft_model(built["model"], built["adapters"][task])
+    assert max_abs_diff(runtime_model.logits(input_ids, task=task), peft_logits(reference, input_ids)) <= ATOL
+    for row in input_ids:  # PEFT's generate is compared unpadded, one row at a time
+        expected = peft_generate(reference, row[None], NEW_TOKENS)
+        got = runtime_model.generate(row[None], task=task, max_new_tokens=NEW_TOKENS)
+        assert got.shape[1] == row.size + NEW_TOKENS, "stopped early: pick inputs that do not hit EOS"
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_tasks_differ(runtime_model, input_ids):
+    """A guard on the guard: the adapters really change the model, so parity above means something."""
+    first, second = (runtime_model.logits(input_ids, task=t) for t in ["pt", "prefix"])
+    assert max_abs_diff(first, second) > 1e-2
+
+
+def test_generation_stops_at_eos_like_transformers(built, runtime_model, input_ids):
+    """Make the token row 0 generates second an EOS: row 0 stops and is padded, row 1 goes on."""
+    eos = int(runtime_model.generate(input_ids[:1], task="pt", max_new_tokens=2)[0, -1])
+    stopping = copy.copy(runtime_model)
+    stopping.info = dataclasses.replace(runtime_model.info, eos_token_ids=[eos])
+    got = stopping.generate(input_ids, task="pt", max_new_tokens=NEW_TOKENS)
+    ids = torch.from_numpy(input_ids)
+    with torch.no_grad():
+        expected = peft_model(built["model"], built["adapters"]["pt"]).generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+            eos_token_id=eos, pad_token_id=runtime_model.info.pad_token_id).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert (got[0, input_ids.shape[1] + 2:] == runtime_model.info.pad_token_id).all()
