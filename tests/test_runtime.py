@@ -1,0 +1,66 @@
+"""Runtime behaviour beyond parity: manifest, integrity, providers, sampling, text helpers."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TASKS
+
+from spexport import tensorfile
+from spexport.errors import ArtifactError
+from spexport.manifest import sha256
+from spexport.runtime import load
+
+IDS = np.array([[5, 9, 14, 22, 40, 7]], np.int64)
+
+
+def test_manifest_lists_tasks_files_and_versions(built):
+    manifest = json.loads((built["artifact"] / "spexport.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == list(TASKS)
+    for task in manifest["tasks"]:
+        n_virtual = TASKS[task["name"]][1]
+        assert task["num_virtual_tokens"] == n_virtual and task["dtype"] == "float32"
+        assert task["shape"][3] == n_virtual and task["shape"][:2] == [manifest["model"]["num_layers"], 2]
+    assert {"torch", "transformers", "peft", "optimum-onnx", "spexport"} <= set(manifest["versions"])
+    assert {"model.onnx", "prompts.safetensors", "tokenizer.json", "config.json"} <= set(manifest["files"])
+    for name, digest in manifest["files"].items():
+        assert sha256(built["artifact"] / name) == digest
+    bank = tensorfile.load(built["artifact"] / "prompts.safetensors")
+    assert {k: list(v.shape) for k, v in bank.items()} == {t["tensor"]: t["shape"] for t in manifest["tasks"]}
+
+
+def test_damaged_file_is_refused(built, tmp_path):
+    copy = tmp_path / "artifact"
+    shutil.copytree(built["artifact"], copy)
+    data = bytearray((copy / "prompts.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (copy / "prompts.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="prompts.safetensors is damaged"):
+        load(copy)
+
+
+def test_missing_provider_falls_back_to_cpu(built):
+    with pytest.warns(UserWarning, match="NoSuchExecutionProvider is not available"):
+        model = load(built["artifact"], providers=["NoSuchExecutionProvider"])
+    assert model.providers == ["CPUExecutionProvider"]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(runtime_model):
+    greedy = runtime_model.generate(IDS, task="pt", max_new_tokens=8)
+    top1 = runtime_model.generate(IDS, task="pt", max_new_tokens=8, do_sample=True, top_k=1, seed=3)
+    np.testing.assert_array_equal(top1, greedy)
+    kwargs = dict(task="pt", max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, seed=7)
+    first, second = runtime_model.generate(IDS, **kwargs), runtime_model.generate(IDS, **kwargs)
+    np.testing.assert_array_equal(first, second)
+    others = [runtime_model.generate(IDS, **{**kwargs, "seed": s}) for s in range(8, 12)]
+    assert any(not np.array_equal(first, o) for o in others)
+
+
+def test_generate_text_decodes_new_tokens(runtime_model):
+    texts = ["the cat sat", "one two"]
+    got = runtime_model.generate_text(texts, task=["pt", "prefix"], max_new_tokens=6)
+    for text, task, out in zip(texts, ["pt", "prefix"], got):
+        ids = runtime_model.tokenizer.encode(text).ids
+        tokens = runtime_model.generate(np.array([ids]), task=task, max_new_tokens=6)[0, len(ids):]
+        assert out == runtime_model.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
