@@ -9,7 +9,7 @@ from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparame
                   PromptTuningConfig, TaskType, get_peft_model)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+                          MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
 VOCAB = 160
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -33,13 +33,15 @@ def save_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
+LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=BOS, eos_token_id=EOS,
+                  pad_token_id=PAD)
 FAMILIES = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                                bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)),
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                  max_position_embeddings=64, bos_token_id=BOS, eos_token_id=EOS,
-                                                  pad_token_id=PAD)),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_LIKE, sliding_window=None)),
 }
 
 

@@ -14,7 +14,7 @@ TASKS = {"pt": ("prompt_tuning", 5), "mlp": ("p_tuning_mlp", 3), "lstm": ("p_tun
          "prefix": ("prefix_tuning", 6), "proj": ("prefix_projection", 2)}
 
 
-@pytest.fixture(scope="session", params=["gpt2", "llama"])
+@pytest.fixture(scope="session", params=["gpt2", "llama", "qwen2", "mistral"])
 def family(request):
     return request.param
 
