@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import numpy as np
 
 from spexport.manifest import (KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY,
-                               PRESENT_VALUE)
+                               PRESENT_VALUE, TASK_IDS)
 
 
 def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
@@ -42,18 +42,30 @@ def _rename_output(graph: onnx.GraphProto, old: str, new: str) -> None:
     _rename_uses(graph, old, new)
 
 
-def add_prefix_inputs(model: onnx.ModelProto, num_layers: int, kv_heads: int, head_dim: int) -> onnx.ModelProto:
-    """Return `model` rewired to take a KV prefix; see the module docstring."""
+def add_prefix_inputs(model: onnx.ModelProto, num_layers: int, kv_heads: int, head_dim: int,
+                      bank: tuple[np.ndarray, np.ndarray] | None = None) -> onnx.ModelProto:
+    """Return `model` rewired to take a KV prefix; see the module docstring.
+
+    bank: (kv [tasks, layers, 2, kv_heads, n, head_dim], mask [tasks, n]) to bake into the graph as
+    constants; the graph then takes `task_ids` [batch] instead of `kv_prefix` and `prefix_mask`.
+    """
     graph = model.graph
     inputs = {i.name for i in graph.input}
     if "position_ids" not in inputs:
         raise ValueError("the decoder graph has no position_ids input; spexport needs it to offset positions")
-    graph.input.extend([
-        helper.make_tensor_value_info(KV_PREFIX, TensorProto.FLOAT,
-                                      ["batch_size", num_layers, 2, kv_heads, "prefix_length", head_dim]),
-        helper.make_tensor_value_info(PREFIX_MASK, TensorProto.INT64, ["batch_size", "prefix_length"]),
-    ])
     head, tail = [], []  # nodes run before the frozen model's, and after
+    if bank is None:
+        graph.input.extend([
+            helper.make_tensor_value_info(KV_PREFIX, TensorProto.FLOAT,
+                                          ["batch_size", num_layers, 2, kv_heads, "prefix_length", head_dim]),
+            helper.make_tensor_value_info(PREFIX_MASK, TensorProto.INT64, ["batch_size", "prefix_length"]),
+        ])
+    else:
+        graph.input.append(helper.make_tensor_value_info(TASK_IDS, TensorProto.INT64, ["batch_size"]))
+        head += [
+            helper.make_node("Gather", [_const(graph, "spx_kv_bank", bank[0]), TASK_IDS], [KV_PREFIX], axis=0),
+            helper.make_node("Gather", [_const(graph, "spx_bank_mask", bank[1]), TASK_IDS], [PREFIX_MASK], axis=0),
+        ]
     # The caller's tokens come after the row's own virtual tokens.
     _rename_uses(graph, "position_ids", "spx_position_ids")
     _rename_uses(graph, "attention_mask", "spx_attention_mask")
@@ -84,5 +96,6 @@ def add_prefix_inputs(model: onnx.ModelProto, num_layers: int, kv_heads: int, he
     nodes = head + list(graph.node) + tail
     del graph.node[:]
     graph.node.extend(nodes)
-    onnx.checker.check_model(model)
+    if model.ByteSize() < 2_000_000_000:  # protobuf cannot serialise more for the checker
+        onnx.checker.check_model(model)
     return model

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from spexport.errors import ArtifactError
 
 MANIFEST = "spexport.json"
@@ -19,6 +21,7 @@ FORMAT_VERSION = 1
 # Graph input/output names (optimum-onnx's decoder-with-past names plus spexport's prefix inputs).
 KV_PREFIX = "kv_prefix"  # [batch, layers, 2, kv_heads, n_prefix, head_dim]
 PREFIX_MASK = "prefix_mask"  # [batch, n_prefix], 1 where a row has a virtual token
+TASK_IDS = "task_ids"  # [batch], baked graphs only: index into the manifest's task list
 PAST_KEY = "past_key_values.{}.key"
 PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
@@ -58,8 +61,9 @@ class Manifest:
     family: str
     model: ModelInfo
     graph: str
-    prompt_bank: str
+    prompt_bank: str | None  # None when the bank is baked into the graph
     tasks: list[Task]
+    baked: bool = False
     tokenizer_files: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # relative path -> sha256
@@ -90,9 +94,26 @@ class Manifest:
                               "tasks": [Task(**t) for t in raw["tasks"]]})
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: manifest is missing or has unexpected fields ({e})") from None
-        for rel in [manifest.graph, manifest.prompt_bank, *manifest.files]:
+        for rel in [manifest.graph, manifest.prompt_bank or manifest.graph, *manifest.files]:
             inside_folder(folder, rel)
         return manifest
+
+
+def stack_prefixes(prefixes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-task KV prefixes [layers, 2, kv_heads, n, head_dim] into the graph's layout.
+
+    Returns kv [count, layers, 2, kv_heads, longest, head_dim] and mask [count, longest]; shorter
+    prefixes are left-padded with zero slots whose mask is 0, so every row sees only its own.
+    """
+    longest = max(p.shape[3] for p in prefixes)
+    layers, _, heads, _, head_dim = prefixes[0].shape
+    kv = np.zeros((len(prefixes), layers, 2, heads, longest, head_dim), np.float32)
+    mask = np.zeros((len(prefixes), longest), np.int64)
+    for row, prefix in enumerate(prefixes):
+        n = prefix.shape[3]
+        kv[row, :, :, :, longest - n:] = prefix
+        mask[row, longest - n:] = 1
+    return kv, mask
 
 
 def inside_folder(folder: Path, rel: str) -> Path:

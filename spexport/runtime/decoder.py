@@ -9,7 +9,8 @@ import numpy as np
 
 from spexport.errors import ArtifactError, InputError
 from spexport.manifest import (KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY,
-                               PRESENT_VALUE, Manifest, inside_folder)
+                               PRESENT_VALUE, TASK_IDS, Manifest, inside_folder,
+                               stack_prefixes)
 from spexport.runtime import inputs, sampling
 from spexport.runtime.session import load_bank, load_tokenizer, open_session, pick_providers, verify_files
 
@@ -38,8 +39,12 @@ class DecoderModel:
         self.info = manifest.model
         self.tasks = [t.name for t in manifest.tasks]
         self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
-        bank = load_bank(folder, manifest)
-        self._prefixes = [bank[t.tensor] for t in manifest.tasks]
+        self._n_virtual = [t.num_virtual_tokens for t in manifest.tasks]
+        # a baked graph holds the prompt bank itself and picks each row's prefix by task id
+        self._prefixes = None
+        if not manifest.baked:
+            bank = load_bank(folder, manifest)
+            self._prefixes = [bank[t.tensor] for t in manifest.tasks]
         self.session = open_session(inside_folder(folder, manifest.graph), providers)
         self.providers = self.session.get_providers()
         self.tokenizer = load_tokenizer(folder, manifest)
@@ -49,17 +54,12 @@ class DecoderModel:
 
     # -- batching -------------------------------------------------------------------------------
 
-    def _prefix(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Stack the rows' KV prefixes, left-padding shorter ones with masked slots."""
-        longest = max(self._prefixes[r].shape[3] for r in rows)
-        layers, _, heads, _, head_dim = self._prefixes[rows[0]].shape
-        kv = np.zeros((len(rows), layers, 2, heads, longest, head_dim), np.float32)
-        mask = np.zeros((len(rows), longest), np.int64)
-        for b, r in enumerate(rows):
-            n = self._prefixes[r].shape[3]
-            kv[b, :, :, :, longest - n:] = self._prefixes[r]
-            mask[b, longest - n:] = 1
-        return kv, mask
+    def _prefix(self, rows: list[int]) -> dict[str, np.ndarray]:
+        """The graph inputs that select each row's prompt."""
+        if self._prefixes is None:
+            return {TASK_IDS: np.array(rows, np.int64)}
+        kv, mask = stack_prefixes([self._prefixes[r] for r in rows])
+        return {KV_PREFIX: kv, PREFIX_MASK: mask}
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)
@@ -69,15 +69,15 @@ class DecoderModel:
         ids = inputs.as_token_matrix(input_ids, self.info.vocab_size)
         mask = inputs.as_mask(attention_mask, ids.shape)
         rows = inputs.task_indices(task, self.tasks, ids.shape[0])
-        budget = self.info.max_positions - max(self._prefixes[r].shape[3] for r in rows)
+        budget = self.info.max_positions - max(self._n_virtual[r] for r in rows)
         if ids.shape[1] > budget:
             raise InputError(f"input of {ids.shape[1]} tokens is too long: with its task's virtual tokens the "
                              f"model allows {budget} (max positions {self.info.max_positions})")
         return ids, mask, rows
 
     def _run(self, ids, mask, position_ids, past, prefix) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
-                 KV_PREFIX: prefix[0], PREFIX_MASK: prefix[1], **dict(zip(self._past_names, past))}
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **prefix,
+                 **dict(zip(self._past_names, past))}
         outputs = self.session.run(["logits", *self._present_names], feeds)
         return outputs[0], outputs[1:]
 
@@ -102,7 +102,7 @@ class DecoderModel:
         """
         ids, mask, rows = self._prepare(input_ids, attention_mask, self._require_task(task))
         prefix = self._prefix(rows)
-        room = self.info.max_positions - prefix[1].shape[1] - ids.shape[1]
+        room = self.info.max_positions - max(self._n_virtual[r] for r in rows) - ids.shape[1]
         eos = np.array(self.info.eos_token_ids, np.int64)
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos.size else 0)
         rng = np.random.default_rng(seed)
