@@ -12,12 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import warnings  # noqa: E402
 from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -64,13 +66,16 @@ def parse_adapters(specs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
 def _load_model(model_dir: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
-        raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    # Checked before transformers reads it: transformers would guess a model type from the folder's name.
+    model_type = _model_type(model_dir)
+    try:
+        family = family_for(SimpleNamespace(model_type=model_type))
+    except ModelError as e:
+        raise ModelError(f"{model_dir}: {e}") from None
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{model_dir}: unreadable model config ({str(e).splitlines()[0]})") from None
-    family = family_for(config)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{model_dir}: unreadable model config ({_first_line(e)})") from None
     try:
         generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
     except OSError:
@@ -79,8 +84,28 @@ def _load_model(model_dir: Path):
         with _quiet_tracing():
             model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="float32")
     except (OSError, ValueError) as e:
-        raise ModelError(f"{model_dir}: cannot load the model weights ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{model_dir}: cannot load the model weights ({_first_line(e)})") from None
     return family, model.eval(), model_info(config, generation_config)
+
+
+def _model_type(model_dir: Path) -> str:
+    if not model_dir.exists():
+        raise ModelError(f"{model_dir}: no such model folder")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{config_path}: not readable JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{config_path}: not a Hugging Face model config (no model_type)")
+    return config["model_type"]
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
@@ -137,14 +162,12 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     """Export `model_dir` with every adapter into one artifact at `output`, atomically."""
     model_dir, output = Path(model_dir), Path(output)
     adapters = parse_adapters(adapters)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise SpexportError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     on_step("loading the frozen model")
     family, model, info = _load_model(model_dir)
     on_step("converting adapters")
     prompts = {name: convert_adapter(path, info) for name, path in adapters}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    staging, made = _staging_folder(output)
     try:
         bank, tasks = {}, []
         for name, prompt in prompts.items():
@@ -165,18 +188,46 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
                             versions=_versions(), files=files)
         manifest.write(staging)
         _replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(made or staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SpexportError(f"writing {output} failed ({e})") from e
         raise
     return manifest
 
 
+def _check_output(output: Path, sources: list[Path], overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise SpexportError(f"{output} is a file; --output must be a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise SpexportError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    for source in sources:
+        if output.resolve() in [source.resolve(), *source.resolve().parents]:
+            raise SpexportError(f"{output} holds the input {source}; write the artifact to another folder")
+
+
+def _staging_folder(output: Path) -> tuple[Path, Path | None]:
+    """A hidden folder beside `output` to build in, and the top-most parent folder created for it."""
+    made = next((p for p in reversed(output.parents) if not p.exists()), None)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)), made
+    except OSError as e:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise SpexportError(f"cannot create {output} ({e})") from None
+
+
 def _replace(staging: Path, output: Path) -> None:
     """Move the finished artifact into place; an old one is swapped out, then removed."""
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(trash)
+    if not output.exists():
         staging.rename(output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+        return
+    trash = output.with_name(f".{output.name}.old-{os.getpid()}")
+    output.rename(trash)
+    try:
         staging.rename(output)
+    except BaseException:
+        trash.rename(output)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)

@@ -8,6 +8,7 @@ one module plus one entry in `CONVERTERS`.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -39,8 +40,10 @@ def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise AdapterError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
     try:
         config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise AdapterError(f"{config_path}: unreadable adapter config ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: not a PEFT adapter config (not a JSON object)")
     if (folder / "adapter_model.safetensors").is_file():
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -58,15 +61,19 @@ def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def _load_pickle_weights(path: Path) -> dict[str, np.ndarray]:
     import pickle
+    import re
 
     import torch
 
     try:
         # weights_only refuses any pickle that would build objects other than tensors: no code runs.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{path}: refused, not a plain tensor checkpoint ({first})") from None
+        called = re.search(r"GLOBAL (\S+)", str(e))
+        why = f"loading it would call {called.group(1)}" if called else "not a plain tensor checkpoint"
+        raise AdapterError(f"{path}: refused, {why}; save the adapter as adapter_model.safetensors") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(f"{path}: refused, expected a dict of tensors")
     return {k: v.detach().float().numpy() for k, v in state.items()}
@@ -79,8 +86,14 @@ def convert_adapter(folder: Path, model: ModelInfo) -> SoftPrompt:
         raise AdapterError(f"{folder}: adapter method {method} is not supported; "
                            f"spexport converts {', '.join(sorted(CONVERTERS))}")
     try:
-        return CONVERTERS[method](config, weights, model)
+        prompt = CONVERTERS[method](config, weights, model)
     except AdapterError as e:
         raise AdapterError(f"{folder}: {e}") from None
-
-
+    except KeyError as e:
+        raise AdapterError(f"{folder}: adapter_config.json has no {e} for {method}") from None
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{folder}: adapter_config.json does not fit its weights ({e})") from None
+    if prompt.num_virtual_tokens >= model.max_positions:
+        raise AdapterError(f"{folder}: {prompt.num_virtual_tokens} virtual tokens leave no room for input "
+                           f"in the model's {model.max_positions} positions")
+    return prompt

@@ -31,7 +31,7 @@ def prompt_weights(config: dict, weights: dict[str, np.ndarray]) -> np.ndarray:
     if "prompt_embeddings" not in weights:
         raise AdapterError(f"no 'prompt_embeddings' tensor (found {sorted(weights)[:5]})")
     tensor = np.asarray(weights["prompt_embeddings"], dtype=np.float32)
-    n_virtual = config.get("num_virtual_tokens")
+    n_virtual = config["num_virtual_tokens"]
     submodules = config.get("num_transformer_submodules") or 1
     if tensor.ndim != 2 or tensor.shape[0] != n_virtual * submodules:
         raise AdapterError(f"prompt_embeddings has shape {list(tensor.shape)}, expected "
