@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -15,7 +17,7 @@ def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            raise click.BadParameter(f"{value!r} is not NAME=PATH")
+            _fail(f"--adapter {value!r} is not NAME=PATH, e.g. --adapter sentiment=adapters/sentiment")
         specs.append((name, Path(path)))
     return specs
 
@@ -39,22 +41,27 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, quiet: boo
     from rich.console import Console
 
     console = Console(stderr=True, quiet=quiet)
-    with console.status("starting") as status:
+    with _one_line_errors(), console.status("starting") as status:
         from spexport.export import convert as run_convert
 
-        manifest = _guard(run_convert, model_dir, adapters, output, overwrite,
-                          on_step=lambda step: status.update(step))
+        manifest = run_convert(model_dir, adapters, output, overwrite, on_step=lambda step: status.update(step))
     for task in manifest.tasks:
-        console.print(f"  {task.name}: {task.method}, {task.num_virtual_tokens} virtual tokens")
-    console.print(f"wrote {output} ({len(manifest.tasks)} tasks)")
+        console.print(f"  {task.name}: {task.method}, {task.num_virtual_tokens} virtual tokens", markup=False)
+    console.print(f"wrote {output} ({len(manifest.tasks)} tasks)", markup=False, soft_wrap=True)
 
 
-def _guard(fn, *args, **kwargs):
+@contextlib.contextmanager
+def _one_line_errors():
+    """What a user caused ends as one line on stderr and exit code 2, after any spinner is cleared."""
     try:
-        return fn(*args, **kwargs)
+        yield
     except SpexportError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _fail(str(e))
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo("error: " + " ".join(message.splitlines()), err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
