@@ -32,11 +32,13 @@ def main() -> None:
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of the frozen Hugging Face model (config.json + weights).")
 @click.option("--adapter", "adapters", multiple=True, required=True, callback=_adapter_spec,
-              help="NAME=PATH of a PEFT soft-prompt adapter folder; repeat for more tasks.")
+              help="NAME=PATH of a PEFT soft-prompt adapter folder, or of a .npy/.safetensors prompt "
+                   "tensor; repeat for more tasks.")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-def convert(model_dir: Path, adapters, output: Path, overwrite: bool, quiet: bool) -> None:
+def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, quiet: bool) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
@@ -44,7 +46,8 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, quiet: boo
     with _one_line_errors(), console.status("starting") as status:
         from spexport.export import convert as run_convert
 
-        manifest = run_convert(model_dir, adapters, output, overwrite, on_step=lambda step: status.update(step))
+        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake,
+                               on_step=lambda step: status.update(step))
     for task in manifest.tasks:
         console.print(f"  {task.name}: {task.method}, {task.num_virtual_tokens} virtual tokens", markup=False)
     console.print(f"wrote {output} ({len(manifest.tasks)} tasks)", markup=False, soft_wrap=True)

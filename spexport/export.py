@@ -28,7 +28,7 @@ from spexport import __version__, tensorfile  # noqa: E402
 from spexport.converters import SoftPrompt, convert_adapter  # noqa: E402
 from spexport.errors import AdapterError, ModelError, SpexportError  # noqa: E402
 from spexport.families import family_for, model_info  # noqa: E402
-from spexport.manifest import Manifest, ModelInfo, Task, sha256  # noqa: E402
+from spexport.manifest import Manifest, ModelInfo, Task, sha256, stack_prefixes  # noqa: E402
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json"]
@@ -142,7 +142,7 @@ def _quiet_tracing():
         hf_logging.set_verbosity(level)
 
 
-def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path) -> None:
+def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path, bank=None) -> None:
     import onnx
     from optimum.exporters.onnx import main_export
 
@@ -152,21 +152,29 @@ def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path) -> None:
         main_export(str(model_dir), output=raw, task=family.optimum_task, do_validation=False,
                     local_files_only=True)
         model = onnx.load(Path(raw) / GRAPH)
-        model = add_prefix_inputs(model, info.num_layers, info.num_kv_heads, info.head_dim)
+        model = add_prefix_inputs(model, info.num_layers, info.num_kv_heads, info.head_dim, bank)
         large = model.ByteSize() > 1_800_000_000
         onnx.save(model, out / GRAPH, save_as_external_data=large, location=GRAPH + ".data")
 
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
-            on_step: Callable[[str], None] = lambda step: None) -> Manifest:
-    """Export `model_dir` with every adapter into one artifact at `output`, atomically."""
+            bake: bool = False, on_step: Callable[[str], None] = lambda step: None) -> Manifest:
+    """Export `model_dir` with every adapter into one artifact at `output`, atomically.
+
+    bake: put the prompt bank into the graph as constants, selected by a `task_ids` input.
+    """
     model_dir, output = Path(model_dir), Path(output)
     adapters = parse_adapters(adapters)
     _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     on_step("loading the frozen model")
     family, model, info = _load_model(model_dir)
     on_step("converting adapters")
-    prompts = {name: convert_adapter(path, info) for name, path in adapters}
+    prompts: dict[str, SoftPrompt] = {}
+    for name, path in adapters:
+        for task, prompt in convert_adapter(name, path, info).items():
+            if task in prompts:
+                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
+            prompts[task] = prompt
     staging, made = _staging_folder(output)
     try:
         bank, tasks = {}, []
@@ -175,16 +183,17 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
             bank[name] = _kv_prefix(model, prompt)
             tasks.append(Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
                               tensor=name, shape=list(bank[name].shape), dtype="float32",
-                              source={"path": str(Path(dict(adapters)[name]).resolve()), "kind": prompt.kind}))
-        tensorfile.save(bank, staging / BANK)
+                              source={**prompt.source, "kind": prompt.kind}))
+        if not bake:
+            tensorfile.save(bank, staging / BANK)
         on_step("exporting the frozen model to ONNX")
-        _export_graph(model_dir, info, family, staging)
+        _export_graph(model_dir, info, family, staging, stack_prefixes(list(bank.values())) if bake else None)
         copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
         for f in copied:
             shutil.copy2(model_dir / f, staging / f)
         files = {p.name: sha256(p) for p in sorted(staging.iterdir())}
-        manifest = Manifest(family=family.name, model=info, graph=GRAPH, prompt_bank=BANK, tasks=tasks,
-                            tokenizer_files=[f for f in copied if f in TOKENIZER_FILES],
+        manifest = Manifest(family=family.name, model=info, graph=GRAPH, prompt_bank=None if bake else BANK,
+                            tasks=tasks, baked=bake, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES],
                             versions=_versions(), files=files)
         manifest.write(staging)
         _replace(staging, output)

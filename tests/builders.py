@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
+from peft import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
                   PromptTuningConfig, TaskType, get_peft_model)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
@@ -65,10 +65,16 @@ METHODS = {
 }
 
 
+# MPT holds several tasks in one adapter, so it is tested on its own (tests/test_multitask.py).
+MULTITASK = {"multitask": lambda n: MultitaskPromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n,
+                                                                num_tasks=3, num_ranks=2)}
+
+
 def build_adapter(model_dir: Path, method: str, folder: Path, num_virtual_tokens: int = 5, seed: int = 1) -> Path:
     """A PEFT adapter with random (not zero) prompt weights, saved as PEFT saves it."""
     torch.manual_seed(seed)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), METHODS[method](num_virtual_tokens))
+    config = {**METHODS, **MULTITASK}[method](num_virtual_tokens)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
     for param in peft_model.prompt_encoder.parameters():
         torch.nn.init.normal_(param, std=0.5)
     peft_model.save_pretrained(folder)

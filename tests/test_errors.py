@@ -166,7 +166,7 @@ def test_cli_prints_one_line_and_exits_2(inputs, tmp_path, case):
 
 def test_pickled_adapter_converts_like_safetensors(inputs):
     _, _, info = _load_model(inputs["model"])
-    from_bin, from_safetensors = (convert_adapter(inputs[key], info) for key in ["pickled", "pt"])
+    from_bin, from_safetensors = (convert_adapter("t", inputs[key], info)["t"] for key in ["pickled", "pt"])
     assert from_bin.method == from_safetensors.method and from_bin.kind == from_safetensors.kind
     np.testing.assert_array_equal(from_bin.tensor, from_safetensors.tensor)
 

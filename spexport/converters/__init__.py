@@ -1,8 +1,9 @@
 """Turn a soft-prompt checkpoint into canonical tensors, one module per method.
 
 Every converter takes the adapter's config, its weights and the frozen model's shape, and returns
-a `SoftPrompt`: either virtual-token input embeddings or a per-layer KV prefix. Adding a method is
-one module plus one entry in `CONVERTERS`.
+a `SoftPrompt`: either virtual-token input embeddings or a per-layer KV prefix (or, for methods
+that hold several tasks, a dict of them by suffix). Adding a method is one module plus one entry
+in `CONVERTERS`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from spexport.converters import p_tuning, prefix_tuning, prompt_tuning
+from spexport.converters import (multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning,
+                                 raw_tensor)
 from spexport.converters.base import SoftPrompt
 from spexport.errors import AdapterError
 from spexport.manifest import ModelInfo
@@ -22,13 +24,14 @@ from spexport.manifest import ModelInfo
 __all__ = ["CONVERTERS", "SoftPrompt", "convert_adapter", "read_peft_adapter"]
 
 
-Converter = Callable[[dict, dict, ModelInfo], SoftPrompt]
+Converter = Callable[[dict, dict, ModelInfo], "SoftPrompt | dict[str, SoftPrompt]"]
 
 
 CONVERTERS: dict[str, Converter] = {
     "PROMPT_TUNING": prompt_tuning.convert,
     "P_TUNING": p_tuning.convert,
     "PREFIX_TUNING": prefix_tuning.convert,
+    "MULTITASK_PROMPT_TUNING": multitask_prompt_tuning.convert,
 }
 
 
@@ -79,21 +82,37 @@ def _load_pickle_weights(path: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
-def convert_adapter(folder: Path, model: ModelInfo) -> SoftPrompt:
-    config, weights = read_peft_adapter(folder)
+def convert_adapter(name: str, path: Path, model: ModelInfo) -> dict[str, SoftPrompt]:
+    """Tasks (by name) that one --adapter NAME=PATH yields: one, or NAME/i for multitask adapters."""
+    path = Path(path)
+    if path.is_file() and path.suffix in raw_tensor.SUFFIXES:
+        prompts = {name: raw_tensor.convert(path, model)}
+        source = {"path": str(path.resolve()), "format": path.suffix[1:]}
+    else:
+        config, weights = read_peft_adapter(path)
+        prompts = _convert_peft(path, config, weights, model)
+        prompts = {f"{name}/{suffix}": p for suffix, p in prompts.items()} if isinstance(prompts, dict) \
+            else {name: prompts}
+        source = {"path": str(path.resolve()), "format": "peft", "peft_version": config.get("peft_version"),
+                  "base_model": config.get("base_model_name_or_path")}
+    for prompt in prompts.values():
+        prompt.source = source
+        if prompt.num_virtual_tokens >= model.max_positions:
+            raise AdapterError(f"{path}: {prompt.num_virtual_tokens} virtual tokens leave no room for input "
+                               f"in the model's {model.max_positions} positions")
+    return prompts
+
+
+def _convert_peft(folder: Path, config: dict, weights: dict, model: ModelInfo):
     method = config.get("peft_type")
     if method not in CONVERTERS:
         raise AdapterError(f"{folder}: adapter method {method} is not supported; "
                            f"spexport converts {', '.join(sorted(CONVERTERS))}")
     try:
-        prompt = CONVERTERS[method](config, weights, model)
+        return CONVERTERS[method](config, weights, model)
     except AdapterError as e:
         raise AdapterError(f"{folder}: {e}") from None
     except KeyError as e:
         raise AdapterError(f"{folder}: adapter_config.json has no {e} for {method}") from None
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{folder}: adapter_config.json does not fit its weights ({e})") from None
-    if prompt.num_virtual_tokens >= model.max_positions:
-        raise AdapterError(f"{folder}: {prompt.num_virtual_tokens} virtual tokens leave no room for input "
-                           f"in the model's {model.max_positions} positions")
-    return prompt

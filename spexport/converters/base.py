@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +20,7 @@ class SoftPrompt:
     method: str
     kind: str
     tensor: np.ndarray
+    source: dict = field(default_factory=dict)  # where it came from, for the manifest
 
     @property
     def num_virtual_tokens(self) -> int:

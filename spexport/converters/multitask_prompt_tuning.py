@@ -1,0 +1,28 @@
+"""MULTITASK_PROMPT_TUNING: one shared prompt and low-rank factors for k source tasks.
+
+Task i's prompt is shared ⊙ (cols[i] @ rows[i]), as PEFT's forward composes it; each becomes
+its own task, named NAME/i.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spexport.converters.base import SoftPrompt, check_fits, prompt_weights
+from spexport.errors import AdapterError
+from spexport.manifest import ModelInfo
+
+
+def convert(config: dict, weights: dict[str, np.ndarray], model: ModelInfo) -> dict[str, SoftPrompt]:
+    shared = prompt_weights(config, weights)
+    check_fits("hidden size", shared.shape[1], model.hidden_size)
+    try:
+        cols = np.asarray(weights["prefix_task_cols"], np.float32)  # [tasks, n, rank]
+        rows = np.asarray(weights["prefix_task_rows"], np.float32)  # [tasks, rank, hidden]
+    except KeyError as e:
+        raise AdapterError(f"multitask prompt tuning checkpoint lacks {e.args[0]}") from None
+    if cols.shape[0] != rows.shape[0] or cols.shape[1] != shared.shape[0] or rows.shape[2] != shared.shape[1]:
+        raise AdapterError(f"task factors {list(cols.shape)} x {list(rows.shape)} do not fit the shared prompt "
+                           f"{list(shared.shape)}")
+    return {str(i): SoftPrompt(config["peft_type"], "embeddings", shared * (cols[i] @ rows[i]))
+            for i in range(cols.shape[0])}
