@@ -87,14 +87,16 @@ def convert_adapter(name: str, path: Path, model: ModelInfo) -> dict[str, SoftPr
     path = Path(path)
     if path.is_file() and path.suffix in raw_tensor.SUFFIXES:
         prompts = {name: raw_tensor.convert(path, model)}
-        source = {"path": str(path.resolve()), "format": path.suffix[1:]}
+        source = {"file": path.name, "format": path.suffix[1:]}
     else:
         config, weights = read_peft_adapter(path)
         prompts = _convert_peft(path, config, weights, model)
         prompts = {f"{name}/{suffix}": p for suffix, p in prompts.items()} if isinstance(prompts, dict) \
             else {name: prompts}
-        source = {"path": str(path.resolve()), "format": "peft", "peft_version": config.get("peft_version"),
-                  "base_model": config.get("base_model_name_or_path")}
+        base = str(config.get("base_model_name_or_path") or "")
+        # names only: an artifact travels, and the exporting machine's paths are none of its business
+        source = {"file": path.resolve().name, "format": "peft", "peft_version": config.get("peft_version"),
+                  "base_model": Path(base).name if Path(base).is_absolute() else base}
     for prompt in prompts.values():
         prompt.source = source
         if prompt.num_virtual_tokens >= model.max_positions:
