@@ -24,7 +24,7 @@ from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from spexport import __version__, tensorfile  # noqa: E402
+from spexport import __version__, ort_adapters, tensorfile  # noqa: E402
 from spexport.converters import SoftPrompt, convert_adapter  # noqa: E402
 from spexport.errors import AdapterError, ModelError, SpexportError  # noqa: E402
 from spexport.families import family_for, model_info  # noqa: E402
@@ -186,12 +186,13 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
                               source={**prompt.source, "kind": prompt.kind}))
         if not bake:
             tensorfile.save(bank, staging / BANK)
+            ort_adapters.write_adapters(bank, staging)
         on_step("exporting the frozen model to ONNX")
         _export_graph(model_dir, info, family, staging, stack_prefixes(list(bank.values())) if bake else None)
         copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
         for f in copied:
             shutil.copy2(model_dir / f, staging / f)
-        files = {p.name: sha256(p) for p in sorted(staging.iterdir())}
+        files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(family=family.name, model=info, graph=GRAPH, prompt_bank=None if bake else BANK,
                             tasks=tasks, baked=bake, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES],
                             versions=_versions(), files=files)
