@@ -1,9 +1,16 @@
-"""The `spexport` command line: thin commands over the library, one-line errors, exit code 2."""
+"""The `spexport` command line: thin commands over the library, one-line errors, exit code 2.
+
+`convert` and `validate` need the `[export]` extra; `inspect` and `run` need only the runtime, so
+nothing heavy is imported at the top of this module. With --json a command prints one JSON
+document on stdout and nothing else there.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,6 +29,16 @@ def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]
     return specs
 
 
+ARTIFACT = click.argument("folder", type=click.Path(path_type=Path))
+QUIET = click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
+ADAPTERS = click.option("--adapter", "adapters", multiple=True, required=True, callback=_adapter_spec,
+                        help="NAME=PATH of a PEFT soft-prompt adapter folder, or of a .npy/.safetensors prompt "
+                             "tensor; repeat for more tasks.")
+MODEL = click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+                     help="Folder of the frozen Hugging Face model (config.json + weights).")
+
+
 @click.group()
 @click.version_option(package_name="spexport")
 def main() -> None:
@@ -29,33 +46,178 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of the frozen Hugging Face model (config.json + weights).")
-@click.option("--adapter", "adapters", multiple=True, required=True, callback=_adapter_spec,
-              help="NAME=PATH of a PEFT soft-prompt adapter folder, or of a .npy/.safetensors prompt "
-                   "tensor; repeat for more tasks.")
+@MODEL
+@ADAPTERS
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
 @click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
-@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, quiet: bool) -> None:
+@QUIET
+@AS_JSON
+def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, quiet: bool,
+            as_json: bool) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
+    from spexport.inspect import summary
+
     console = Console(stderr=True, quiet=quiet)
-    with _one_line_errors(), console.status("starting") as status:
+    with _one_line_errors(), _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
         from spexport.export import convert as run_convert
 
-        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake,
-                               on_step=lambda step: status.update(step))
+        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step)
+    if as_json:
+        _print_json({"output": str(output), **summary(manifest), "files": manifest.files})
+        return
     for task in manifest.tasks:
         console.print(f"  {task.name}: {task.method}, {task.num_virtual_tokens} virtual tokens", markup=False)
     console.print(f"wrote {output} ({len(manifest.tasks)} tasks)", markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
+def _steps(console, expected: int):
+    """A progress bar over export steps. Their number is known only roughly up front (a multitask
+    adapter adds tasks), so the total grows when the steps outrun it and the bar never goes back."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]
+    # off a terminal (a pipe, a CI log) a live bar would only leave stray lines behind
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
+        bar = progress.add_task("starting", total=expected)
+        done = -1
+
+        def on_step(step: str) -> None:
+            nonlocal done
+            done += 1
+            progress.update(bar, description=step, completed=done, total=max(expected, done + 1))
+
+        yield on_step
+        progress.update(bar, completed=max(expected, done + 1), total=max(expected, done + 1))
+
+
+@main.command("inspect")
+@ARTIFACT
+@QUIET
+@AS_JSON
+def inspect_command(folder: Path, quiet: bool, as_json: bool) -> None:
+    """Show an artifact's tasks, graph, providers and file integrity; exit 2 if a file is damaged."""
+    from spexport.inspect import inspect
+
+    with _one_line_errors():
+        report = inspect(folder)
+    if as_json:
+        _print_json(report.as_dict())
+    elif not quiet:
+        _print_report(report)
+    broken = {rel: status for rel, status in report.files.items() if status != "ok"}
+    if broken:
+        _fail(f"{folder}: " + ", ".join(f"{rel} is {status}" for rel, status in broken.items())
+              + "; export the artifact again or restore these files")
+
+
+def _print_report(report) -> None:
+    s, model = report.summary, report.summary["model"]
+    click.echo(f"{report.folder}: {s['family']} ({model['model_type']}), {model['num_layers']} layers, "
+               f"vocab {model['vocab_size']}, {model['max_positions']} positions, format {s['format_version']}")
+    click.echo(f"prompt bank: {'baked into ' + s['graph'] if s['baked'] else s['prompt_bank']}")
+    click.echo("tasks:")
+    _print_table([["id", "name", "method", "virtual tokens", "bytes"]]
+                 + [[t["id"], t["name"], t["method"], t["num_virtual_tokens"], t["bytes"]] for t in s["tasks"]])
+    click.echo(f"graph {s['graph']}:")
+    if report.graph_error:
+        click.echo(f"  unreadable: {report.graph_error}")
+    _print_table([[kind, p.name, p.dtype, "[" + ", ".join("?" if d is None else str(d) for d in p.shape) + "]"]
+                  for kind, ports in [("input", report.inputs), ("output", report.outputs)] for p in ports])
+    click.echo("execution providers: " + ", ".join(report.providers))
+    click.echo("files:")
+    _print_table([[status, rel] for rel, status in report.files.items()])
+
+
+@main.command("validate")
+@ARTIFACT
+@MODEL
+@ADAPTERS
+@click.option("--atol", default=1e-4, show_default=True, help="Largest allowed |Δlogits|.")
+@click.option("--new-tokens", default=12, show_default=True, help="Greedy tokens to generate and compare.")
+@QUIET
+@AS_JSON
+def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_tokens: int, quiet: bool,
+                     as_json: bool) -> None:
+    """Compare the artifact with PEFT on fixed random inputs; exit 1 if a task differs."""
+    with _one_line_errors(), _stdout_to_stderr():
+        from spexport.validate import validate
+
+        checks = validate(folder, model_dir, adapters, atol=atol, new_tokens=new_tokens)
+    failed = [c for c in checks if not c.passed]
+    if as_json:
+        _print_json({"passed": not failed, "atol": atol, "new_tokens": new_tokens,
+                     "tasks": [vars(c) for c in checks]})
+    elif not quiet:
+        _print_table([["task", "max |Δlogits|", "greedy agreement", ""]]
+                     + [[c.task, f"{c.max_abs_diff:.2e}", f"{c.greedy_agreement:.3f}", "ok" if c.passed else "FAIL"]
+                        for c in checks])
+        if not failed:
+            click.echo(f"all {len(checks)} tasks match PEFT (atol {atol:g}, {new_tokens} greedy tokens)")
+    if failed:
+        click.echo(f"error: {len(failed)} of {len(checks)} tasks differ from PEFT (atol {atol:g}, all greedy tokens "
+                   f"equal): " + ", ".join(c.task for c in failed), err=True)
+        sys.exit(1)
+
+
+@main.command("run")
+@ARTIFACT
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--task", help="Task name (may be left out when the artifact has one task).")
+@click.option("--max-new-tokens", default=20, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True, help="0 keeps every token.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, help="Seed for --sample, for repeatable output.")
+@click.option("--quiet", is_flag=True, help="Print the generated text only, no warnings.")
+@AS_JSON
+def run_command(folder: Path, texts: tuple[str, ...], task: str | None, max_new_tokens: int, sample: bool,
+                temperature: float, top_k: int, top_p: float, seed: int | None, quiet: bool, as_json: bool) -> None:
+    """Generate from TEXTS with a task of a decoder artifact; print each continuation on a line.
+
+    --quiet silences the runtime's warnings (such as a provider fallback), never the text."""
+    from spexport.runtime import load
+
+    with _one_line_errors(), warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        model = load(folder)
+        outputs = model.generate_text(list(texts), task=task, max_new_tokens=max_new_tokens, do_sample=sample,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if as_json:
+        _print_json({"task": task or model.tasks[0], "outputs": [{"prompt": p, "text": t}
+                                                                 for p, t in zip(texts, outputs)]})
+    else:
+        for text in outputs:
+            click.echo(text)
+
+
+def _print_table(rows: list[list]) -> None:
+    if not rows:
+        return
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _print_json(document: dict) -> None:
+    click.echo(json.dumps(document, indent=2))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Whatever the libraries print goes to stderr, so stdout holds only the command's own output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+@contextlib.contextmanager
 def _one_line_errors():
-    """What a user caused ends as one line on stderr and exit code 2, after any spinner is cleared."""
+    """What a user caused ends as one line on stderr and exit code 2, after any progress bar is cleared."""
     try:
         yield
     except SpexportError as e:

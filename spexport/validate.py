@@ -1,0 +1,113 @@
+"""`spexport validate`: an artifact against PEFT on the same inputs, like optimum's export-time check.
+
+PEFT in PyTorch is the definition of correct. For every task that an adapter gave the artifact,
+both run a few fixed rows of random token ids (seeded, so a failure can be reproduced): the
+logits must agree within `atol` and greedy generation must pick the same tokens.
+
+Needs the `[export]` extra (torch, transformers, peft).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spexport.errors import AdapterError, InputError
+from spexport.export import _load_model, _quiet_tracing, parse_adapters
+from spexport.runtime import load
+
+MULTITASK = "MULTITASK_PROMPT_TUNING"
+
+
+@dataclass
+class TaskCheck:
+    """How one task of the artifact compares with PEFT."""
+
+    task: str
+    max_abs_diff: float  # largest |artifact logit - PEFT logit| over every row and position
+    greedy_agreement: float  # fraction of generated tokens that are the same in both
+    passed: bool
+
+
+def sample_ids(vocab_size: int, rows: int = 3, length: int = 8, seed: int = 0) -> np.ndarray:
+    """Fixed random token rows [rows, length]: the same for every task and every run with this seed."""
+    return np.random.default_rng(seed).integers(0, vocab_size, (rows, length), dtype=np.int64)
+
+
+def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[str, Path]], atol: float = 1e-4,
+             new_tokens: int = 12, rows: int = 3, length: int = 8, seed: int = 0) -> list[TaskCheck]:
+    """Compare every task that `adapters` (NAME, PEFT adapter folder) gave `artifact` with PEFT.
+
+    A multitask adapter NAME is checked as its tasks NAME/0, NAME/1, ... against PEFT with
+    task_ids=[i]. A task passes when max |Δlogits| <= atol and every greedy token agrees.
+    """
+    runtime = load(artifact)
+    ids = sample_ids(runtime.info.vocab_size, rows, length, seed)
+    checks = []
+    for name, folder in parse_adapters(adapters):
+        tasks = _artifact_tasks(name, Path(folder), runtime.tasks)
+        reference = _peft_model(Path(model_dir), Path(folder))
+        for task, task_id in tasks:
+            expected_logits, expected_tokens = _peft_outputs(reference, ids, task_id, new_tokens)
+            logits = runtime.logits(ids, task=task)
+            tokens = runtime.generate(ids, task=task, max_new_tokens=new_tokens)
+            diff = float(np.abs(logits - expected_logits).max())
+            agreement = _agreement(tokens[:, length:], expected_tokens[:, length:])
+            checks.append(TaskCheck(task, diff, agreement, bool(diff <= atol and agreement == 1.0)))
+    return checks
+
+
+def _artifact_tasks(name: str, folder: Path, tasks: list[str]) -> list[tuple[str, int | None]]:
+    """(artifact task, PEFT task id) pairs for one adapter; the task id is None unless multitask."""
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterError(f"{folder}: validate compares with PEFT and needs a PEFT adapter folder "
+                           "(with adapter_config.json)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") == MULTITASK:
+        wanted = [(f"{name}/{i}", i) for i in range(config["num_tasks"])]
+    else:
+        wanted = [(name, None)]
+    for task, _ in wanted:
+        if task not in tasks:
+            raise InputError(f"the artifact has no task {task!r} (it has: {', '.join(tasks)}); "
+                             f"pass the NAME it was converted with")
+    return wanted
+
+
+def _peft_model(model_dir: Path, folder: Path):
+    from peft import PeftModel
+
+    _, base, _ = _load_model(model_dir)
+    try:
+        with _quiet_tracing():
+            return PeftModel.from_pretrained(base, folder, is_trainable=False).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"{folder}: PEFT cannot load it onto {model_dir} ({str(e).strip().splitlines()[0]})") \
+            from None
+
+
+def _peft_outputs(model, ids: np.ndarray, task_id: int | None, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's logits for the caller's tokens (prompt tuning also returns the virtual positions)
+    and its greedy continuation."""
+    import torch
+
+    input_ids = torch.from_numpy(ids)
+    extra = {} if task_id is None else {"task_ids": torch.full((len(ids),), task_id)}
+    with torch.no_grad(), _quiet_tracing():
+        logits = model(input_ids=input_ids, **extra).logits[:, -ids.shape[1]:].numpy()
+        tokens = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=new_tokens, do_sample=False, **extra).numpy()
+    return logits, tokens
+
+
+def _agreement(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """Share of generated slots holding the same token; a slot one side never generated disagrees."""
+    width = max(ours.shape[1], theirs.shape[1])
+    if width == 0:
+        return 1.0
+    ours, theirs = (np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=-1) for t in (ours, theirs))
+    return float((ours == theirs).mean())
