@@ -13,13 +13,11 @@ tasks of different lengths share one batch and each row sees exactly its own pre
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-import numpy as np
-
-from spexport.manifest import (KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY,
-                               PRESENT_VALUE, TASK_IDS)
+from spexport.manifest import KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE, TASK_IDS
 
 
 def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spexport.manifest import Manifest, inside_folder, sha256
-
-OK, DAMAGED, MISSING = "ok", "DAMAGED", "missing"
+from spexport.manifest import OK, Manifest, file_status, inside_folder
 
 
 @dataclass
@@ -50,15 +48,6 @@ def summary(manifest: Manifest) -> dict:
             "tasks": [{"id": i, "name": t.name, "method": t.method, "num_virtual_tokens": t.num_virtual_tokens,
                        "bytes": int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize}
                       for i, t in enumerate(manifest.tasks)]}
-
-
-def file_status(folder: Path, manifest: Manifest) -> dict[str, str]:
-    """ok, DAMAGED or missing for every file the manifest lists."""
-    status = {}
-    for rel, digest in manifest.files.items():
-        path = inside_folder(folder, rel)
-        status[rel] = MISSING if not path.is_file() else OK if sha256(path) == digest else DAMAGED
-    return status
 
 
 def graph_ports(path: Path) -> tuple[list[Port], list[Port]]:

@@ -125,6 +125,18 @@ def inside_folder(folder: Path, rel: str) -> Path:
     return path
 
 
+OK, DAMAGED, MISSING = "ok", "DAMAGED", "missing"
+
+
+def file_status(folder: Path, manifest: Manifest) -> dict[str, str]:
+    """ok, DAMAGED or missing for every file the manifest lists, checked against its sha256."""
+    status = {}
+    for rel, digest in manifest.files.items():
+        path = inside_folder(folder, rel)
+        status[rel] = MISSING if not path.is_file() else OK if sha256(path) == digest else DAMAGED
+    return status
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -5,11 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import (MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
-                  PromptTuningConfig, TaskType, get_peft_model)
+from peft import (
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 VOCAB = 160
 PAD, UNK, BOS, EOS = 0, 1, 2, 3

@@ -164,7 +164,8 @@ def test_validate_fails_on_a_wrong_but_intact_prompt(built, tmp_path):
 
 
 def test_validate_quiet_prints_nothing_when_it_passes(built):
-    result = _validate(built, built["artifact"], "--quiet", "--new-tokens", "3", adapters={"pt": built["adapters"]["pt"]})
+    result = _validate(built, built["artifact"], "--quiet", "--new-tokens", "3",
+                       adapters={"pt": built["adapters"]["pt"]})
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
 

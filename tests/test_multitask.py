@@ -69,8 +69,11 @@ def test_raw_tensors_behave_like_the_adapters_holding_them(llama):
     assert max_abs_diff(raw.logits(IDS, task="npy"), reference) <= 1e-4
 
 
-@pytest.mark.parametrize("shape,match", [((5, 48), "hidden size.*48.*64"), ((3, 2, 2, 3, 16), r"KV prefix shape \[3, 2, 2, 3, 16\].*\[2, 2, 2, 3, 16\]"),
-                                         ((5,), "neither a prompt")])
+@pytest.mark.parametrize("shape,match", [
+    ((5, 48), "hidden size.*48.*64"),
+    ((3, 2, 2, 3, 16), r"KV prefix shape \[3, 2, 2, 3, 16\].*\[2, 2, 2, 3, 16\]"),
+    ((5,), "neither a prompt"),
+])
 def test_raw_tensor_that_does_not_fit_is_refused(llama, tmp_path, shape, match):
     _, model_dir, _, _ = llama
     np.save(tmp_path / "bad.npy", np.zeros(shape, np.float32))

@@ -15,8 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from spexport.converters import (multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning,
-                                 raw_tensor)
+from spexport.converters import multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning, raw_tensor
 from spexport.converters.base import SoftPrompt
 from spexport.errors import AdapterError
 from spexport.manifest import ModelInfo

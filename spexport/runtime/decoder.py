@@ -8,9 +8,18 @@ from typing import Sequence
 import numpy as np
 
 from spexport.errors import ArtifactError, InputError
-from spexport.manifest import (KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY,
-                               PRESENT_VALUE, TASK_IDS, Manifest, inside_folder,
-                               stack_prefixes)
+from spexport.manifest import (
+    KV_PREFIX,
+    PAST_KEY,
+    PAST_VALUE,
+    PREFIX_MASK,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    TASK_IDS,
+    Manifest,
+    inside_folder,
+    stack_prefixes,
+)
 from spexport.runtime import inputs, sampling
 from spexport.runtime.session import load_bank, load_tokenizer, open_session, pick_providers, verify_files
 

@@ -10,16 +10,15 @@ import onnxruntime as ort
 
 from spexport import tensorfile
 from spexport.errors import ArtifactError
-from spexport.manifest import Manifest, inside_folder, sha256
+from spexport.manifest import DAMAGED, MISSING, Manifest, file_status, inside_folder
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:
     """Refuse an artifact whose files are missing or differ from what the exporter wrote."""
-    for rel, digest in manifest.files.items():
-        path = inside_folder(folder, rel)
-        if not path.is_file():
+    for rel, status in file_status(folder, manifest).items():
+        if status == MISSING:
             raise ArtifactError(f"{folder}: {rel} is missing")
-        if sha256(path) != digest:
+        if status == DAMAGED:
             raise ArtifactError(f"{folder}: {rel} is damaged or was replaced (sha256 differs from the manifest)")
 
 
