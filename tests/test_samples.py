@@ -31,6 +31,7 @@ PROMPTS = [([5, 9, 14, 7], 12), ([42], 6), (list(range(4, 54)), 12)]
 CLIENTS = {  # client -> (build.sh target, tools it needs, command before the sample's arguments)
     "cpp": ("cpp", ["cmake", "c++"], [str(BUILD / "spexport-cpp")]),
     "node": ("node", ["node", "npm"], ["node", str(SAMPLES / "node" / "run.js")]),
+    "cs": ("cs", ["mcs", "mono"], ["mono", str(BUILD / "spexport-cs.exe")]),
 }
 
 
@@ -101,7 +102,7 @@ def test_sample_stops_at_eos(client, artifacts):
     assert _sample_tokens(client, artifacts["eos"], "pt", ids, max_new_tokens) == expected
 
 
-@pytest.mark.parametrize("client", ["cpp"], indirect=True)
+@pytest.mark.parametrize("client", ["cpp", "cs"], indirect=True)
 @pytest.mark.parametrize("task", list(TASKS))
 def test_sample_picks_task_by_ort_adapter_file(client, artifacts, task):
     for ids, max_new_tokens in PROMPTS:
