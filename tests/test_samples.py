@@ -132,3 +132,23 @@ def test_adapter_files_hold_each_task_as_one_row(artifacts):
         np.testing.assert_array_equal(params["kv_prefix"], bank[task["tensor"]][None])
         np.testing.assert_array_equal(params["prefix_mask"], np.ones((1, task["num_virtual_tokens"]), np.int64))
     assert not (artifacts["baked"] / "adapters").exists()
+
+
+def test_python_onnxruntime_feeds_an_active_adapter_to_graph_inputs(artifacts):
+    """What the README says of adapters in Python: the core feeds them, the public `run` refuses first."""
+    folder = artifacts["unbaked"]
+    session = ort.InferenceSession(str(folder / "model.onnx"))
+    ids = np.array([[5, 9, 14, 7]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None]}
+    for name in [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]:
+        feeds[name] = np.zeros((1, 2, 0, 16), np.float32)
+    bank = tensorfile.load(folder / "prompts.safetensors")
+    prefix = {"kv_prefix": bank["pt"][None], "prefix_mask": np.ones((1, 5), np.int64)}
+    expected = session.run(["logits"], {**feeds, **prefix})[0]
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(folder / adapter_path("pt")))
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(adapter)
+    with pytest.raises(ValueError, match="kv_prefix"):
+        session.run(["logits"], feeds, run_options)
+    np.testing.assert_array_equal(session._sess.run(["logits"], feeds, run_options)[0], expected)
