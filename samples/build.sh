@@ -52,7 +52,7 @@ fetch_ort() {  # headers in $build/ort/include, libonnxruntime.so.1 in $build/or
 
 build_cpp() {
   command -v cmake >/dev/null && command -v c++ >/dev/null || apt_install cmake g++ make
-  apt_install nlohmann-json3-dev
+  [ -f /usr/include/nlohmann/json.hpp ] || apt_install nlohmann-json3-dev
   fetch_ort
   cmake -S "$samples/cpp" -B "$build/cpp" -DCMAKE_BUILD_TYPE=Release -DORT_ROOT="$build/ort" >/dev/null
   cmake --build "$build/cpp" -j "$(nproc)" >/dev/null
@@ -71,7 +71,7 @@ build_node() {
 }
 
 build_cs() {
-  apt_install mono-mcs mono-runtime
+  command -v mcs >/dev/null && command -v mono >/dev/null || apt_install mono-mcs mono-runtime
   fetch_ort
   local exe="$build/spexport-cs.exe" sources=("$samples"/csharp/*.cs)
   if [ ! -f "$exe" ] || [ -n "$(find "${sources[@]}" -newer "$exe")" ]; then

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from spexport.manifest import KV_PREFIX, PREFIX_MASK
 
@@ -45,8 +46,6 @@ def write_adapters(bank: dict[str, np.ndarray], folder: Path) -> list[str]:
 
     Returns the files' paths relative to `folder`.
     """
-    import onnxruntime as ort
-
     written = []
     for task, kv in bank.items():
         rel = adapter_path(task)
