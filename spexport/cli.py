@@ -37,6 +37,9 @@ ADAPTERS = click.option("--adapter", "adapters", multiple=True, required=True, c
                              "tensor; repeat for more tasks.")
 MODEL = click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
                      help="Folder of the frozen Hugging Face model (config.json + weights).")
+TRUST_REMOTE_CODE = click.option("--trust-remote-code", is_flag=True,
+                                 help="Run Python code that the model folder ships (auto_map in config.json); "
+                                      "without it such a model is refused.")
 
 
 @click.group()
@@ -51,10 +54,11 @@ def main() -> None:
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
 @click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
+@TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
-def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, quiet: bool,
-            as_json: bool) -> None:
+def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, trust_remote_code: bool,
+            quiet: bool, as_json: bool) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
@@ -64,7 +68,8 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     with _one_line_errors(), _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
         from spexport.export import convert as run_convert
 
-        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step)
+        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step,
+                               trust_remote_code=trust_remote_code)
     if as_json:
         _print_json({"output": str(output), **summary(manifest), "files": manifest.files})
         return
@@ -138,15 +143,17 @@ def _print_report(report) -> None:
 @ADAPTERS
 @click.option("--atol", default=1e-4, show_default=True, help="Largest allowed |Δlogits|.")
 @click.option("--new-tokens", default=12, show_default=True, help="Greedy tokens to generate and compare.")
+@TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
-def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_tokens: int, quiet: bool,
-                     as_json: bool) -> None:
+def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_tokens: int, trust_remote_code: bool,
+                     quiet: bool, as_json: bool) -> None:
     """Compare the artifact with PEFT on fixed random inputs; exit 1 if a task differs."""
     with _one_line_errors(), _stdout_to_stderr():
         from spexport.validate import validate
 
-        checks = validate(folder, model_dir, adapters, atol=atol, new_tokens=new_tokens)
+        checks = validate(folder, model_dir, adapters, atol=atol, new_tokens=new_tokens,
+                          trust_remote_code=trust_remote_code)
     failed = [c for c in checks if not c.passed]
     if as_json:
         _print_json({"passed": not failed, "atol": atol, "new_tokens": new_tokens,

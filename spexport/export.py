@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -63,17 +64,23 @@ def parse_adapters(specs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     return list(specs)
 
 
-def _load_model(model_dir: Path):
+def _load_model(model_dir: Path, trust_remote_code: bool = False):
+    """The model's family, the model, and its ModelInfo. Python code shipped in the model folder
+    (config.json's auto_map) runs only with trust_remote_code; without it the folder is refused,
+    rather than loaded as the stock architecture its authors chose to replace."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     # Checked before transformers reads it: transformers would guess a model type from the folder's name.
-    model_type = _model_type(model_dir)
+    model_type, auto_map = _model_type(model_dir)
     try:
         family = family_for(SimpleNamespace(model_type=model_type))
     except ModelError as e:
         raise ModelError(f"{model_dir}: {e}") from None
+    if auto_map and not trust_remote_code:
+        raise ModelError(f"{model_dir}: the model ships its own Python code (auto_map in config.json), which "
+                         "spexport runs only with --trust-remote-code; read the code, pass the flag if you trust it")
     try:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{model_dir}: unreadable model config ({_first_line(e)})") from None
     try:
@@ -82,13 +89,25 @@ def _load_model(model_dir: Path):
         generation_config = None
     try:
         with _quiet_tracing():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="float32")
+            model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="float32",
+                                                         trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"{model_dir}: cannot load the model weights ({_first_line(e)})") from None
-    return family, model.eval(), model_info(config, generation_config)
+    return family, model.eval(), _within_vocab(model_info(config, generation_config))
 
 
-def _model_type(model_dir: Path) -> str:
+def _within_vocab(info: ModelInfo) -> ModelInfo:
+    """Drop special token ids outside the vocabulary (some configs say pad_token_id -1): no token
+    the model makes can match them, and the runtime feeds pad_token_id back into the graph."""
+    def valid(token):
+        return 0 <= token < info.vocab_size
+
+    pad = info.pad_token_id if info.pad_token_id is not None and valid(info.pad_token_id) else None
+    return dataclasses.replace(info, eos_token_ids=[t for t in info.eos_token_ids if valid(t)], pad_token_id=pad)
+
+
+def _model_type(model_dir: Path) -> tuple[str, dict]:
+    """The config's model_type and auto_map (empty unless the folder ships its own code)."""
     if not model_dir.exists():
         raise ModelError(f"{model_dir}: no such model folder")
     config_path = model_dir / "config.json"
@@ -100,7 +119,7 @@ def _model_type(model_dir: Path) -> str:
         raise ModelError(f"{config_path}: not readable JSON ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ModelError(f"{config_path}: not a Hugging Face model config (no model_type)")
-    return config["model_type"]
+    return config["model_type"], config.get("auto_map") or {}
 
 
 def _first_line(error: Exception) -> str:
@@ -142,7 +161,8 @@ def _quiet_tracing():
         hf_logging.set_verbosity(level)
 
 
-def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path, bank=None) -> None:
+def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path, bank=None,
+                  trust_remote_code: bool = False) -> None:
     import onnx
     from optimum.exporters.onnx import main_export
 
@@ -150,7 +170,7 @@ def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path, bank=None
 
     with tempfile.TemporaryDirectory() as raw, _quiet_tracing():
         main_export(str(model_dir), output=raw, task=family.optimum_task, do_validation=False,
-                    local_files_only=True)
+                    local_files_only=True, trust_remote_code=trust_remote_code)
         model = onnx.load(Path(raw) / GRAPH)
         model = add_prefix_inputs(model, info.num_layers, info.num_kv_heads, info.head_dim, bank)
         large = model.ByteSize() > 1_800_000_000
@@ -158,16 +178,18 @@ def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path, bank=None
 
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
-            bake: bool = False, on_step: Callable[[str], None] = lambda step: None) -> Manifest:
+            bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
+            trust_remote_code: bool = False) -> Manifest:
     """Export `model_dir` with every adapter into one artifact at `output`, atomically.
 
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input.
+    trust_remote_code: run Python code that the model folder ships (config.json's auto_map).
     """
     model_dir, output = Path(model_dir), Path(output)
     adapters = parse_adapters(adapters)
     _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     on_step("loading the frozen model")
-    family, model, info = _load_model(model_dir)
+    family, model, info = _load_model(model_dir, trust_remote_code)
     on_step("converting adapters")
     prompts: dict[str, SoftPrompt] = {}
     for name, path in adapters:
@@ -188,7 +210,8 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
             tensorfile.save(bank, staging / BANK)
             ort_adapters.write_adapters(bank, staging)
         on_step("exporting the frozen model to ONNX")
-        _export_graph(model_dir, info, family, staging, stack_prefixes(list(bank.values())) if bake else None)
+        _export_graph(model_dir, info, family, staging, stack_prefixes(list(bank.values())) if bake else None,
+                      trust_remote_code)
         copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
         for f in copied:
             shutil.copy2(model_dir / f, staging / f)
@@ -197,6 +220,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
                             tasks=tasks, baked=bake, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES],
                             versions=_versions(), files=files)
         manifest.write(staging)
+        Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
         _replace(staging, output)
     except BaseException as e:
         shutil.rmtree(made or staging, ignore_errors=True)
@@ -221,7 +245,11 @@ def _staging_folder(output: Path) -> tuple[Path, Path | None]:
     made = next((p for p in reversed(output.parents) if not p.exists()), None)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)), made
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the artifact from other users, e.g. a server's
+        return staging, made
     except OSError as e:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
@@ -240,4 +268,8 @@ def _replace(staging: Path, output: Path) -> None:
     except BaseException:
         trash.rename(output)
         raise
-    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:  # Ctrl-C: the new artifact is in place; finish removing the old one, then stop
+        shutil.rmtree(trash, ignore_errors=True)
+        raise

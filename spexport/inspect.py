@@ -54,6 +54,9 @@ def graph_ports(path: Path) -> tuple[list[Port], list[Port]]:
     """The graph's inputs and outputs as ONNX Runtime reads them, without optimizing the graph."""
     import onnxruntime as ort
 
+    from spexport.runtime.session import check_external_data
+
+    check_external_data(path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -17,6 +19,9 @@ from spexport.errors import ArtifactError
 MANIFEST = "spexport.json"
 FORMAT = "spexport"
 FORMAT_VERSION = 1
+DTYPES = ("float32",)  # what tasks[].dtype may be
+MAX_MANIFEST_BYTES = 64 << 20  # thousands of tasks fit in a few MB; more is a damaged or hostile file
+MAX_LAYERS = 1 << 16
 
 # Graph input/output names (optimum-onnx's decoder-with-past names plus spexport's prefix inputs).
 KV_PREFIX = "kv_prefix"  # [batch, layers, 2, kv_heads, n_prefix, head_dim]
@@ -76,27 +81,140 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
+        """Read and check `folder`'s manifest; anything malformed raises ArtifactError naming the field."""
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise ArtifactError(f"{folder}: not a spexport artifact (no {MANIFEST}); run `spexport convert` first")
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{path}: {size} bytes is too large for a manifest; it is damaged")
         try:
-            raw = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raw = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ArtifactError(f"{path}: damaged manifest ({e})") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ArtifactError(f"{path}: not a spexport manifest")
         version = raw.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise ArtifactError(f"{path}: artifact format {version!r} is newer than this spexport "
                                 f"understands ({FORMAT_VERSION}); upgrade spexport")
-        try:
-            manifest = cls(**{**raw, "model": ModelInfo(**raw["model"]),
-                              "tasks": [Task(**t) for t in raw["tasks"]]})
-        except (KeyError, TypeError) as e:
-            raise ArtifactError(f"{path}: manifest is missing or has unexpected fields ({e})") from None
-        for rel in [manifest.graph, manifest.prompt_bank or manifest.graph, *manifest.files]:
+        manifest = _checked(raw, path)
+        for rel in manifest.files:  # the graph, the bank and the tokenizer files are among them
             inside_folder(folder, rel)
         return manifest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(value) -> bool:
+    # counts past int32 mean a damaged manifest, not a model: refuse them before anything is sized by them
+    return _is_int(value) and 0 < value < 1 << 31
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _path(value) -> bool:
+    # printable, so that every message naming it stays on one line
+    return _text(value) and value.isprintable()
+
+
+def _paths(value) -> bool:
+    return isinstance(value, list) and all(map(_path, value))
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REQUIRED = object()
+
+
+class _Fields:
+    """Takes checked fields out of one JSON object; a missing, mistyped or unknown one raises
+    ArtifactError naming it (`model.num_layers`, `tasks[2].shape`)."""
+
+    def __init__(self, obj, where: str, path: Path):
+        if not isinstance(obj, dict):
+            raise ArtifactError(f"{path}: {where} must be an object, got {_show(obj)}")
+        self.obj, self.where, self.path, self.taken = obj, where, path, set()
+
+    def take(self, key: str, valid: Callable[[object], bool], want: str, default=_REQUIRED):
+        name = f"{self.where}.{key}" if self.where else key
+        self.taken.add(key)
+        if key not in self.obj:
+            if default is _REQUIRED:
+                raise ArtifactError(f"{self.path}: field {name} is missing")
+            return default
+        if not valid(self.obj[key]):
+            raise ArtifactError(f"{self.path}: field {name} must be {want}, got {_show(self.obj[key])}")
+        return self.obj[key]
+
+    def rest(self, cls) -> dict:
+        """The fields no check took that `cls` declares (one added since these checks were written), as read;
+        any other field is refused."""
+        unknown = sorted(set(self.obj) - self.taken - {f.name for f in fields(cls)})
+        if unknown:
+            prefix = f"{self.where}." if self.where else ""
+            raise ArtifactError(f"{self.path}: unexpected field {prefix + unknown[0]!r}; the artifact is damaged or "
+                                "was written by another spexport")
+        return {key: value for key, value in self.obj.items() if key not in self.taken}
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _checked(raw: dict, path: Path) -> Manifest:
+    """The manifest with every field's type, range and consistency checked."""
+    top = _Fields(raw, "", path)
+    top.take("format", lambda v: v == FORMAT, repr(FORMAT))
+    version = top.take("format_version", _positive, "a positive integer")
+    m = _Fields(top.take("model", lambda v: True, "an object"), "model", path)
+    # the runtime names two graph ports per layer before it can compare them with the graph's
+    counts = {"num_layers": m.take("num_layers", lambda v: _positive(v) and v <= MAX_LAYERS,
+                                   f"a positive integer up to {MAX_LAYERS}")}
+    counts |= {key: m.take(key, _positive, "a positive integer")
+               for key in ("num_kv_heads", "head_dim", "hidden_size", "vocab_size", "max_positions")}
+    vocab = counts["vocab_size"]
+    model = ModelInfo(
+        model_type=m.take("model_type", _text, "a string"), **counts,
+        eos_token_ids=m.take("eos_token_ids", lambda v: isinstance(v, list) and all(_is_int(i) and 0 <= i < vocab
+                                                                                    for i in v),
+                             f"a list of token ids below vocab_size {vocab}", []),
+        pad_token_id=m.take("pad_token_id", lambda v: v is None or _is_int(v) and 0 <= v < vocab,
+                            f"null or a token id below vocab_size {vocab}", None),
+        **m.rest(ModelInfo))
+    tasks, names = [], set()
+    for i, obj in enumerate(top.take("tasks", lambda v: isinstance(v, list) and v != [], "a non-empty list")):
+        t = _Fields(obj, f"tasks[{i}]", path)
+        name = t.take("name", lambda v: _path(v) and v not in names, "a printable name unique among the tasks")
+        names.add(name)
+        n = t.take("num_virtual_tokens", lambda v: _positive(v) and v < model.max_positions,
+                   f"a positive integer below max_positions {model.max_positions}")
+        shape = [model.num_layers, 2, model.num_kv_heads, n, model.head_dim]
+        t.take("shape", lambda v, shape=shape: isinstance(v, list) and all(map(_is_int, v)) and v == shape,
+               f"[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim] = {shape}")
+        tasks.append(Task(name=name, method=t.take("method", _text, "a string"), num_virtual_tokens=n,
+                          tensor=t.take("tensor", _text, "a string"), shape=shape,
+                          dtype=t.take("dtype", lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),
+                          source=t.take("source", lambda v: isinstance(v, dict), "an object", {}), **t.rest(Task)))
+    baked = top.take("baked", lambda v: isinstance(v, bool), "true or false", False)
+    bank = top.take("prompt_bank", (lambda v: v is None) if baked else _path,
+                    "null in a baked artifact" if baked else "a path (the artifact is not baked)")
+    graph = top.take("graph", _path, "a path")
+    tokenizer_files = top.take("tokenizer_files", _paths, "a list of paths", [])
+    files = top.take("files", lambda v: isinstance(v, dict) and all(_path(k) and isinstance(d, str) and
+                                                                   _SHA256.fullmatch(d) for k, d in v.items()),
+                     "an object of paths to sha256 hex digests", {})
+    for rel in [graph, bank, *tokenizer_files]:
+        if rel is not None and rel not in files:
+            raise ArtifactError(f"{path}: field files has no sha256 for {rel!r}, so it cannot be checked")
+    return Manifest(family=top.take("family", _text, "a string"), model=model, graph=graph, prompt_bank=bank,
+                    tasks=tasks, baked=baked, tokenizer_files=tokenizer_files,
+                    versions=top.take("versions", lambda v: isinstance(v, dict), "an object", {}), files=files,
+                    format_version=version, **top.rest(Manifest))
 
 
 def stack_prefixes(prefixes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +237,11 @@ def stack_prefixes(prefixes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def inside_folder(folder: Path, rel: str) -> Path:
     """Resolve a manifest path, refusing any that escapes the artifact folder."""
     root = Path(folder).resolve()
-    path = (root / rel).resolve()
-    if root != path and root not in path.parents:
+    try:
+        path = (root / rel).resolve()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the file system, a symlink loop
+        path = None
+    if path is None or root != path and root not in path.parents:
         raise ArtifactError(f"{folder}: manifest path {rel!r} points outside the artifact")
     return path
 
@@ -128,13 +249,22 @@ def inside_folder(folder: Path, rel: str) -> Path:
 OK, DAMAGED, MISSING = "ok", "DAMAGED", "missing"
 
 
-def file_status(folder: Path, manifest: Manifest) -> dict[str, str]:
-    """ok, DAMAGED or missing for every file the manifest lists, checked against its sha256."""
+def file_status(folder: Path, manifest: Manifest,
+                intact: Callable[[Path, str], bool] = lambda path, digest: sha256(path) == digest) -> dict[str, str]:
+    """ok, DAMAGED or missing for every file the manifest lists, checked against its sha256
+    (`intact` may know a file is intact without hashing it again)."""
     status = {}
     for rel, digest in manifest.files.items():
         path = inside_folder(folder, rel)
-        status[rel] = MISSING if not path.is_file() else OK if sha256(path) == digest else DAMAGED
+        status[rel] = MISSING if not _is_file(path) else OK if intact(path, digest) else DAMAGED
     return status
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system names no file
+        return False
 
 
 def sha256(path: Path) -> str:

@@ -57,6 +57,6 @@ def load(path: Path) -> dict[str, np.ndarray]:
             if not 0 <= begin <= end <= len(body) or end - begin != dtype.itemsize * int(np.prod(shape)):
                 raise ValueError(f"tensor {name!r} does not fit in the file")
             tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-    except (struct.error, ValueError, KeyError, TypeError) as e:
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors

@@ -38,18 +38,20 @@ def sample_ids(vocab_size: int, rows: int = 3, length: int = 8, seed: int = 0) -
 
 
 def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[str, Path]], atol: float = 1e-4,
-             new_tokens: int = 12, rows: int = 3, length: int = 8, seed: int = 0) -> list[TaskCheck]:
+             new_tokens: int = 12, rows: int = 3, length: int = 8, seed: int = 0,
+             trust_remote_code: bool = False) -> list[TaskCheck]:
     """Compare every task that `adapters` (NAME, PEFT adapter folder) gave `artifact` with PEFT.
 
     A multitask adapter NAME is checked as its tasks NAME/0, NAME/1, ... against PEFT with
     task_ids=[i]. A task passes when max |Δlogits| <= atol and every greedy token agrees.
+    trust_remote_code: run Python code that the model folder ships, as `convert` does.
     """
     runtime = load(artifact)
     ids = sample_ids(runtime.info.vocab_size, rows, length, seed)
     checks = []
     for name, folder in parse_adapters(adapters):
         tasks = _artifact_tasks(name, Path(folder), runtime.tasks)
-        reference = _peft_model(Path(model_dir), Path(folder))
+        reference = _peft_model(Path(model_dir), Path(folder), trust_remote_code)
         for task, task_id in tasks:
             expected_logits, expected_tokens = _peft_outputs(reference, ids, task_id, new_tokens)
             logits = runtime.logits(ids, task=task)
@@ -78,10 +80,10 @@ def _artifact_tasks(name: str, folder: Path, tasks: list[str]) -> list[tuple[str
     return wanted
 
 
-def _peft_model(model_dir: Path, folder: Path):
+def _peft_model(model_dir: Path, folder: Path, trust_remote_code: bool):
     from peft import PeftModel
 
-    _, base, _ = _load_model(model_dir)
+    _, base, _ = _load_model(model_dir, trust_remote_code)
     try:
         with _quiet_tracing():
             return PeftModel.from_pretrained(base, folder, is_trainable=False).eval()

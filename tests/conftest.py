@@ -39,3 +39,23 @@ def runtime_model(built):
 
 
 assert set(m for m, _ in TASKS.values()) == set(METHODS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def verified_files_cache(tmp_path_factory):
+    """load() remembers verified files in a cache outside the artifact: keep the tests' out of the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPEXPORT_CACHE_DIR", str(tmp_path_factory.mktemp("spexport-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny Llama with a prompt-tuning task (5 virtual tokens) and a prefix-tuning one (6), and their
+    unbaked artifact: the subject of the reliability and fuzz tests, which damage copies of it."""
+    root = tmp_path_factory.mktemp("tiny-llama")
+    model_dir = build_model("llama", root / "model")
+    adapters = {"pt": build_adapter(model_dir, "prompt_tuning", root / "pt", 5, seed=1),
+                "prefix": build_adapter(model_dir, "prefix_tuning", root / "prefix", 6, seed=2)}
+    convert(model_dir, list(adapters.items()), root / "artifact")
+    return {"model": model_dir, "adapters": adapters, "artifact": root / "artifact"}

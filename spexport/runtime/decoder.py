@@ -21,14 +21,26 @@ from spexport.manifest import (
     stack_prefixes,
 )
 from spexport.runtime import inputs, sampling
-from spexport.runtime.session import load_bank, load_tokenizer, open_session, pick_providers, verify_files
+from spexport.runtime.session import (
+    ORT_ERRORS,
+    check_ports,
+    first_line,
+    load_bank,
+    load_tokenizer,
+    open_session,
+    pick_providers,
+    verify_files,
+)
 
 
-def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True) -> DecoderModel:
+def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,
+         max_batch_size: int = inputs.MAX_BATCH_SIZE) -> DecoderModel:
     """Open an artifact folder written by `spexport convert`.
 
     providers: ONNX Runtime execution providers in order of preference (default CPU); any that
-    this machine lacks is dropped with a warning. verify: check every file's sha256 first.
+    this machine lacks is dropped with a warning. verify: check every file's sha256 first (a file
+    verified before and not written since is not read again). max_batch_size: the most rows one
+    call may send; a larger batch is refused before anything is allocated for it.
     """
     folder = Path(folder)
     manifest = Manifest.read(folder)
@@ -36,14 +48,16 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
         raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
     if verify:
         verify_files(folder, manifest)
-    return DecoderModel(folder, manifest, pick_providers(providers))
+    return DecoderModel(folder, manifest, pick_providers(providers), max_batch_size)
 
 
 class DecoderModel:
     """A frozen causal LM plus a bank of per-task KV prefixes."""
 
-    def __init__(self, folder: Path, manifest: Manifest, providers: list[str]):
+    def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
+                 max_batch_size: int = inputs.MAX_BATCH_SIZE):
         self.folder = folder
+        self.max_batch_size = max_batch_size
         self.manifest = manifest
         self.info = manifest.model
         self.tasks = [t.name for t in manifest.tasks]
@@ -54,12 +68,24 @@ class DecoderModel:
         if not manifest.baked:
             bank = load_bank(folder, manifest)
             self._prefixes = [bank[t.tensor] for t in manifest.tasks]
-        self.session = open_session(inside_folder(folder, manifest.graph), providers)
-        self.providers = self.session.get_providers()
-        self.tokenizer = load_tokenizer(folder, manifest)
         layers = range(self.info.num_layers)
         self._past_names = [n.format(i) for i in layers for n in (PAST_KEY, PAST_VALUE)]
         self._present_names = [n.format(i) for i in layers for n in (PRESENT_KEY, PRESENT_VALUE)]
+        self._graph = inside_folder(folder, manifest.graph)
+        self.session = open_session(self._graph, providers)
+        check_ports(self.session, self._graph, *self._ports())
+        self.providers = self.session.get_providers()
+        self.tokenizer = load_tokenizer(folder, manifest)
+
+    def _ports(self) -> tuple[dict[str, list], dict[str, list]]:
+        """The graph's inputs and outputs as the manifest describes them (None: any size)."""
+        info = self.info
+        kv = [None, info.num_kv_heads, None, info.head_dim]
+        prefix = {TASK_IDS: [None]} if self._prefixes is None else {
+            KV_PREFIX: [None, info.num_layers, 2, info.num_kv_heads, None, info.head_dim], PREFIX_MASK: [None, None]}
+        tokens = dict.fromkeys(["input_ids", "attention_mask", "position_ids"], [None, None])
+        return ({**tokens, **prefix, **dict.fromkeys(self._past_names, kv)},
+                {"logits": [None, None, info.vocab_size], **dict.fromkeys(self._present_names, kv)})
 
     # -- batching -------------------------------------------------------------------------------
 
@@ -75,7 +101,7 @@ class DecoderModel:
         return [np.zeros(shape, np.float32) for _ in self._past_names]
 
     def _prepare(self, input_ids, attention_mask, task):
-        ids = inputs.as_token_matrix(input_ids, self.info.vocab_size)
+        ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
         mask = inputs.as_mask(attention_mask, ids.shape)
         rows = inputs.task_indices(task, self.tasks, ids.shape[0])
         budget = self.info.max_positions - max(self._n_virtual[r] for r in rows)
@@ -87,7 +113,10 @@ class DecoderModel:
     def _run(self, ids, mask, position_ids, past, prefix) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **prefix,
                  **dict(zip(self._past_names, past))}
-        outputs = self.session.run(["logits", *self._present_names], feeds)
+        try:
+            outputs = self.session.run(["logits", *self._present_names], feeds)
+        except ORT_ERRORS as e:  # inputs are checked first, so the artifact is at fault (or memory ran out)
+            raise ArtifactError(f"{self._graph}: ONNX Runtime failed running it ({first_line(e)})") from e
         return outputs[0], outputs[1:]
 
     # -- public verbs ---------------------------------------------------------------------------
@@ -109,6 +138,7 @@ class DecoderModel:
         Rows stop at the model's EOS (later slots hold the pad token), at max_new_tokens, or
         where the model's positions run out.
         """
+        inputs.check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         ids, mask, rows = self._prepare(input_ids, attention_mask, self._require_task(task))
         prefix = self._prefix(rows)
         room = self.info.max_positions - max(self._n_virtual[r] for r in rows) - ids.shape[1]
@@ -135,7 +165,7 @@ class DecoderModel:
                       max_new_tokens: int = 20, **kwargs) -> list[str]:
         """Tokenize, left-pad, generate, and decode each row's new tokens."""
         tokenizer = self._require_tokenizer()
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, (list, tuple)) else None
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("texts must be a string or a non-empty list of strings")
         encoded = [tokenizer.encode(t).ids for t in texts]

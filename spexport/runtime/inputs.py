@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
 from spexport.errors import InputError
 
+MAX_BATCH_SIZE = 1024  # rows per call unless load(max_batch_size=...) says otherwise
 
-def as_token_matrix(input_ids, vocab_size: int) -> np.ndarray:
+
+def as_token_matrix(input_ids, vocab_size: int, max_rows: int = MAX_BATCH_SIZE) -> np.ndarray:
     try:
         ids = np.asarray(input_ids)
-    except ValueError:
+    except (ValueError, TypeError):
         raise InputError("input_ids rows have different lengths; pad them and pass an attention_mask") from None
     if ids.dtype == object or ids.ndim not in (1, 2):
         raise InputError("input_ids must be a [batch, seq] array of token ids (pad ragged rows)")
@@ -22,6 +25,9 @@ def as_token_matrix(input_ids, vocab_size: int) -> np.ndarray:
         raise InputError("input_ids is empty")
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"input_ids must hold integers, got {ids.dtype}")
+    if len(ids) > max_rows:
+        raise InputError(f"a batch of {len(ids)} rows is more than this model serves at once ({max_rows}); "
+                         "split it, or pass a larger max_batch_size to load()")
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise InputError(f"input_ids holds token ids outside the vocabulary [0, {vocab_size})")
     return ids.astype(np.int64)
@@ -30,10 +36,13 @@ def as_token_matrix(input_ids, vocab_size: int) -> np.ndarray:
 def as_mask(attention_mask, shape: tuple[int, int]) -> np.ndarray:
     if attention_mask is None:
         return np.ones(shape, np.int64)
-    mask = np.asarray(attention_mask)
+    try:
+        mask = np.asarray(attention_mask)
+    except (ValueError, TypeError):
+        raise InputError("attention_mask rows have different lengths; it must match input_ids") from None
     if mask.shape != shape:
         raise InputError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(shape)}")
-    if not np.isin(mask, (0, 1)).all():
+    if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool) or not np.isin(mask, (0, 1)).all():
         raise InputError("attention_mask must hold only 0 and 1")
     if not mask.any(axis=1).all():
         raise InputError("every row needs at least one token with attention_mask 1")
@@ -41,7 +50,12 @@ def as_mask(attention_mask, shape: tuple[int, int]) -> np.ndarray:
 
 
 def task_indices(task: str | Sequence[str], tasks: list[str], batch: int) -> list[int]:
-    names = [task] * batch if isinstance(task, str) else list(task)
+    try:
+        names = [task] * batch if isinstance(task, str) else list(task)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise InputError(f"task must be a task name or a list of names, one per row; got {type(task).__name__}")
     if len(names) != batch:
         raise InputError(f"task lists {len(names)} names for a batch of {batch} rows; give one, or one per row")
     index = {name: i for i, name in enumerate(tasks)}
@@ -49,6 +63,31 @@ def task_indices(task: str | Sequence[str], tasks: list[str], batch: int) -> lis
         if name not in index:
             raise InputError(f"unknown task {name!r}; this artifact has: {', '.join(tasks)}")
     return [index[name] for name in names]
+
+
+def check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> None:
+    """Refuse generation settings that would fail, or silently mean something else, deep in the loop."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise InputError(f"seed must be a whole number >= 0 or None, got {seed!r}")
+    if not do_sample:
+        return
+    if not _is_real(temperature) or not temperature > 0:
+        raise InputError(f"temperature must be a number > 0, got {temperature!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise InputError(f"top_k must be a whole number >= 0 (0 keeps every token), got {top_k!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
