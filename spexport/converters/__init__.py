@@ -15,12 +15,19 @@ from typing import Callable
 
 import numpy as np
 
-from spexport.converters import multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning, raw_tensor
+from spexport.converters import (
+    multitask_prompt_tuning,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    raw_tensor,
+    seq2seq_prefix_tuning,
+)
 from spexport.converters.base import SoftPrompt
 from spexport.errors import AdapterError
 from spexport.manifest import ModelInfo
 
-__all__ = ["CONVERTERS", "SoftPrompt", "convert_adapter", "read_peft_adapter"]
+__all__ = ["CONVERTERS", "SEQ2SEQ_CONVERTERS", "SoftPrompt", "convert_adapter", "read_peft_adapter"]
 
 
 Converter = Callable[[dict, dict, ModelInfo], "SoftPrompt | dict[str, SoftPrompt]"]
@@ -31,6 +38,13 @@ CONVERTERS: dict[str, Converter] = {
     "P_TUNING": p_tuning.convert,
     "PREFIX_TUNING": prefix_tuning.convert,
     "MULTITASK_PROMPT_TUNING": multitask_prompt_tuning.convert,
+}
+
+# Encoder-decoder models: embeddings go before the encoder's tokens, a prefix into the decoder's self-attention.
+SEQ2SEQ_CONVERTERS: dict[str, Converter] = {
+    "PROMPT_TUNING": prompt_tuning.convert,
+    "P_TUNING": p_tuning.convert,
+    "PREFIX_TUNING": seq2seq_prefix_tuning.convert,
 }
 
 
@@ -81,7 +95,8 @@ def _load_pickle_weights(path: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
-def convert_adapter(name: str, path: Path, model: ModelInfo) -> dict[str, SoftPrompt]:
+def convert_adapter(name: str, path: Path, model: ModelInfo,
+                    converters: dict[str, Converter] = CONVERTERS) -> dict[str, SoftPrompt]:
     """Tasks (by name) that one --adapter NAME=PATH yields: one, or NAME/i for multitask adapters."""
     path = Path(path)
     if path.is_file() and path.suffix in raw_tensor.SUFFIXES:
@@ -89,7 +104,7 @@ def convert_adapter(name: str, path: Path, model: ModelInfo) -> dict[str, SoftPr
         source = {"file": path.name, "format": path.suffix[1:]}
     else:
         config, weights = read_peft_adapter(path)
-        prompts = _convert_peft(path, config, weights, model)
+        prompts = _convert_peft(path, config, weights, model, converters)
         prompts = {f"{name}/{suffix}": p for suffix, p in prompts.items()} if isinstance(prompts, dict) \
             else {name: prompts}
         base = str(config.get("base_model_name_or_path") or "")
@@ -104,13 +119,13 @@ def convert_adapter(name: str, path: Path, model: ModelInfo) -> dict[str, SoftPr
     return prompts
 
 
-def _convert_peft(folder: Path, config: dict, weights: dict, model: ModelInfo):
+def _convert_peft(folder: Path, config: dict, weights: dict, model: ModelInfo, converters: dict[str, Converter]):
     method = config.get("peft_type")
-    if method not in CONVERTERS:
+    if method not in converters:
         raise AdapterError(f"{folder}: adapter method {method} is not supported; "
-                           f"spexport converts {', '.join(sorted(CONVERTERS))}")
+                           f"spexport converts {', '.join(sorted(converters))}")
     try:
-        return CONVERTERS[method](config, weights, model)
+        return converters[method](config, weights, model)
     except AdapterError as e:
         raise AdapterError(f"{folder}: {e}") from None
     except KeyError as e:
