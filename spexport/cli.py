@@ -54,11 +54,16 @@ def main() -> None:
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
 @click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="int8 weights for every matrix product (CPU).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Weight and compute type; float16 is for GPU providers.")
 @TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
 def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, trust_remote_code: bool,
-            quiet: bool, as_json: bool) -> None:
+            quiet: bool, as_json: bool, **speed) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
@@ -68,7 +73,7 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     with _one_line_errors(), _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
         from spexport.export import convert as run_convert
 
-        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step,
+        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step, **speed,
                                trust_remote_code=trust_remote_code)
     if as_json:
         _print_json({"output": str(output), **summary(manifest), "files": manifest.files})

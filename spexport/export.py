@@ -25,10 +25,10 @@ from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from spexport import __version__, ort_adapters, tensorfile  # noqa: E402
+from spexport import __version__, ort_adapters, speedups, tensorfile  # noqa: E402
 from spexport.converters import SoftPrompt, convert_adapter  # noqa: E402
 from spexport.errors import AdapterError, ModelError, SpexportError  # noqa: E402
-from spexport.families import family_for, model_info  # noqa: E402
+from spexport.families import DECODER, family_for, model_info  # noqa: E402
 from spexport.manifest import Manifest, ModelInfo, Task, sha256, stack_prefixes  # noqa: E402
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -76,6 +76,8 @@ def _load_model(model_dir: Path, trust_remote_code: bool = False):
         family = family_for(SimpleNamespace(model_type=model_type))
     except ModelError as e:
         raise ModelError(f"{model_dir}: {e}") from None
+    if family is not DECODER:
+        raise ModelError(f"{model_dir}: a {family.name} model; this step serves decoder-only models")
     if auto_map and not trust_remote_code:
         raise ModelError(f"{model_dir}: the model ships its own Python code (auto_map in config.json), which "
                          "spexport runs only with --trust-remote-code; read the code, pass the flag if you trust it")
@@ -161,7 +163,7 @@ def _quiet_tracing():
         hf_logging.set_verbosity(level)
 
 
-def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path, bank=None,
+def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path, speed: speedups.Speed, bank=None,
                   trust_remote_code: bool = False) -> None:
     import onnx
     from optimum.exporters.onnx import main_export
@@ -171,21 +173,29 @@ def _export_graph(model_dir: Path, info: ModelInfo, family, out: Path, bank=None
     with tempfile.TemporaryDirectory() as raw, _quiet_tracing():
         main_export(str(model_dir), output=raw, task=family.optimum_task, do_validation=False,
                     local_files_only=True, trust_remote_code=trust_remote_code)
-        model = onnx.load(Path(raw) / GRAPH)
-        model = add_prefix_inputs(model, info.num_layers, info.num_kv_heads, info.head_dim, bank)
-        large = model.ByteSize() > 1_800_000_000
-        onnx.save(model, out / GRAPH, save_as_external_data=large, location=GRAPH + ".data")
+        speed.build(onnx.load(Path(raw) / GRAPH), info, out / GRAPH,
+                    lambda model: add_prefix_inputs(model, info.num_layers, info.num_kv_heads, info.head_dim, bank))
 
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
             bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
+            optimize: bool = True, quantize: str | None = None, dtype: str = "float32",
             trust_remote_code: bool = False) -> Manifest:
     """Export `model_dir` with every adapter into one artifact at `output`, atomically.
 
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input.
+    optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators (faster;
+    the graph then needs ONNX Runtime). quantize="int8": int8 weights for every matrix product.
+    dtype="float16": fp16 weights and compute, for GPU providers. Prompts and the graph's inputs
+    and outputs stay float32 either way.
     trust_remote_code: run Python code that the model folder ships (config.json's auto_map).
     """
     model_dir, output = Path(model_dir), Path(output)
+    from spexport.export_encoder import convert_encoder, is_encoder
+
+    if is_encoder(model_dir):
+        return convert_encoder(model_dir, adapters, output, overwrite, bake, on_step, trust_remote_code)
+    speed = speedups.Speed(optimize, quantize, dtype)
     adapters = parse_adapters(adapters)
     _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     on_step("loading the frozen model")
@@ -210,7 +220,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
             tensorfile.save(bank, staging / BANK)
             ort_adapters.write_adapters(bank, staging)
         on_step("exporting the frozen model to ONNX")
-        _export_graph(model_dir, info, family, staging, stack_prefixes(list(bank.values())) if bake else None,
+        _export_graph(model_dir, info, family, staging, speed, stack_prefixes(list(bank.values())) if bake else None,
                       trust_remote_code)
         copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
         for f in copied:

@@ -14,12 +14,16 @@ from spexport.manifest import ModelInfo
 @dataclass(frozen=True)
 class Family:
     name: str
-    optimum_task: str
+    optimum_task: str | None  # None: spexport traces the graph itself
     model_types: frozenset[str]  # verified against PEFT in tests/
+    positions_after_pad: frozenset[str] = frozenset()  # model types counting positions from pad_token_id + 1
 
 
 DECODER = Family("decoder", "text-generation-with-past", frozenset({"gpt2", "llama", "qwen2", "mistral"}))
-FAMILIES = [DECODER]
+# SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export_encoder.py).
+ENCODER = Family("encoder", None, frozenset({"bert", "roberta", "distilbert"}),
+                 positions_after_pad=frozenset({"roberta"}))
+FAMILIES = [DECODER, ENCODER]
 
 
 def family_for(config) -> Family:

@@ -31,6 +31,12 @@ PAST_KEY = "past_key_values.{}.key"
 PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
+# Encoder graphs (family "encoder"): virtual-token embeddings in, the body's states out.
+PROMPT_EMBEDS = "prompt_embeds"  # [batch, n_prompt, hidden]
+PROMPT_MASK = "prompt_mask"  # [batch, n_prompt], 1 where a row has a virtual token
+SEQUENCE_OUTPUT = "sequence_output"  # [batch, n_prompt + seq, hidden], each row compacted as it is alone
+HIDDEN_STATES = "hidden_states"  # [batch, seq, hidden], the caller's tokens in the caller's slots
+POOLER_OUTPUT = "pooler_output"  # [batch, hidden], bodies with a pooler only
 
 
 @dataclass
@@ -55,10 +61,11 @@ class Task:
     name: str
     method: str
     num_virtual_tokens: int
-    tensor: str  # key in the prompt bank: [layers, 2, kv_heads, n, head_dim]
+    tensor: str  # key in the prompt bank: [layers, 2, kv_heads, n, head_dim] (encoders also [n, hidden])
     shape: list[int]
     dtype: str
     source: dict = field(default_factory=dict)
+    head: dict | None = None  # encoder tasks: {"graph": path, "kind": "sequence" or "token", "labels": [...]}
 
 
 @dataclass
@@ -76,7 +83,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def write(self, folder: Path) -> None:
-        text = json.dumps(asdict(self), indent=2)
+        document = asdict(self)
+        for task in document["tasks"]:
+            if task["head"] is None:
+                del task["head"]  # decoder tasks have none; readers before encoders know no such field
+        text = json.dumps(document, indent=2)
         (Path(folder) / MANIFEST).write_text(text + "\n")
 
     @classmethod
@@ -194,8 +205,10 @@ def _checked(raw: dict, path: Path) -> Manifest:
         n = t.take("num_virtual_tokens", lambda v: _positive(v) and v < model.max_positions,
                    f"a positive integer below max_positions {model.max_positions}")
         shape = [model.num_layers, 2, model.num_kv_heads, n, model.head_dim]
-        t.take("shape", lambda v, shape=shape: isinstance(v, list) and all(map(_is_int, v)) and v == shape,
-               f"[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim] = {shape}")
+        shapes = [shape, [n, model.hidden_size]] if raw.get("family") == "encoder" else [shape]
+        shape = t.take("shape", lambda v, shapes=shapes: isinstance(v, list) and all(map(_is_int, v)) and v in shapes,
+                       f"[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim] = {shape}"
+                       + (" or [num_virtual_tokens, hidden_size] (an encoder's embeddings)" if len(shapes) > 1 else ""))
         tasks.append(Task(name=name, method=t.take("method", _text, "a string"), num_virtual_tokens=n,
                           tensor=t.take("tensor", _text, "a string"), shape=shape,
                           dtype=t.take("dtype", lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),

@@ -19,7 +19,7 @@ from builders import VOCAB, build_adapter, build_model
 from click.testing import CliRunner
 from peft import LoraConfig, TaskType, get_peft_model
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import spexport.export
 from spexport.cli import main
@@ -75,9 +75,9 @@ def inputs(tmp_path_factory):
                           LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["q_proj", "v_proj"]))
     lora.save_pretrained(root / "lora")
     found["lora"] = root / "lora"
-    BertModel(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(root / "bert")
-    found["bert"] = root / "bert"
+    OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             ffn_dim=32, word_embed_proj_dim=16)).save_pretrained(root / "opt")
+    found["opt"] = root / "opt"
     for name, text in {"garbage-config": "{not json", "empty-config": "{}", "list-config": "[1, 2]"}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(text)
@@ -105,8 +105,8 @@ CASES = {
     "config.json without model_type": ("empty-config", [("pt", "pt")], ModelError, r"no model_type"),
     "config.json not an object": ("list-config", [("pt", "pt")], ModelError, r"no model_type"),
     "no weights": ("no-weights", [("pt", "pt")], ModelError, r"cannot load the model weights"),
-    "unsupported model type": ("bert", [("pt", "pt")], ModelError,
-                               r"bert: model type 'bert' is not supported; spexport exports gpt2, llama, .*"),
+    "unsupported model type": ("opt", [("pt", "pt")], ModelError,
+                               r"opt: model type 'opt' is not supported; spexport exports .*bert, .*gpt2, llama, .*"),
     "LoRA adapter": ("model", [("x", "lora")], AdapterError,
                      rf"method LORA is not supported; spexport converts {', '.join(sorted(CONVERTERS))}$"),
     "prompt tuning, other hidden size": ("model", [("x", "prompt_tuning-wider")], AdapterError,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from spexport.errors import ArtifactError, InputError
 from spexport.manifest import (
@@ -21,6 +22,7 @@ from spexport.manifest import (
     stack_prefixes,
 )
 from spexport.runtime import inputs, sampling
+from spexport.runtime.encoder import EncoderModel
 from spexport.runtime.session import (
     ORT_ERRORS,
     check_ports,
@@ -34,8 +36,8 @@ from spexport.runtime.session import (
 
 
 def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,
-         max_batch_size: int = inputs.MAX_BATCH_SIZE) -> DecoderModel:
-    """Open an artifact folder written by `spexport convert`.
+         max_batch_size: int = inputs.MAX_BATCH_SIZE) -> DecoderModel | EncoderModel:
+    """Open an artifact folder written by `spexport convert`: a DecoderModel or an EncoderModel.
 
     providers: ONNX Runtime execution providers in order of preference (default CPU); any that
     this machine lacks is dropped with a warning. verify: check every file's sha256 first (a file
@@ -44,11 +46,12 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
     """
     folder = Path(folder)
     manifest = Manifest.read(folder)
-    if manifest.family != "decoder":
+    served = {"decoder": DecoderModel, "encoder": EncoderModel}
+    if manifest.family not in served:
         raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
     if verify:
         verify_files(folder, manifest)
-    return DecoderModel(folder, manifest, pick_providers(providers), max_batch_size)
+    return served[manifest.family](folder, manifest, pick_providers(providers), max_batch_size)
 
 
 class DecoderModel:
@@ -145,21 +148,27 @@ class DecoderModel:
         eos = np.array(self.info.eos_token_ids, np.int64)
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos.size else 0)
         rng = np.random.default_rng(seed)
-        sequences, step_ids, position_ids = ids, ids, inputs.positions(mask)
-        past = self._empty_past(len(ids))
-        unfinished = np.ones(len(ids), bool)
-        for _ in range(min(max_new_tokens, room)):
-            logits, past = self._run(step_ids, mask, position_ids, past, prefix)
-            chosen = sampling.next_tokens(logits[:, -1], do_sample, temperature, top_k, top_p, rng)
+        batch, width = ids.shape
+        steps = min(max_new_tokens, room)
+        sequences = np.empty((batch, width + steps), np.int64)
+        sequences[:, :width] = ids
+        bound = _BoundSteps(self, prefix, batch)
+        step_ids, position_ids = ids, inputs.positions(mask)
+        unfinished = np.ones(batch, bool)
+        done = width
+        for step in range(steps):
+            logits = bound.run(step_ids, mask, position_ids)
+            chosen = sampling.next_tokens(logits, do_sample, temperature, top_k, top_p, rng)
             chosen = np.where(unfinished, chosen, pad).astype(np.int64)
-            sequences = np.concatenate([sequences, chosen[:, None]], axis=1)
+            sequences[:, width + step] = chosen
+            done += 1
             unfinished &= ~np.isin(chosen, eos)
             if not unfinished.any():
                 break
             step_ids = chosen[:, None]
             position_ids = mask.sum(axis=1, keepdims=True)
-            mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
-        return sequences
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        return sequences[:, :done]
 
     def generate_text(self, texts: str | Sequence[str], task: str | Sequence[str] = None,
                       max_new_tokens: int = 20, **kwargs) -> list[str]:
@@ -192,3 +201,40 @@ class DecoderModel:
         if self.tokenizer is None:
             raise InputError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
         return self.tokenizer
+
+
+class _BoundSteps:
+    """One generation's feeds, bound to the session with IO binding for all of its steps.
+
+    The prefix inputs are bound once. Each step's `present.*` outputs stay ONNX Runtime values and
+    are bound as the next step's `past_key_values.*` (on a GPU provider they never leave the
+    device). Logits land in numpy buffers allocated once per shape, so no step copies them.
+    """
+
+    DEVICES = {"CUDAExecutionProvider": "cuda"}  # where present.* live; anything else: the CPU
+
+    def __init__(self, model: DecoderModel, prefix: dict[str, np.ndarray], batch: int):
+        self.session = model.session
+        self.binding = model.session.io_binding()
+        self.device = self.DEVICES.get(model.providers[0], "cpu")
+        self.past_names, self.present_names = model._past_names, model._present_names
+        self.vocab = model.info.vocab_size
+        self.logits: dict[tuple[int, int], np.ndarray] = {}
+        for name, value in [*prefix.items(), *zip(self.past_names, model._empty_past(batch))]:
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Run one step; the logits of each row's last position [batch, vocab]."""
+        binding = self.binding
+        for name, value in [("input_ids", ids), ("attention_mask", mask), ("position_ids", position_ids)]:
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        logits = self.logits.get(ids.shape)
+        if logits is None:
+            logits = self.logits[ids.shape] = np.empty((*ids.shape, self.vocab), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        for name, value in zip(self.past_names, binding.get_outputs()[1:]):
+            binding.bind_ortvalue_input(name, value)
+        return logits[:, -1]

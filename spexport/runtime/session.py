@@ -125,12 +125,42 @@ def check_external_data(path: Path) -> None:
                                 "it is damaged or hostile") from None
 
 
-def open_session(path: Path, providers: list[str]) -> ort.InferenceSession:
-    check_external_data(path)
+def usable_cores() -> int:
+    """Physical cores among the CPUs this process may run on.
+
+    ONNX Runtime's default counts the whole machine's cores, which oversubscribes a container or a
+    process pinned to a few CPUs; hyper-threads of one core share its vector units, so they count once.
+    """
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(cpu)
+    return max(1, len(cores))
+
+
+def session_options() -> ort.SessionOptions:
+    """Serving options: every graph optimization, one intra-op thread per usable core, and no
+    inter-op pool (a decoder step is one chain of operators, so a second pool only competes for
+    the same cores). The CPU memory arena and memory patterns stay on, so steps of the same shape
+    reuse their buffers."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = usable_cores()
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = True
+    options.enable_mem_pattern = True
+    return options
+
+
+def open_session(path: Path, providers: list[str]) -> ort.InferenceSession:
+    check_external_data(path)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
     except Exception as e:  # ORT raises its own pybind types for unreadable graphs
         raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({first_line(e)})") from None
 

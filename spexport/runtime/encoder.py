@@ -1,0 +1,182 @@
+"""Serving an encoder artifact: classifier logits and labels for many tasks in one batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from spexport.errors import ArtifactError, InputError
+from spexport.manifest import KV_PREFIX, PREFIX_MASK, PROMPT_EMBEDS, PROMPT_MASK, Manifest, inside_folder
+from spexport.runtime import inputs
+from spexport.runtime.session import load_bank, load_tokenizer, open_session
+
+SEQUENCE, TOKEN = "sequence", "token"
+
+
+class EncoderModel:
+    """A frozen encoder, a bank of per-task prompts (embeddings or KV prefixes) and per-task heads."""
+
+    def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
+                 max_batch_size: int = inputs.MAX_BATCH_SIZE):
+        self.folder = folder
+        self.max_batch_size = max_batch_size
+        self.manifest = manifest
+        self.info = manifest.model
+        self.tasks = [t.name for t in manifest.tasks]
+        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
+        bank = load_bank(folder, manifest)
+        self._prompts = [bank[t.tensor] for t in manifest.tasks]
+        heads = [_checked_head(folder, t) for t in manifest.tasks]
+        self.kinds = {t.name: head["kind"] for t, head in zip(manifest.tasks, heads)}
+        self.labels = {t.name: list(head["labels"]) for t, head in zip(manifest.tasks, heads)}
+        self.session = open_session(inside_folder(folder, manifest.graph), providers)
+        self.providers = self.session.get_providers()
+        self._graph_inputs = {i.name for i in self.session.get_inputs()}
+        self._heads = [open_session(inside_folder(folder, head["graph"]), providers) for head in heads]
+        self.tokenizer = load_tokenizer(folder, manifest)
+
+    # -- batching -------------------------------------------------------------------------------
+
+    def _prompt_feeds(self, rows: list[int]) -> dict[str, np.ndarray]:
+        """Each row's virtual-token embeddings or KV prefix; a row of the other kind gets masked slots."""
+        feeds = {}
+        prompts = [self._prompts[r] for r in rows]
+        if PROMPT_EMBEDS in self._graph_inputs:
+            empty = np.zeros((0, self.info.hidden_size), np.float32)
+            feeds[PROMPT_EMBEDS], feeds[PROMPT_MASK] = stack_rows([p if p.ndim == 2 else empty for p in prompts], 0)
+        if KV_PREFIX in self._graph_inputs:
+            info = self.info
+            empty = np.zeros((info.num_layers, 2, info.num_kv_heads, 0, info.head_dim), np.float32)
+            feeds[KV_PREFIX], feeds[PREFIX_MASK] = stack_rows([p if p.ndim == 5 else empty for p in prompts], 3)
+        return feeds
+
+    def _prepare(self, input_ids, attention_mask, task):
+        ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
+        mask = inputs.as_mask(attention_mask, ids.shape)
+        rows = inputs.task_indices(self._require_task(task), self.tasks, ids.shape[0])
+        kinds = {self.kinds[self.tasks[r]] for r in rows}
+        if len(kinds) > 1:
+            raise InputError("a batch mixes sequence and token classification tasks; send them as separate batches")
+        budget = self.info.max_positions - max(self.num_virtual_tokens[self.tasks[r]] for r in rows)
+        if ids.shape[1] > budget:
+            raise InputError(f"input of {ids.shape[1]} tokens is too long: with its task's virtual tokens the "
+                             f"model allows {budget} (max positions {self.info.max_positions})")
+        return ids, mask, rows, kinds.pop()
+
+    # -- public verbs ---------------------------------------------------------------------------
+
+    def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None) -> np.ndarray:
+        """Each row's logits from its task's head: [batch, num_labels] for sequence classification,
+        [batch, seq, num_labels] for token classification (the caller's tokens only).
+
+        Rows of tasks with fewer labels than the batch's widest are padded with -inf, which softmax
+        and argmax ignore.
+        """
+        ids, mask, rows, kind = self._prepare(input_ids, attention_mask, task)
+        names = [o.name for o in self.session.get_outputs()]
+        body = dict(zip(names, self.session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                                       **self._prompt_feeds(rows)})))
+        rows = np.array(rows)
+        widest = max(len(self.labels[self.tasks[r]]) for r in rows)
+        out = np.full(ids.shape[:1] + (ids.shape[1:] if kind == TOKEN else ()) + (widest,), -np.inf, np.float32)
+        for task_id in np.unique(rows):
+            picked = rows == task_id
+            head = self._heads[task_id]
+            logits = head.run(None, {i.name: body[i.name][picked] for i in head.get_inputs()})[0]
+            out[picked, ..., :logits.shape[-1]] = logits
+        return out
+
+    def classify(self, texts: str | Sequence[str], task: str | Sequence[str] = None) -> list:
+        """Tokenize, right-pad, classify: per text what transformers' pipelines return.
+
+        Sequence classification: {"label", "score"} per text (softmax, or sigmoid for one label).
+        Token classification: per text a list of {"entity", "score", "index", "word", "start", "end"}
+        for its tokens, special tokens and the label "O" left out.
+        """
+        tokenizer = self._require_tokenizer()
+        texts = [texts] if isinstance(texts, str) else texts
+        if isinstance(texts, (bytes, dict)) or not isinstance(texts, Sequence) or not texts:
+            raise InputError("texts must be a string or a non-empty list of strings")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"texts[{i}] is of type {type(text).__name__}, not str; pass only strings")
+        encoded = [tokenizer.encode(t) for t in texts]
+        if not all(e.ids for e in encoded):
+            raise InputError("a text encodes to no tokens")
+        width = max(len(e.ids) for e in encoded)
+        pad = self.info.pad_token_id or 0
+        ids = np.array([e.ids + [pad] * (width - len(e.ids)) for e in encoded], np.int64)
+        mask = np.array([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encoded], np.int64)
+        logits = self.logits(ids, mask, task)
+        names = inputs.task_indices(self._require_task(task), self.tasks, len(texts))
+        results = []
+        for row, (e, task_id) in enumerate(zip(encoded, names)):
+            labels = self.labels[self.tasks[task_id]]
+            scores = _scores(logits[row, ..., :len(labels)])
+            if logits.ndim == 2:
+                best = int(scores.argmax())
+                results.append({"label": labels[best], "score": float(scores[best])})
+                continue
+            entities = []
+            for index, (token, special, (start, end)) in enumerate(zip(e.tokens, e.special_tokens_mask, e.offsets)):
+                best = int(scores[index].argmax())
+                if not special and labels[best] != "O":
+                    entities.append({"entity": labels[best], "score": float(scores[index, best]), "index": index,
+                                     "word": token, "start": start, "end": end})
+            results.append(entities)
+        return results
+
+    def generate(self, *args, **kwargs):
+        raise InputError("generate is for decoder artifacts; this encoder artifact classifies (logits, classify)")
+
+    def generate_text(self, *args, **kwargs):
+        raise InputError("generate_text is for decoder artifacts; this encoder artifact classifies (classify)")
+
+    def _require_task(self, task):
+        if task is None:
+            if len(self.tasks) == 1:
+                return self.tasks[0]
+            raise InputError(f"pass task=: one name, or one per row, of {', '.join(self.tasks)}")
+        return task
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError(f"{self.folder} has no tokenizer.json; pass token ids to logits instead of text")
+        return self.tokenizer
+
+
+def stack_rows(tensors: list[np.ndarray], axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-row tensors along a new batch axis, each left-padded along `axis` to the longest
+    (at least one slot, so no graph input is empty); returns them and a [batch, longest] mask."""
+    longest = max(1, max(t.shape[axis] for t in tensors))
+    shape = list(tensors[0].shape)
+    shape[axis] = longest
+    stacked = np.zeros([len(tensors), *shape], np.float32)
+    mask = np.zeros((len(tensors), longest), np.int64)
+    for row, tensor in enumerate(tensors):
+        n = tensor.shape[axis]
+        slots = [slice(None)] * tensor.ndim
+        slots[axis] = slice(longest - n, longest)
+        stacked[row][tuple(slots)] = tensor
+        mask[row, longest - n:] = 1
+    return stacked, mask
+
+
+def _scores(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the labels, or a sigmoid when there is one label (transformers' pipelines)."""
+    logits = logits.astype(np.float64)
+    if logits.shape[-1] == 1:
+        return 1.0 / (1.0 + np.exp(-logits))
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _checked_head(folder: Path, task) -> dict:
+    head = task.head
+    if not isinstance(head, dict) or head.get("kind") not in (SEQUENCE, TOKEN) \
+            or not isinstance(head.get("graph"), str) or not isinstance(head.get("labels"), list) \
+            or not head["labels"] or not all(isinstance(label, str) for label in head["labels"]):
+        raise ArtifactError(f"{folder}: task {task.name!r} has no valid head (graph, kind, labels) in the manifest")
+    return head

@@ -1,0 +1,117 @@
+"""convert's speed options: fusions (on by default, so every parity test covers them), int8, fp16."""
+
+import numpy as np
+import onnx
+import pytest
+from builders import build_adapter, build_model
+
+from spexport.errors import SpexportError
+from spexport.export import convert
+from spexport.runtime import load
+from spexport.speedups import FUSIONS_KEY, WEIGHTS_KEY
+
+TASKS = {"pt": ("prompt_tuning", 5), "prefix": ("prefix_tuning", 3)}
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"speed-{request.param}")
+    model_dir = build_model(request.param, root / "model")
+    adapters = [(name, build_adapter(model_dir, method, root / name, n, seed=i + 1))
+                for i, (name, (method, n)) in enumerate(TASKS.items())]
+    return root, model_dir, adapters
+
+
+def _artifact(tiny, name: str, **options):
+    root, model_dir, adapters = tiny
+    folder = root / name
+    if not folder.exists():
+        convert(model_dir, adapters, folder, **options)
+    return folder
+
+
+def _graph(folder) -> onnx.ModelProto:
+    return onnx.load(folder / "model.onnx")
+
+
+def _rows(model):
+    ids = np.random.default_rng(0).integers(4, model.info.vocab_size, (2, 7))
+    return ids, list(TASKS)
+
+
+def test_default_graph_is_fused_and_says_so(tiny):
+    graph = _graph(_artifact(tiny, "fused"))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta[WEIGHTS_KEY] == "float32"
+    assert "SkipLayerNormalization" in meta[FUSIONS_KEY] or "SkipSimplifiedLayerNormalization" in meta[FUSIONS_KEY]
+    assert any(node.domain == "com.microsoft" for node in graph.graph.node)
+
+
+def test_no_optimize_leaves_a_plain_onnx_graph_with_the_same_logits(tiny):
+    plain = _artifact(tiny, "plain", optimize=False)
+    assert all(node.domain in ("", "ai.onnx") for node in _graph(plain).graph.node)
+    fused, unfused = load(_artifact(tiny, "fused")), load(plain)
+    ids, tasks = _rows(fused)
+    np.testing.assert_allclose(fused.logits(ids, task=tasks), unfused.logits(ids, task=tasks), atol=1e-4)
+
+
+@pytest.mark.parametrize("bake", [False, True], ids=["bank", "baked"])
+def test_int8_quantizes_matrix_products_and_keeps_prompts_float32(tiny, bake):
+    folder = _artifact(tiny, f"int8-{bake}", quantize="int8", bake=bake)
+    graph = _graph(folder)
+    assert {p.key: p.value for p in graph.metadata_props}[WEIGHTS_KEY] == "int8"
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops or "DynamicQuantizeMatMul" in ops
+    inputs = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
+    assert all(inputs[n] == onnx.TensorProto.FLOAT for n in inputs if n.startswith(("kv_prefix", "past_key_values")))
+    bank = {i.name: i.data_type for i in graph.graph.initializer if i.name.startswith("spx_kv_bank")}
+    assert bank == ({"spx_kv_bank": onnx.TensorProto.FLOAT} if bake else {})
+    exact, quantized = load(_artifact(tiny, "fused")), load(folder)
+    ids, tasks = _rows(exact)
+    reference = exact.logits(ids, task=tasks)
+    drift = np.abs(quantized.logits(ids, task=tasks) - reference).max()
+    assert 0 < drift < 0.1 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("bake", [False, True], ids=["bank", "baked"])
+def test_float16_loads_and_runs_on_the_cpu_with_float32_ports(tiny, bake):
+    folder = _artifact(tiny, f"fp16-{bake}", dtype="float16", bake=bake)
+    graph = _graph(folder)
+    assert {p.key: p.value for p in graph.metadata_props}[WEIGHTS_KEY] == "float16"
+    assert all(i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
+               for i in [*graph.graph.input, *graph.graph.output])
+    kinds = {i.name: i.data_type for i in graph.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in kinds.values()
+    if bake:
+        assert kinds["spx_kv_bank"] == onnx.TensorProto.FLOAT
+    exact, half = load(_artifact(tiny, "fused")), load(folder)
+    ids, tasks = _rows(exact)
+    np.testing.assert_allclose(half.logits(ids, task=tasks), exact.logits(ids, task=tasks), atol=2e-2)
+    assert half.generate(ids, task=tasks, max_new_tokens=4).shape == (2, 11)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(quantize="int4"), "quantize='int4' is not supported"),
+    (dict(dtype="bfloat16"), "dtype='bfloat16' is not supported"),
+    (dict(quantize="int8", dtype="float16"), "leave dtype at float32"),
+])
+def test_unsupported_speed_options_are_one_line_errors(tiny, tmp_path, options, message):
+    _, model_dir, adapters = tiny
+    with pytest.raises(SpexportError, match=message):
+        convert(model_dir, adapters, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_convert_passes_the_speed_flags(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from spexport.cli import main
+
+    _, model_dir, adapters = tiny
+    args = ["convert", "--model", str(model_dir), "--output", str(tmp_path / "art"), "--quantize", "int8",
+            "--no-optimize", "--quiet"] + [a for name, path in adapters for a in ("--adapter", f"{name}={path}")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    graph = _graph(tmp_path / "art")
+    assert {p.key: p.value for p in graph.metadata_props}[WEIGHTS_KEY] == "int8"
+    assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node)
