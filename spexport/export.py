@@ -65,10 +65,8 @@ def parse_adapters(specs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
 
 
 def _load_model(model_dir: Path, trust_remote_code: bool = False):
-    """The model's family, the model, and its ModelInfo. Python code shipped in the model folder
-    (config.json's auto_map) runs only with trust_remote_code; without it the folder is refused,
-    rather than loaded as the stock architecture its authors chose to replace."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    """The model's family, the model, and its ModelInfo."""
+    from transformers import AutoModelForCausalLM
 
     # Checked before transformers reads it: transformers would guess a model type from the folder's name.
     model_type, auto_map = _model_type(model_dir)
@@ -78,6 +76,17 @@ def _load_model(model_dir: Path, trust_remote_code: bool = False):
         raise ModelError(f"{model_dir}: {e}") from None
     if family is not DECODER:
         raise ModelError(f"{model_dir}: a {family.name} model; this step serves decoder-only models")
+    config, generation_config = _read_configs(model_dir, auto_map, trust_remote_code)
+    model = _pretrained(AutoModelForCausalLM, model_dir, trust_remote_code)
+    return family, model, _within_vocab(model_info(config, generation_config))
+
+
+def _read_configs(model_dir: Path, auto_map: dict, trust_remote_code: bool):
+    """config.json and generation_config.json (None when there is none). Python code shipped in the
+    model folder (config.json's auto_map) runs only with trust_remote_code; without it the folder is
+    refused, rather than loaded as the stock architecture its authors chose to replace."""
+    from transformers import AutoConfig, GenerationConfig
+
     if auto_map and not trust_remote_code:
         raise ModelError(f"{model_dir}: the model ships its own Python code (auto_map in config.json), which "
                          "spexport runs only with --trust-remote-code; read the code, pass the flag if you trust it")
@@ -89,13 +98,18 @@ def _load_model(model_dir: Path, trust_remote_code: bool = False):
         generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
     except OSError:
         generation_config = None
+    return config, generation_config
+
+
+def _pretrained(auto_class, model_dir: Path, trust_remote_code: bool, **kwargs):
+    """The model's float32 weights through a transformers auto class, in eval mode."""
     try:
         with _quiet_tracing():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="float32",
-                                                         trust_remote_code=trust_remote_code)
+            model = auto_class.from_pretrained(model_dir, local_files_only=True, dtype="float32",
+                                               trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{model_dir}: cannot load the model weights ({_first_line(e)})") from None
-    return family, model.eval(), _within_vocab(model_info(config, generation_config))
+    return model.eval()
 
 
 def _within_vocab(info: ModelInfo) -> ModelInfo:
@@ -194,7 +208,12 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     from spexport.export_encoder import convert_encoder, is_encoder
 
     if is_encoder(model_dir):
-        return convert_encoder(model_dir, adapters, output, overwrite, bake, on_step, trust_remote_code)
+        return convert_encoder(model_dir, adapters, output, overwrite, bake, on_step, trust_remote_code,
+                               quantize=quantize, dtype=dtype)
+    from spexport.export_seq2seq import convert_seq2seq, is_seq2seq
+
+    if is_seq2seq(model_dir):
+        return convert_seq2seq(model_dir, adapters, output, overwrite, bake, on_step, trust_remote_code)
     speed = speedups.Speed(optimize, quantize, dtype)
     adapters = parse_adapters(adapters)
     _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)

@@ -23,7 +23,9 @@ DECODER = Family("decoder", "text-generation-with-past", frozenset({"gpt2", "lla
 # SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export_encoder.py).
 ENCODER = Family("encoder", None, frozenset({"bert", "roberta", "distilbert"}),
                  positions_after_pad=frozenset({"roberta"}))
-FAMILIES = [DECODER, ENCODER]
+# SEQ_2_SEQ_LM encoder-decoder models (export_seq2seq.py describes each model type's layout).
+SEQ2SEQ = Family("seq2seq", None, frozenset({"t5", "bart"}))
+FAMILIES = [DECODER, ENCODER, SEQ2SEQ]
 
 
 def family_for(config) -> Family:

@@ -37,6 +37,18 @@ PROMPT_MASK = "prompt_mask"  # [batch, n_prompt], 1 where a row has a virtual to
 SEQUENCE_OUTPUT = "sequence_output"  # [batch, n_prompt + seq, hidden], each row compacted as it is alone
 HIDDEN_STATES = "hidden_states"  # [batch, seq, hidden], the caller's tokens in the caller's slots
 POOLER_OUTPUT = "pooler_output"  # [batch, hidden], bodies with a pooler only
+# Encoder-decoder graphs (family "seq2seq"): optimum-onnx's encoder and merged-decoder names, plus
+# prompt_embeds/prompt_mask into the encoder and kv_prefix/prefix_mask into the decoder's self-attention.
+ENCODER_MASK = "encoder_attention_mask"  # [batch, n_prompt + seq], the encoder's output mask, fed to the decoder
+ENCODER_STATES = "encoder_hidden_states"  # [batch, n_prompt + seq, hidden], the encoder's last_hidden_state
+USE_CACHE_BRANCH = "use_cache_branch"  # [1] bool: false on the first decoder step, true after
+CACHE_PAST = "past_key_values.{}.{}.{}"  # layer; "decoder" (self-attention) or "encoder" (cross); "key"/"value"
+CACHE_PRESENT = "present.{}.{}.{}"
+
+
+def cache_names(pattern: str, layers: int, parts: tuple[str, ...] = ("decoder", "encoder")) -> list[str]:
+    """A seq2seq decoder's cache names in optimum's order: per layer, self-attention then cross-attention."""
+    return [pattern.format(i, part, kv) for i in range(layers) for part in parts for kv in ("key", "value")]
 
 
 @dataclass
@@ -52,6 +64,13 @@ class ModelInfo:
     max_positions: int
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # encoder-decoder models only (left out of the manifest otherwise)
+    decoder_start_token_id: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+
+
+SEQ2SEQ_MODEL_FIELDS = ["decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"]
 
 
 @dataclass
@@ -81,12 +100,17 @@ class Manifest:
     files: dict = field(default_factory=dict)  # relative path -> sha256
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    encoder_graph: str | None = None  # seq2seq: the encoder; `graph` is then the merged decoder
 
     def write(self, folder: Path) -> None:
         document = asdict(self)
         for task in document["tasks"]:
             if task["head"] is None:
                 del task["head"]  # decoder tasks have none; readers before encoders know no such field
+        for fields_of, keys in [(document, ["encoder_graph"]), (document["model"], SEQ2SEQ_MODEL_FIELDS)]:
+            for key in keys:
+                if fields_of[key] is None:
+                    del fields_of[key]  # likewise for readers before encoder-decoder models
         text = json.dumps(document, indent=2)
         (Path(folder) / MANIFEST).write_text(text + "\n")
 
@@ -205,7 +229,7 @@ def _checked(raw: dict, path: Path) -> Manifest:
         n = t.take("num_virtual_tokens", lambda v: _positive(v) and v < model.max_positions,
                    f"a positive integer below max_positions {model.max_positions}")
         shape = [model.num_layers, 2, model.num_kv_heads, n, model.head_dim]
-        shapes = [shape, [n, model.hidden_size]] if raw.get("family") == "encoder" else [shape]
+        shapes = [shape, [n, model.hidden_size]] if raw.get("family") in ("encoder", "seq2seq") else [shape]
         shape = t.take("shape", lambda v, shapes=shapes: isinstance(v, list) and all(map(_is_int, v)) and v in shapes,
                        f"[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim] = {shape}"
                        + (" or [num_virtual_tokens, hidden_size] (an encoder's embeddings)" if len(shapes) > 1 else ""))

@@ -89,9 +89,13 @@ MULTITASK = {"multitask": lambda n: MultitaskPromptTuningConfig(task_type=TaskTy
 
 def build_adapter(model_dir: Path, method: str, folder: Path, num_virtual_tokens: int = 5, seed: int = 1) -> Path:
     """A PEFT adapter with random (not zero) prompt weights, saved as PEFT saves it."""
+    return save_adapter(model_dir, {**METHODS, **MULTITASK}[method](num_virtual_tokens), folder, seed)
+
+
+def save_adapter(model_dir: Path, config, folder: Path, seed: int, auto_class=AutoModelForCausalLM) -> Path:
+    """`config`'s PEFT adapter on the model, with random (not zero) prompt weights, saved as PEFT saves it."""
     torch.manual_seed(seed)
-    config = {**METHODS, **MULTITASK}[method](num_virtual_tokens)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    peft_model = get_peft_model(auto_class.from_pretrained(model_dir), config)
     for param in peft_model.prompt_encoder.parameters():
         torch.nn.init.normal_(param, std=0.5)
     peft_model.save_pretrained(folder)

@@ -23,6 +23,7 @@ from spexport.manifest import (
 )
 from spexport.runtime import inputs, sampling
 from spexport.runtime.encoder import EncoderModel
+from spexport.runtime.seq2seq import Seq2SeqModel
 from spexport.runtime.session import (
     ORT_ERRORS,
     check_ports,
@@ -36,8 +37,8 @@ from spexport.runtime.session import (
 
 
 def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,
-         max_batch_size: int = inputs.MAX_BATCH_SIZE) -> DecoderModel | EncoderModel:
-    """Open an artifact folder written by `spexport convert`: a DecoderModel or an EncoderModel.
+         max_batch_size: int = inputs.MAX_BATCH_SIZE) -> DecoderModel | EncoderModel | Seq2SeqModel:
+    """Open an artifact folder written by `spexport convert`: a DecoderModel, EncoderModel or Seq2SeqModel.
 
     providers: ONNX Runtime execution providers in order of preference (default CPU); any that
     this machine lacks is dropped with a warning. verify: check every file's sha256 first (a file
@@ -46,7 +47,7 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
     """
     folder = Path(folder)
     manifest = Manifest.read(folder)
-    served = {"decoder": DecoderModel, "encoder": EncoderModel}
+    served = {"decoder": DecoderModel, "encoder": EncoderModel, "seq2seq": Seq2SeqModel}
     if manifest.family not in served:
         raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
     if verify:
@@ -214,7 +215,7 @@ class _BoundSteps:
     DEVICES = {"CUDAExecutionProvider": "cuda"}  # where present.* live; anything else: the CPU
 
     def __init__(self, model: DecoderModel, prefix: dict[str, np.ndarray], batch: int):
-        self.session = model.session
+        self.session, self.graph = model.session, model._graph
         self.binding = model.session.io_binding()
         self.device = self.DEVICES.get(model.providers[0], "cpu")
         self.past_names, self.present_names = model._past_names, model._present_names
@@ -234,7 +235,10 @@ class _BoundSteps:
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for name in self.present_names:
             binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except ORT_ERRORS as e:  # inputs are checked first, so the artifact is at fault (or memory ran out)
+            raise ArtifactError(f"{self.graph}: ONNX Runtime failed running it ({first_line(e)})") from e
         for name, value in zip(self.past_names, binding.get_outputs()[1:]):
             binding.bind_ortvalue_input(name, value)
         return logits[:, -1]

@@ -1,0 +1,159 @@
+"""`spexport convert` for encoder-decoder models: a frozen T5 or BART + SEQ_2_SEQ_LM soft-prompt adapters.
+
+The artifact holds optimum-onnx's two graphs (seq2seq_graph.py) that every task shares, and a
+prompt bank with each task's virtual-token embeddings (prompt tuning, P-tuning: fed to the
+encoder) or decoder self-attention prefix (prefix tuning). Needs the `[export]` extra.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from spexport import tensorfile
+from spexport.converters import SEQ2SEQ_CONVERTERS, SoftPrompt, convert_adapter
+from spexport.errors import AdapterError, ModelError, SpexportError
+from spexport.export import (
+    BANK,
+    MODEL_FILES,
+    TOKENIZER_FILES,
+    _check_output,
+    _model_type,
+    _pretrained,
+    _quiet_tracing,
+    _read_configs,
+    _replace,
+    _staging_folder,
+    _versions,
+    parse_adapters,
+)
+from spexport.families import SEQ2SEQ
+from spexport.manifest import Manifest, ModelInfo, Task, sha256
+from spexport.seq2seq_graph import DECODER_GRAPH, ENCODER_GRAPH, export_graphs
+
+NO_POSITION_LIMIT = (1 << 31) - 1  # relative position buckets (T5): any length fits
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model type keeps what the export needs, as config attribute names."""
+
+    decoder_layers: str
+    decoder_heads: str
+    head_dim: str | None  # None: d_model // decoder_heads
+    max_positions: str | None  # None: relative positions, no limit
+    # the decoder's learned position embedding, which each row must index from its own prefix length
+    decoder_positions: str | None
+
+
+LAYOUTS = {
+    "t5": Layout("num_decoder_layers", "num_heads", "d_kv", None, None),
+    "bart": Layout("decoder_layers", "decoder_attention_heads", None, "max_position_embeddings",
+                   "model.decoder.embed_positions"),
+}
+assert set(LAYOUTS) == SEQ2SEQ.model_types
+
+
+def is_seq2seq(model_dir: Path) -> bool:
+    """Whether `model_dir` holds an encoder-decoder model spexport exports; an unreadable folder is
+    left to the decoder path's checks."""
+    try:
+        model_type, _ = _model_type(model_dir)
+    except ModelError:
+        return False
+    return model_type in SEQ2SEQ.model_types
+
+
+def convert_seq2seq(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
+                    bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
+                    trust_remote_code: bool = False) -> Manifest:
+    """Export an encoder-decoder model with every adapter into one artifact at `output`, atomically."""
+    if bake:
+        raise SpexportError("--bake is for decoder-only artifacts; an encoder-decoder artifact keeps its prompts in "
+                            "prompts.safetensors")
+    adapters = parse_adapters(adapters)
+    _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
+    on_step("loading the frozen model")
+    model, info, layout = _load_seq2seq(model_dir, trust_remote_code)
+    on_step("converting adapters")
+    prompts: dict[str, SoftPrompt] = {}
+    for name, path in adapters:
+        for task, prompt in convert_adapter(name, path, info, SEQ2SEQ_CONVERTERS).items():
+            if task in prompts:
+                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
+            prompts[task] = prompt
+    staging, made = _staging_folder(output)
+    try:
+        tasks = [Task(name=name, method=p.method, num_virtual_tokens=p.num_virtual_tokens, tensor=name,
+                      shape=list(p.tensor.shape), dtype="float32", source={**p.source, "kind": p.kind})
+                 for name, p in prompts.items()]
+        tensorfile.save({name: p.tensor for name, p in prompts.items()}, staging / BANK)
+        on_step("exporting the frozen model to ONNX")
+        with _quiet_tracing():
+            export_graphs(model, info.num_layers, info.num_kv_heads, info.head_dim, layout.decoder_positions, staging)
+        copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
+        for f in copied:
+            shutil.copy2(model_dir / f, staging / f)
+        files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+        manifest = Manifest(family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH, encoder_graph=ENCODER_GRAPH,
+                            prompt_bank=BANK, tasks=tasks, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES],
+                            versions=_versions(), files=files)
+        manifest.write(staging)
+        Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
+        _replace(staging, output)
+    except BaseException as e:
+        shutil.rmtree(made or staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SpexportError(f"writing {output} failed ({e})") from e
+        raise
+    return manifest
+
+
+def _load_seq2seq(model_dir: Path, trust_remote_code: bool):
+    """The frozen model (eager attention: it traces without data-dependent shortcuts), its ModelInfo
+    and its layout."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    model_type, auto_map = _model_type(model_dir)
+    config, generation_config = _read_configs(model_dir, auto_map, trust_remote_code)
+    model = _pretrained(AutoModelForSeq2SeqLM, model_dir, trust_remote_code, attn_implementation="eager")
+    layout = LAYOUTS[model_type]
+    return model, seq2seq_info(model_dir, config, generation_config, layout), layout
+
+
+def seq2seq_info(model_dir: Path, config, generation_config, layout: Layout) -> ModelInfo:
+    """The decoder's shape and the special tokens that generation needs, as transformers resolves them:
+    generation_config.json first, then config.json; the decoder starts with bos when it names no start."""
+
+    def token(name: str):
+        value = getattr(generation_config, name, None)
+        value = getattr(config, name, None) if value is None else value
+        return [value] if isinstance(value, int) else value
+
+    def within_vocab(ids) -> list[int]:
+        return [i for i in ids or [] if 0 <= i < config.vocab_size]
+
+    start = within_vocab(token("decoder_start_token_id") or token("bos_token_id"))
+    if not start:
+        raise ModelError(f"{model_dir}: the config names no decoder_start_token_id (nor bos_token_id) in the "
+                         "vocabulary, so generation cannot start; set decoder_start_token_id in config.json")
+    heads = getattr(config, layout.decoder_heads)
+    pad, forced_bos = within_vocab(token("pad_token_id")), within_vocab(token("forced_bos_token_id"))
+    # transformers forces every id of a forced_eos list; greedy decoding then picks the smallest
+    forced_eos = sorted(within_vocab(token("forced_eos_token_id")))
+    return ModelInfo(
+        model_type=config.model_type,
+        num_layers=getattr(config, layout.decoder_layers),
+        num_kv_heads=heads,
+        head_dim=getattr(config, layout.head_dim) if layout.head_dim else config.d_model // heads,
+        hidden_size=config.d_model,
+        vocab_size=config.vocab_size,
+        max_positions=getattr(config, layout.max_positions) if layout.max_positions else NO_POSITION_LIMIT,
+        eos_token_ids=within_vocab(token("eos_token_id")),
+        pad_token_id=pad[0] if pad else None,
+        decoder_start_token_id=start[0],
+        forced_bos_token_id=forced_bos[0] if forced_bos else None,
+        forced_eos_token_id=forced_eos[0] if forced_eos else None,
+    )
