@@ -129,6 +129,8 @@ def _print_report(report) -> None:
     click.echo(f"{report.folder}: {s['family']} ({model['model_type']}), {model['num_layers']} layers, "
                f"vocab {model['vocab_size']}, {model['max_positions']} positions, format {s['format_version']}")
     click.echo(f"prompt bank: {'baked into ' + s['graph'] if s['baked'] else s['prompt_bank']}")
+    if "encoder_graph" in s:
+        click.echo(f"encoder graph: {s['encoder_graph']} (ports below are the decoder's)")
     click.echo("tasks:")
     _print_table([["id", "name", "method", "virtual tokens", "bytes"]]
                  + [[t["id"], t["name"], t["method"], t["num_virtual_tokens"], t["bytes"]] for t in s["tasks"]])
@@ -153,7 +155,7 @@ def _print_report(report) -> None:
 @AS_JSON
 def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_tokens: int, trust_remote_code: bool,
                      quiet: bool, as_json: bool) -> None:
-    """Compare the artifact with PEFT on fixed random inputs; exit 1 if a task differs."""
+    """Compare a decoder-only artifact with PEFT on fixed random inputs; exit 1 if a task differs."""
     with _one_line_errors(), _stdout_to_stderr():
         from spexport.validate import validate
 
@@ -189,7 +191,7 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
 @AS_JSON
 def run_command(folder: Path, texts: tuple[str, ...], task: str | None, max_new_tokens: int, sample: bool,
                 temperature: float, top_k: int, top_p: float, seed: int | None, quiet: bool, as_json: bool) -> None:
-    """Generate from TEXTS with a task of a decoder artifact; print each continuation on a line.
+    """Generate from TEXTS with a task of a decoder-only or encoder-decoder artifact; print each output on a line.
 
     --quiet silences the runtime's warnings (such as a provider fallback), never the text."""
     from spexport.runtime import load

@@ -213,7 +213,8 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     from spexport.export_seq2seq import convert_seq2seq, is_seq2seq
 
     if is_seq2seq(model_dir):
-        return convert_seq2seq(model_dir, adapters, output, overwrite, bake, on_step, trust_remote_code)
+        return convert_seq2seq(model_dir, adapters, output, overwrite, bake, on_step, trust_remote_code,
+                               quantize=quantize, dtype=dtype)
     speed = speedups.Speed(optimize, quantize, dtype)
     adapters = parse_adapters(adapters)
     _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)

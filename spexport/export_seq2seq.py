@@ -68,11 +68,15 @@ def is_seq2seq(model_dir: Path) -> bool:
 
 def convert_seq2seq(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
                     bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
-                    trust_remote_code: bool = False) -> Manifest:
+                    trust_remote_code: bool = False, quantize: str | None = None,
+                    dtype: str = "float32") -> Manifest:
     """Export an encoder-decoder model with every adapter into one artifact at `output`, atomically."""
     if bake:
         raise SpexportError("--bake is for decoder-only artifacts; an encoder-decoder artifact keeps its prompts in "
                             "prompts.safetensors")
+    if quantize is not None or dtype != "float32":
+        raise SpexportError("quantized and float16 graphs are for decoder-only artifacts; export encoder-decoder "
+                            "models in float32 (leave out --quantize and --dtype)")
     adapters = parse_adapters(adapters)
     _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     on_step("loading the frozen model")

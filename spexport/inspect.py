@@ -45,6 +45,7 @@ def summary(manifest: Manifest) -> dict:
     """The manifest in brief: model, tasks with their ids and prefix sizes, baked or not."""
     return {"format_version": manifest.format_version, "family": manifest.family, "baked": manifest.baked,
             "model": asdict(manifest.model), "graph": manifest.graph, "prompt_bank": manifest.prompt_bank,
+            **({"encoder_graph": manifest.encoder_graph} if manifest.encoder_graph else {}),
             "tasks": [{"id": i, "name": t.name, "method": t.method, "num_virtual_tokens": t.num_virtual_tokens,
                        "bytes": int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize}
                       for i, t in enumerate(manifest.tasks)]}

@@ -17,6 +17,8 @@ import numpy as np
 
 from spexport.errors import AdapterError, InputError
 from spexport.export import _load_model, _quiet_tracing, parse_adapters
+from spexport.families import DECODER
+from spexport.manifest import Manifest
 from spexport.runtime import load
 
 MULTITASK = "MULTITASK_PROMPT_TUNING"
@@ -46,6 +48,10 @@ def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[s
     task_ids=[i]. A task passes when max |Δlogits| <= atol and every greedy token agrees.
     trust_remote_code: run Python code that the model folder ships, as `convert` does.
     """
+    family = Manifest.read(Path(artifact)).family
+    if family != DECODER.name:
+        raise InputError(f"{artifact}: a {family} artifact; spexport validate compares decoder-only artifacts with "
+                         "PEFT (the test suite compares the others)")
     runtime = load(artifact)
     ids = sample_ids(runtime.info.vocab_size, rows, length, seed)
     checks = []

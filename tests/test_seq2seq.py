@@ -10,13 +10,12 @@ from themselves (test_peft_generate_differs_from_its_forward_for_prefix_tuning p
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from builders import BOS, EOS, PAD, VOCAB, save_adapter, save_tokenizer
+from click.testing import CliRunner
 from peft import (
     MultitaskPromptTuningConfig,
     PeftModel,
@@ -27,6 +26,7 @@ from peft import (
     TaskType,
     get_peft_model,
 )
+from test_torch_free import run_without_torch
 from transformers import (
     AutoModelForSeq2SeqLM,
     BartConfig,
@@ -35,6 +35,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from spexport.cli import main
 from spexport.errors import AdapterError, InputError, SpexportError
 from spexport.export import convert
 from spexport.runtime import load
@@ -211,34 +212,51 @@ def test_manifest(built):
 
 
 def test_runtime_without_torch(built):
-    script = """
-import json, sys
-for name in ("torch", "transformers", "peft", "optimum", "safetensors"):
-    sys.modules[name] = None
-import numpy as np
-from spexport.runtime import load
-m = load(sys.argv[1])
-ids = np.array([[5, 9, 14, 22, 40, 7], [8, 3, 0, 0, 0, 0]])
-mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
-print(json.dumps({"logits": m.logits(ids, mask, task=["pt", "prefix"]).tolist(),
-                  "tokens": m.generate(ids, mask, task=["mlp", "proj"], max_new_tokens=5).tolist(),
-                  "text": m.generate_text(["the cat"], task="lstm", max_new_tokens=3)}))
-"""
-    done = subprocess.run([sys.executable, "-c", script, str(built["root"] / "artifact")], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    result, m = json.loads(done.stdout), built["runtime"]
     ids = np.array([[5, 9, 14, 22, 40, 7], [8, 3, 0, 0, 0, 0]])
     mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    result = run_without_torch(built["root"] / "artifact", """
+ids = np.array([[5, 9, 14, 22, 40, 7], [8, 3, 0, 0, 0, 0]])
+mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+result.update({"logits": m.logits(ids, mask, task=["pt", "prefix"]).tolist(),
+               "tokens": m.generate(ids, mask, task=["mlp", "proj"], max_new_tokens=5).tolist(),
+               "text": m.generate_text(["the cat"], task="lstm", max_new_tokens=3)})
+""")
+    m = built["runtime"]
+    assert result["heavy"] == []
     np.testing.assert_allclose(result["logits"], m.logits(ids, mask, task=["pt", "prefix"]), atol=1e-6)
     assert result["tokens"] == m.generate(ids, mask, task=["mlp", "proj"], max_new_tokens=5).tolist()
+    assert result["text"] == m.generate_text(["the cat"], task="lstm", max_new_tokens=3)
+
+
+def test_cli_inspect_run_and_validate(built):
+    """inspect and run serve a seq2seq artifact; validate, which compares with PEFT's decoder-only
+    path, refuses it in one line."""
+    artifact, m = built["root"] / "artifact", built["runtime"]
+    inspected = CliRunner().invoke(main, ["inspect", str(artifact), "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    report = json.loads(inspected.stdout)
+    assert report["intact"] and report["summary"]["family"] == "seq2seq"
+    assert report["summary"]["encoder_graph"] == "encoder_model.onnx"
+    ran = CliRunner().invoke(main, ["run", str(artifact), "the cat sat", "red green", "--task", "prefix",
+                                    "--max-new-tokens", "4"])
+    assert ran.exit_code == 0, ran.output
+    assert ran.stdout.splitlines() == m.generate_text(["the cat sat", "red green"], task="prefix", max_new_tokens=4)
+    validated = CliRunner().invoke(main, ["validate", str(artifact), "--model", str(built["model"]),
+                                          "--adapter", f"pt={built['adapters']['pt']}"])
+    assert validated.exit_code == 2 and validated.stdout == ""
+    assert validated.stderr.count("\n") == 1
+    assert "a seq2seq artifact; spexport validate compares decoder-only artifacts" in validated.stderr
 
 
 def test_clear_errors(built, tmp_path):
     """Unsupported combinations and bad calls end in spexport's own one-line errors."""
     model, m = built["model"], built["runtime"]
+    pt = [("pt", built["adapters"]["pt"])]
     with pytest.raises(SpexportError, match="^--bake is for decoder-only artifacts"):
-        convert(model, [("pt", built["adapters"]["pt"])], tmp_path / "baked", bake=True)
+        convert(model, pt, tmp_path / "out", bake=True)
+    for speed in [{"quantize": "int8"}, {"dtype": "float16"}]:
+        with pytest.raises(SpexportError, match="^quantized and float16 graphs are for decoder-only artifacts"):
+            convert(model, pt, tmp_path / "out", **speed)
     causal = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(model),
                             PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
     causal.save_pretrained(tmp_path / "causal")
