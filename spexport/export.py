@@ -26,7 +26,7 @@ from typing import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 
 from spexport import __version__, ort_adapters, speedups, tensorfile  # noqa: E402
-from spexport.converters import SoftPrompt, convert_adapter  # noqa: E402
+from spexport.converters import CONVERTERS, SoftPrompt, convert_adapter  # noqa: E402
 from spexport.errors import AdapterError, ModelError, SpexportError  # noqa: E402
 from spexport.families import DECODER, family_for, model_info  # noqa: E402
 from spexport.manifest import Manifest, ModelInfo, Task, sha256, stack_prefixes  # noqa: E402
@@ -221,14 +221,8 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     on_step("loading the frozen model")
     family, model, info = _load_model(model_dir, trust_remote_code)
     on_step("converting adapters")
-    prompts: dict[str, SoftPrompt] = {}
-    for name, path in adapters:
-        for task, prompt in convert_adapter(name, path, info).items():
-            if task in prompts:
-                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
-            prompts[task] = prompt
-    staging, made = _staging_folder(output)
-    try:
+    prompts = _convert_adapters(adapters, info)
+    with _building(output) as staging:
         bank, tasks = {}, []
         for name, prompt in prompts.items():
             on_step(f"computing the KV prefix of {name}")
@@ -242,22 +236,20 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
         on_step("exporting the frozen model to ONNX")
         _export_graph(model_dir, info, family, staging, speed, stack_prefixes(list(bank.values())) if bake else None,
                       trust_remote_code)
-        copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
-        for f in copied:
-            shutil.copy2(model_dir / f, staging / f)
-        files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        manifest = Manifest(family=family.name, model=info, graph=GRAPH, prompt_bank=None if bake else BANK,
-                            tasks=tasks, baked=bake, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES],
-                            versions=_versions(), files=files)
-        manifest.write(staging)
-        Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
-        _replace(staging, output)
-    except BaseException as e:
-        shutil.rmtree(made or staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise SpexportError(f"writing {output} failed ({e})") from e
-        raise
-    return manifest
+        return _finish(staging, output, model_dir, family=family.name, model=info, graph=GRAPH,
+                       prompt_bank=None if bake else BANK, tasks=tasks, baked=bake)
+
+
+def _convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo,
+                      converters: dict = CONVERTERS) -> dict[str, SoftPrompt]:
+    """Every task that the adapters yield, by name; a name given twice is refused."""
+    prompts: dict[str, SoftPrompt] = {}
+    for name, path in adapters:
+        for task, prompt in convert_adapter(name, path, info, converters).items():
+            if task in prompts:
+                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
+            prompts[task] = prompt
+    return prompts
 
 
 def _check_output(output: Path, sources: list[Path], overwrite: bool) -> None:
@@ -268,6 +260,35 @@ def _check_output(output: Path, sources: list[Path], overwrite: bool) -> None:
     for source in sources:
         if output.resolve() in [source.resolve(), *source.resolve().parents]:
             raise SpexportError(f"{output} holds the input {source}; write the artifact to another folder")
+
+
+@contextlib.contextmanager
+def _building(output: Path):
+    """A staging folder beside `output` to build the artifact in. If anything fails inside, the folder
+    (and any parent folder made for it) is removed, and an OSError becomes a one-line SpexportError."""
+    staging, made = _staging_folder(output)
+    try:
+        yield staging
+    except BaseException as e:
+        shutil.rmtree(made or staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SpexportError(f"writing {output} failed ({e})") from e
+        raise
+
+
+def _finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
+    """Copy the model's tokenizer and config files into `staging`, write the manifest (`fields` plus
+    every file's sha256), and move the artifact into place at `output`."""
+    copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
+    for f in copied:
+        shutil.copy2(model_dir / f, staging / f)
+    files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    manifest = Manifest(**fields, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES], versions=_versions(),
+                        files=files)
+    manifest.write(staging)
+    Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
+    _replace(staging, output)
+    return manifest
 
 
 def _staging_folder(output: Path) -> tuple[Path, Path | None]:

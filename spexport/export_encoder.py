@@ -8,7 +8,6 @@ with each task's virtual-token embeddings or KV prefix, and one small head graph
 from __future__ import annotations
 
 import copy
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -20,20 +19,17 @@ from spexport.errors import AdapterError, ModelError, SpexportError
 from spexport.export import (
     BANK,
     GRAPH,
-    MODEL_FILES,
-    TOKENIZER_FILES,
+    _building,
     _check_output,
+    _finish,
     _first_line,
     _model_type,
     _quiet_tracing,
-    _replace,
-    _staging_folder,
-    _versions,
     parse_adapters,
 )
 from spexport.families import ENCODER, model_info
 from spexport.graph_encoder import detach_body, export_body, export_head, parameters
-from spexport.manifest import Manifest, Task, sha256
+from spexport.manifest import Manifest, Task
 
 HEADS = "heads"
 
@@ -84,8 +80,7 @@ def convert_encoder(model_dir: Path, adapters: list[tuple[str, Path]], output: P
                                    f"{type(body).__name__} does not (PEFT cannot run it either); use prompt "
                                    "tuning or P-tuning")
             prompts[task] = (prompt, heads[name])
-    staging, made = _staging_folder(output)
-    try:
+    with _building(output) as staging:
         tasks = []
         (staging / HEADS).mkdir()
         for name, (prompt, head) in prompts.items():
@@ -97,22 +92,8 @@ def convert_encoder(model_dir: Path, adapters: list[tuple[str, Path]], output: P
         with _quiet_tracing():
             export_body(body, info.num_layers, info.num_kv_heads, info.head_dim, _position_offset(model),
                         "embeddings" in kinds, "kv" in kinds, staging / GRAPH)
-        copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
-        for f in copied:
-            shutil.copy2(model_dir / f, staging / f)
-        files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        manifest = Manifest(family=ENCODER.name, model=info, graph=GRAPH, prompt_bank=BANK, tasks=tasks,
-                            tokenizer_files=[f for f in copied if f in TOKENIZER_FILES], versions=_versions(),
-                            files=files)
-        manifest.write(staging)
-        Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
-        _replace(staging, output)
-    except BaseException as e:
-        shutil.rmtree(made or staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise SpexportError(f"writing {output} failed ({e})") from e
-        raise
-    return manifest
+        return _finish(staging, output, model_dir, family=ENCODER.name, model=info, graph=GRAPH, prompt_bank=BANK,
+                       tasks=tasks)
 
 
 def _read_head(name: str, path: Path) -> Head:

@@ -7,30 +7,27 @@ encoder) or decoder self-attention prefix (prefix tuning). Needs the `[export]` 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from spexport import tensorfile
-from spexport.converters import SEQ2SEQ_CONVERTERS, SoftPrompt, convert_adapter
-from spexport.errors import AdapterError, ModelError, SpexportError
+from spexport.converters import SEQ2SEQ_CONVERTERS
+from spexport.errors import ModelError, SpexportError
 from spexport.export import (
     BANK,
-    MODEL_FILES,
-    TOKENIZER_FILES,
+    _building,
     _check_output,
+    _convert_adapters,
+    _finish,
     _model_type,
     _pretrained,
     _quiet_tracing,
     _read_configs,
-    _replace,
-    _staging_folder,
-    _versions,
     parse_adapters,
 )
 from spexport.families import SEQ2SEQ
-from spexport.manifest import Manifest, ModelInfo, Task, sha256
+from spexport.manifest import Manifest, ModelInfo, Task
 from spexport.seq2seq_graph import DECODER_GRAPH, ENCODER_GRAPH, export_graphs
 
 NO_POSITION_LIMIT = (1 << 31) - 1  # relative position buckets (T5): any length fits
@@ -82,14 +79,8 @@ def convert_seq2seq(model_dir: Path, adapters: list[tuple[str, Path]], output: P
     on_step("loading the frozen model")
     model, info, layout = _load_seq2seq(model_dir, trust_remote_code)
     on_step("converting adapters")
-    prompts: dict[str, SoftPrompt] = {}
-    for name, path in adapters:
-        for task, prompt in convert_adapter(name, path, info, SEQ2SEQ_CONVERTERS).items():
-            if task in prompts:
-                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
-            prompts[task] = prompt
-    staging, made = _staging_folder(output)
-    try:
+    prompts = _convert_adapters(adapters, info, SEQ2SEQ_CONVERTERS)
+    with _building(output) as staging:
         tasks = [Task(name=name, method=p.method, num_virtual_tokens=p.num_virtual_tokens, tensor=name,
                       shape=list(p.tensor.shape), dtype="float32", source={**p.source, "kind": p.kind})
                  for name, p in prompts.items()]
@@ -97,22 +88,8 @@ def convert_seq2seq(model_dir: Path, adapters: list[tuple[str, Path]], output: P
         on_step("exporting the frozen model to ONNX")
         with _quiet_tracing():
             export_graphs(model, info.num_layers, info.num_kv_heads, info.head_dim, layout.decoder_positions, staging)
-        copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
-        for f in copied:
-            shutil.copy2(model_dir / f, staging / f)
-        files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        manifest = Manifest(family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH, encoder_graph=ENCODER_GRAPH,
-                            prompt_bank=BANK, tasks=tasks, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES],
-                            versions=_versions(), files=files)
-        manifest.write(staging)
-        Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
-        _replace(staging, output)
-    except BaseException as e:
-        shutil.rmtree(made or staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise SpexportError(f"writing {output} failed ({e})") from e
-        raise
-    return manifest
+        return _finish(staging, output, model_dir, family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH,
+                       encoder_graph=ENCODER_GRAPH, prompt_bank=BANK, tasks=tasks)
 
 
 def _load_seq2seq(model_dir: Path, trust_remote_code: bool):
