@@ -130,7 +130,7 @@ class DecoderModel:
         """Logits [batch, seq, vocab] for the caller's tokens (no virtual positions)."""
         if decoder_input_ids is not None:
             raise InputError("decoder_input_ids is for encoder-decoder artifacts; this one is decoder-only")
-        ids, mask, rows = self._prepare(input_ids, attention_mask, self._require_task(task))
+        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
         logits, _ = self._run(ids, mask, inputs.positions(mask), self._empty_past(len(ids)), self._prefix(rows))
         return logits
 
@@ -143,7 +143,7 @@ class DecoderModel:
         where the model's positions run out.
         """
         inputs.check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
-        ids, mask, rows = self._prepare(input_ids, attention_mask, self._require_task(task))
+        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
         prefix = self._prefix(rows)
         room = self.info.max_positions - max(self._n_virtual[r] for r in rows) - ids.shape[1]
         eos = np.array(self.info.eos_token_ids, np.int64)
@@ -175,28 +175,12 @@ class DecoderModel:
                       max_new_tokens: int = 20, **kwargs) -> list[str]:
         """Tokenize, left-pad, generate, and decode each row's new tokens."""
         tokenizer = self._require_tokenizer()
-        texts = [texts] if isinstance(texts, str) else list(texts) if isinstance(texts, (list, tuple)) else None
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise InputError("texts must be a string or a non-empty list of strings")
-        encoded = [tokenizer.encode(t).ids for t in texts]
-        if not all(encoded):
-            raise InputError("a text encodes to no tokens")
-        width = max(map(len, encoded))
-        pad = self.info.pad_token_id or 0
-        ids = np.array([[pad] * (width - len(e)) + e for e in encoded], np.int64)
-        mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], np.int64)
+        _, ids, mask = inputs.tokenize(tokenizer, texts, self.info.pad_token_id, left=True)
         out = self.generate(ids, mask, task=task, max_new_tokens=max_new_tokens, **kwargs)
-        return [tokenizer.decode(row[width:].tolist(), skip_special_tokens=True) for row in out]
+        return [tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True) for row in out]
 
     def classify(self, texts, task=None):
         raise InputError("classify is for classifier artifacts; this decoder-only artifact generates text")
-
-    def _require_task(self, task):
-        if task is None:
-            if len(self.tasks) == 1:
-                return self.tasks[0]
-            raise InputError(f"pass task=: one name, or one per row, of {', '.join(self.tasks)}")
-        return task
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

@@ -55,7 +55,7 @@ class EncoderModel:
     def _prepare(self, input_ids, attention_mask, task):
         ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
         mask = inputs.as_mask(attention_mask, ids.shape)
-        rows = inputs.task_indices(self._require_task(task), self.tasks, ids.shape[0])
+        rows = inputs.task_indices(task, self.tasks, ids.shape[0])
         kinds = {self.kinds[self.tasks[r]] for r in rows}
         if len(kinds) > 1:
             raise InputError("a batch mixes sequence and token classification tasks; send them as separate batches")
@@ -96,21 +96,9 @@ class EncoderModel:
         for its tokens, special tokens and the label "O" left out.
         """
         tokenizer = self._require_tokenizer()
-        texts = [texts] if isinstance(texts, str) else texts
-        if isinstance(texts, (bytes, dict)) or not isinstance(texts, Sequence) or not texts:
-            raise InputError("texts must be a string or a non-empty list of strings")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InputError(f"texts[{i}] is of type {type(text).__name__}, not str; pass only strings")
-        encoded = [tokenizer.encode(t) for t in texts]
-        if not all(e.ids for e in encoded):
-            raise InputError("a text encodes to no tokens")
-        width = max(len(e.ids) for e in encoded)
-        pad = self.info.pad_token_id or 0
-        ids = np.array([e.ids + [pad] * (width - len(e.ids)) for e in encoded], np.int64)
-        mask = np.array([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encoded], np.int64)
+        encoded, ids, mask = inputs.tokenize(tokenizer, texts, self.info.pad_token_id, left=False)
         logits = self.logits(ids, mask, task)
-        names = inputs.task_indices(self._require_task(task), self.tasks, len(texts))
+        names = inputs.task_indices(task, self.tasks, len(encoded))
         results = []
         for row, (e, task_id) in enumerate(zip(encoded, names)):
             labels = self.labels[self.tasks[task_id]]
@@ -133,13 +121,6 @@ class EncoderModel:
 
     def generate_text(self, *args, **kwargs):
         raise InputError("generate_text is for decoder artifacts; this encoder artifact classifies (classify)")
-
-    def _require_task(self, task):
-        if task is None:
-            if len(self.tasks) == 1:
-                return self.tasks[0]
-            raise InputError(f"pass task=: one name, or one per row, of {', '.join(self.tasks)}")
-        return task
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

@@ -49,7 +49,12 @@ def as_mask(attention_mask, shape: tuple[int, int]) -> np.ndarray:
     return mask.astype(np.int64)
 
 
-def task_indices(task: str | Sequence[str], tasks: list[str], batch: int) -> list[int]:
+def task_indices(task: str | Sequence[str] | None, tasks: list[str], batch: int) -> list[int]:
+    """Each row's task id; `task` is one name, one per row, or None when the artifact has one task."""
+    if task is None:
+        if len(tasks) != 1:
+            raise InputError(f"pass task=: one name, or one per row, of {', '.join(tasks)}")
+        task = tasks[0]
     try:
         names = [task] * batch if isinstance(task, str) else list(task)
     except TypeError:
@@ -63,6 +68,27 @@ def task_indices(task: str | Sequence[str], tasks: list[str], batch: int) -> lis
         if name not in index:
             raise InputError(f"unknown task {name!r}; this artifact has: {', '.join(tasks)}")
     return [index[name] for name in names]
+
+
+def tokenize(tokenizer, texts: str | Sequence[str], pad_token_id: int | None, left: bool):
+    """Encode texts and pad them to one width, on the left (generation) or the right: the
+    tokenizer's encodings, ids [batch, width] and attention mask."""
+    texts = [texts] if isinstance(texts, str) else texts
+    if isinstance(texts, (bytes, dict)) or not isinstance(texts, Sequence) or not texts:
+        raise InputError("texts must be a string or a non-empty list of strings")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"texts[{i}] is of type {type(text).__name__}, not str; pass only strings")
+    encoded = [tokenizer.encode(t) for t in texts]
+    if not all(e.ids for e in encoded):
+        raise InputError("a text encodes to no tokens")
+    width = max(len(e.ids) for e in encoded)
+    ids = np.full((len(encoded), width), pad_token_id or 0, np.int64)
+    mask = np.zeros((len(encoded), width), np.int64)
+    for row, e in enumerate(encoded):
+        slots = slice(width - len(e.ids), width) if left else slice(0, len(e.ids))
+        ids[row, slots], mask[row, slots] = e.ids, 1
+    return encoded, ids, mask
 
 
 def check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> None:

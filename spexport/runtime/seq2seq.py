@@ -84,7 +84,7 @@ class Seq2SeqModel:
     def _prepare(self, input_ids, attention_mask, task):
         ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
         mask = inputs.as_mask(attention_mask, ids.shape)
-        rows = inputs.task_indices(self._require_task(task), self.tasks, ids.shape[0])
+        rows = inputs.task_indices(task, self.tasks, ids.shape[0])
         longest = max(len(self._embeds[r]) + n for r, n in zip(rows, mask.sum(axis=1)))
         if longest > self.info.max_positions:
             raise InputError(f"an input row of {longest} tokens, its task's virtual tokens included, is longer than "
@@ -184,29 +184,12 @@ class Seq2SeqModel:
                       max_new_tokens: int = 20, **kwargs) -> list[str]:
         """Tokenize, right-pad, generate, and decode each row's new tokens."""
         tokenizer = self._require_tokenizer()
-        texts = [texts] if isinstance(texts, str) else texts
-        if isinstance(texts, (bytes, dict)) or not isinstance(texts, Sequence) or not texts \
-                or not all(isinstance(t, str) for t in texts):
-            raise InputError("texts must be a string or a non-empty list of strings")
-        encoded = [tokenizer.encode(t).ids for t in texts]
-        if not all(encoded):
-            raise InputError("a text encodes to no tokens")
-        width = max(map(len, encoded))
-        pad = self.info.pad_token_id or 0
-        ids = np.array([e + [pad] * (width - len(e)) for e in encoded], np.int64)
-        mask = np.array([[1] * len(e) + [0] * (width - len(e)) for e in encoded], np.int64)
+        _, ids, mask = inputs.tokenize(tokenizer, texts, self.info.pad_token_id, left=False)
         out = self.generate(ids, mask, task=task, max_new_tokens=max_new_tokens, **kwargs)
         return [tokenizer.decode(row[1:].tolist(), skip_special_tokens=True) for row in out]
 
     def classify(self, *args, **kwargs):
         raise InputError("classify is for classifier artifacts; this encoder-decoder artifact generates text")
-
-    def _require_task(self, task):
-        if task is None:
-            if len(self.tasks) == 1:
-                return self.tasks[0]
-            raise InputError(f"pass task=: one name, or one per row, of {', '.join(self.tasks)}")
-        return task
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
