@@ -24,7 +24,6 @@ from peft import (
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
     TaskType,
-    get_peft_model,
 )
 from test_torch_free import run_without_torch
 from transformers import (
@@ -267,14 +266,15 @@ def test_clear_errors(built, tmp_path):
     for speed in [{"quantize": "int8"}, {"dtype": "float16"}]:
         with pytest.raises(SpexportError, match="^quantized and float16 graphs are for decoder-only artifacts"):
             convert(model, pt, tmp_path / "out", **speed)
-    causal = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(model),
-                            PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
-    causal.save_pretrained(tmp_path / "causal")
+    causal = {kind: build_adapter(model, config(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
+                                  tmp_path / f"causal-{kind}", seed=0)
+              for kind, config in [("pt", PromptTuningConfig), ("prefix", PrefixTuningConfig)]}
     mpt = build_adapter(model, MultitaskPromptTuningConfig(task_type=S2S, num_virtual_tokens=3, num_tasks=2,
                                                            num_ranks=2), tmp_path / "mpt", seed=0)
     wide = build_adapter(model, PrefixTuningConfig(task_type=S2S, num_virtual_tokens=3, token_dim=128),
                          tmp_path / "wide", seed=0)
-    for adapter, message in [(tmp_path / "causal", "trained for a decoder-only model"),
+    for adapter, message in [(causal["pt"], "trained with task_type CAUSAL_LM; an encoder-decoder artifact"),
+                             (causal["prefix"], "trained with task_type CAUSAL_LM; an encoder-decoder artifact"),
                              (mpt, "method MULTITASK_PROMPT_TUNING is not supported"),
                              (wide, "not the model's head size 16")]:
         with pytest.raises(AdapterError, match=message) as caught:

@@ -40,11 +40,26 @@ CONVERTERS: dict[str, Converter] = {
     "MULTITASK_PROMPT_TUNING": multitask_prompt_tuning.convert,
 }
 
+
+def _seq2seq_only(convert: Converter) -> Converter:
+    """`convert`, refusing an adapter that PEFT trained for another kind of model: its tensors may
+    have the right shapes and still mean something else."""
+
+    def checked(config: dict, weights: dict, model: ModelInfo):
+        task_type = config.get("task_type")
+        if task_type not in (None, "SEQ_2_SEQ_LM"):
+            raise AdapterError(f"trained with task_type {task_type}; an encoder-decoder artifact takes adapters "
+                               "trained with task_type SEQ_2_SEQ_LM")
+        return convert(config, weights, model)
+
+    return checked
+
+
 # Encoder-decoder models: embeddings go before the encoder's tokens, a prefix into the decoder's self-attention.
 SEQ2SEQ_CONVERTERS: dict[str, Converter] = {
-    "PROMPT_TUNING": prompt_tuning.convert,
-    "P_TUNING": p_tuning.convert,
-    "PREFIX_TUNING": seq2seq_prefix_tuning.convert,
+    "PROMPT_TUNING": _seq2seq_only(prompt_tuning.convert),
+    "P_TUNING": _seq2seq_only(p_tuning.convert),
+    "PREFIX_TUNING": _seq2seq_only(seq2seq_prefix_tuning.convert),
 }
 
 
