@@ -26,7 +26,7 @@ from peft import (
     get_peft_model,
 )
 from safetensors.numpy import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -93,12 +93,18 @@ AUTO = {SEQ: AutoModelForSequenceClassification, TOK: AutoModelForTokenClassific
 
 
 def build_tokenizer(folder: Path) -> int:
-    """A WordPiece tokenizer that wraps texts in [CLS] ... [SEP]; returns its vocabulary size."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """A WordPiece tokenizer that wraps texts in [CLS] ... [SEP]; returns its vocabulary size.
+
+    Its vocabulary is fixed (the corpus's words, then letters for anything else), not trained:
+    WordPieceTrainer's ids change from run to run, and so would a model trained on them.
+    """
+    words = sorted({w for text in CORPUS + TEMPLATES + POSITIVE + NEGATIVE for w in text.split() if w != "{}"})
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = SPECIALS + words + [c for c in letters if c not in words] + [f"##{c}" for c in letters]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=120, special_tokens=SPECIALS))
     tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
         ("[CLS]", SPECIALS.index("[CLS]")), ("[SEP]", SPECIALS.index("[SEP]"))])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
