@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from peft import (
+    MultitaskPromptTuningConfig,
     PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -246,6 +247,33 @@ def test_classify_is_softmax_of_logits(built):
                         for i, p in enumerate(probs)
                         if not encoding.special_tokens_mask[i] and labels[p.argmax()] != "O"]
             assert result == expected
+
+
+@pytest.mark.parametrize("family, task_type", [("bert", SEQ), ("roberta", SEQ), ("bert", TOK)])
+def test_multitask_prompt_tuning_gives_each_source_task_as_peft(tmp_path, family, task_type):
+    """An MPT adapter of 3 source tasks becomes tasks x/0..x/2, each PeftModel with task_ids=[i]."""
+    model_dir = build_base(family, tmp_path / "model")
+    torch.manual_seed(7)
+    peft = get_peft_model(base_model(model_dir, task_type, 3),
+                          MultitaskPromptTuningConfig(task_type=task_type, num_virtual_tokens=4, num_tasks=3))
+    for param in peft.parameters():
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.5)
+    peft.save_pretrained(tmp_path / "mpt")
+    runtime = load(convert(model_dir, [("x", tmp_path / "mpt")], tmp_path / "artifact") and tmp_path / "artifact")
+    assert runtime.tasks == ["x/0", "x/1", "x/2"]
+    peft = PeftModel.from_pretrained(base_model(model_dir, task_type, 3), tmp_path / "mpt").eval()
+    rows = sample_rows(runtime.info.vocab_size, lengths=(6, 3, 9))
+    ids, mask = pad(rows, "right")
+    got = runtime.logits(ids, mask, task=["x/0", "x/1", "x/2"])
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            want = peft(input_ids=torch.from_numpy(row)[None], task_ids=torch.tensor([i])).logits[0].numpy()
+        want = want if task_type == SEQ else want[4:]  # PEFT returns the virtual positions too
+        assert np.abs(caller_slots(got[i], mask[i]) - want).max() <= ATOL
+    # the source tasks differ, so each row really got its own prompt
+    alike = runtime.logits(ids[:1], mask[:1], task="x/1")[0]
+    assert np.abs(caller_slots(alike, mask[0]) - caller_slots(got[0], mask[0])).max() > 1e-3
 
 
 # -- labels, text, torch-free ----------------------------------------------------------------------
