@@ -19,6 +19,7 @@ from spexport.errors import ArtifactError
 MANIFEST = "spexport.json"
 FORMAT = "spexport"
 FORMAT_VERSION = 1
+SEAL = "manifest_sha256"  # spexport.json's own checksum (see seal)
 DTYPES = ("float32",)  # what tasks[].dtype may be
 MAX_MANIFEST_BYTES = 64 << 20  # thousands of tasks fit in a few MB; more is a damaged or hostile file
 MAX_LAYERS = 1 << 16
@@ -111,7 +112,7 @@ class Manifest:
             for key in keys:
                 if fields_of[key] is None:
                     del fields_of[key]  # likewise for readers before encoder-decoder models
-        text = json.dumps(document, indent=2)
+        text = json.dumps(seal(document), indent=2)
         (Path(folder) / MANIFEST).write_text(text + "\n")
 
     @classmethod
@@ -129,6 +130,12 @@ class Manifest:
             raise ArtifactError(f"{path}: damaged manifest ({e})") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ArtifactError(f"{path}: not a spexport manifest")
+        try:
+            sealed = SEAL not in raw or raw[SEAL] == seal(raw)[SEAL]
+        except RecursionError:
+            sealed = False
+        if not sealed:
+            raise ArtifactError(f"{path}: damaged manifest (its content does not match the {SEAL} it records)")
         version = raw.get("format_version")
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise ArtifactError(f"{path}: artifact format {version!r} is newer than this spexport "
@@ -137,6 +144,15 @@ class Manifest:
         for rel in manifest.files:  # the graph, the bank and the tokenizer files are among them
             inside_folder(folder, rel)
         return manifest
+
+
+def seal(document: dict) -> dict:
+    """`document` with its SEAL: the sha256 of its other fields as canonical JSON. The manifest cannot
+    list its own hash among `files`, so it carries this one; any changed byte that still parses
+    (a letter of a task name, a digit of a shape) breaks it. Manifests written before it have none."""
+    content = {key: value for key, value in document.items() if key != SEAL}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return {**content, SEAL: hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()}
 
 
 def _is_int(value) -> bool:
@@ -205,6 +221,7 @@ def _checked(raw: dict, path: Path) -> Manifest:
     """The manifest with every field's type, range and consistency checked."""
     top = _Fields(raw, "", path)
     top.take("format", lambda v: v == FORMAT, repr(FORMAT))
+    top.take(SEAL, lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None, "a sha256 hex digest", None)
     version = top.take("format_version", _positive, "a positive integer")
     m = _Fields(top.take("model", lambda v: True, "an object"), "model", path)
     # the runtime names two graph ports per layer before it can compare them with the graph's

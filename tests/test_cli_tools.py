@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from spexport import tensorfile
 from spexport.cli import main
+from spexport.manifest import seal
 from spexport.runtime import load
 
 TASKS = ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2"]
@@ -152,7 +153,7 @@ def test_validate_fails_on_a_wrong_but_intact_prompt(built, tmp_path):
     manifest = json.loads((artifact / "spexport.json").read_text())
     manifest["files"]["prompts.safetensors"] = hashlib.sha256((artifact / "prompts.safetensors").read_bytes()) \
         .hexdigest()
-    (artifact / "spexport.json").write_text(json.dumps(manifest))
+    (artifact / "spexport.json").write_text(json.dumps(seal(manifest)))
     adapters = {name: built["adapters"][name] for name in ("pt", "prefix")}
     result = _validate(built, artifact, "--json", adapters=adapters)
     assert result.exit_code == 1, result.output

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from spexport.errors import SpexportError
-from spexport.manifest import MANIFEST
+from spexport.manifest import MANIFEST, seal
 from spexport.runtime import load
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
@@ -101,7 +101,7 @@ def test_mutated_manifests_load_or_are_refused(fuzzed_folder):
     @given(st.data())
     def check(data):
         manifest = data.draw(mutated_manifests(original))
-        (folder / MANIFEST).write_text(json.dumps(manifest))
+        (folder / MANIFEST).write_text(json.dumps(seal(manifest)))
         model = _works_or_says_why(lambda: load(folder))
         if model is not None:
             logits = _works_or_says_why(lambda: model.logits(np.array([[5, 6, 7]]), task=model.tasks[0]))

@@ -32,7 +32,7 @@ from spexport import tensorfile
 from spexport.cli import main
 from spexport.errors import ArtifactError, InputError, ModelError, SpexportError
 from spexport.export import convert
-from spexport.manifest import MANIFEST
+from spexport.manifest import MANIFEST, seal
 from spexport.runtime import load
 from spexport.runtime.session import VerifiedFiles
 
@@ -46,7 +46,7 @@ def _copy(artifact: Path, tmp_path: Path) -> Path:
 def _edit_manifest(folder: Path, edit) -> None:
     manifest = json.loads((folder / MANIFEST).read_text())
     edit(manifest)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(seal(manifest)))
 
 
 def _rehash(folder: Path, *rels: str) -> None:
@@ -247,6 +247,20 @@ def test_a_damaged_manifest_is_refused(tiny_llama, tmp_path, position):
     data[int(len(data) * position)] ^= 0xFF
     (folder / MANIFEST).write_bytes(bytes(data))
     _refused(r"spexport.json: damaged manifest", folder)
+
+
+@pytest.mark.parametrize("old, new", [('"name": "pt"', '"name": "qt"'), ('"num_virtual_tokens": 5', '"num_virtual_tokens": 4'),
+                                      ('"baked": false', '"baked": true '), ('"pad_token_id"', '"pad_tokem_id"')])
+def test_a_damaged_manifest_that_still_parses_is_refused(tiny_llama, tmp_path, old, new):
+    """A changed byte that leaves valid JSON (a task's name, a count, a flag, a key) breaks the
+    manifest's own checksum, even when no file is verified."""
+    folder = _copy(tiny_llama["artifact"], tmp_path)
+    text = (folder / MANIFEST).read_text()
+    assert text.count(old) == 1 and len(old) == len(new)
+    (folder / MANIFEST).write_text(text.replace(old, new))
+    for verify in (True, False):
+        _refused(r"spexport.json: damaged manifest \(its content does not match the manifest_sha256 it records\)",
+                 folder, verify=verify)
 
 
 @pytest.mark.parametrize("key, pattern", [

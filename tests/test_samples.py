@@ -19,6 +19,7 @@ from builders import build_adapter, build_model
 
 from spexport import tensorfile
 from spexport.export import convert
+from spexport.manifest import seal
 from spexport.ort_adapters import adapter_path
 from spexport.runtime import load
 
@@ -68,7 +69,7 @@ def artifacts(tmp_path_factory):
     third = int(load(folders["unbaked"]).generate([ids], task="pt", max_new_tokens=3)[0, -1])
     manifest = json.loads((folders["eos"] / "spexport.json").read_text())
     manifest["model"]["eos_token_ids"] = [third]
-    (folders["eos"] / "spexport.json").write_text(json.dumps(manifest))
+    (folders["eos"] / "spexport.json").write_text(json.dumps(seal(manifest)))
     return folders
 
 
