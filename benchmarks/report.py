@@ -92,7 +92,24 @@ def markdown(results: dict) -> str:
         lines.append("")
     for name, model in results["models"].items():
         lines += _model_section(results, name, model)
+    if results.get("classifier"):
+        lines += _classifier_section(results["classifier"])
     return "\n".join(lines) + "\n"
+
+
+def _classifier_section(bert: dict) -> list[str]:
+    latency = bert["latency"]
+    lines = [f"### bert (BERT-base classifier, a P-tuning v2 task of {bert['virtual_tokens']} virtual tokens, "
+             f"{bert['seq']} tokens per row)", ""]
+    lines += _table(["engine", "latency b1 (ms)", "latency b8 (ms)", "b1 speed vs PEFT", "b8 speed vs PEFT"],
+                    [[e, _ms(median(latency["batch1"][e], "latency_s")), _ms(median(latency["batch8"][e], "latency_s")),
+                      f"{paired_ratio(latency['batch1']['peft+pytorch'], latency['batch1'][e], 'latency_s'):.2f}",
+                      f"{paired_ratio(latency['batch8']['peft+pytorch'], latency['batch8'][e], 'latency_s'):.2f}"]
+                     for e in latency["batch1"]])
+    lines += ["", f"Against PEFT: max |Δlogits| {bert['max_abs_logits_vs_peft']:.1e}, same label for "
+              f"{bert['same_label_as_peft']:.0%} of rows. Export time: "
+              + "; ".join(f"{k} {v:.0f} s" for k, v in bert["export_times_s"].items()) + ".", ""]
+    return lines
 
 
 def _model_section(results: dict, name: str, model: dict) -> list[str]:
@@ -106,13 +123,21 @@ def _model_section(results: dict, name: str, model: dict) -> list[str]:
                      _ms(median(b1[engine], "step_s")), f"{median(b1[engine], 'step_s') / floor:.2f}",
                      _ms(median(b8[engine], "ttft_s")), f"{median(b8[engine], 'tokens_per_s'):.1f}",
                      f"{paired_ratio(b1[engine], b1['peft+pytorch'], 'tokens_per_s'):.2f}"])
-    lines += _table(["engine", "TTFT b1 (ms)", "tokens/s b1", "ms/step b1", "× floor", "TTFT b8 (ms)",
+    lines += _table(["engine", "TTFT b1 (ms)", "tokens/s b1", "ms/step b1", "× fp32 floor", "TTFT b8 (ms)",
                      "tokens/s b8", "b1 speed vs PEFT"], rows)
     lines.append("")
     if model.get("drift"):
-        lines += _table(["engine", "compared with", "max abs Δlogits", f"greedy agreement ({64} tokens, 8 rows)"],
-                        [[k, d["against"], f"{d['max_abs_logits']:.2e}", f"{d['greedy_agreement']:.3f}"]
-                         for k, d in model["drift"].items()])
+        tokens = results["config"]["drift_tokens"]
+        lines += _table(["engine", "compared with", "max abs Δlogits", f"greedy agreement ({tokens} tokens, 8 rows)",
+                         "tokens/s b1", "b1 speed vs PEFT"],
+                        [[k, d["against"], f"{d['max_abs_logits']:.2e}", f"{d['greedy_agreement']:.3f}",
+                          f"{median(b1[k], 'tokens_per_s'):.1f}",
+                          f"{paired_ratio(b1[k], b1['peft+pytorch'], 'tokens_per_s'):.2f}"]
+                         for k, d in model["drift"].items() if isinstance(d, dict)])
+        if "fp32_top2_margin_median" in model["drift"]:
+            lines += ["", f"Median gap between the best and second-best logit (fp32, random weights): "
+                      f"{model['drift']['fp32_top2_margin_median']:.3f}; a drift larger than that can flip a greedy "
+                      "choice, and every token after a flip differs."]
         lines.append("")
     if model.get("mixed_batch"):
         mixed = model["mixed_batch"]

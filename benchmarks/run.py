@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import engines, measure, report, workloads
+from benchmarks import classifier, engines, measure, report, workloads
 
 MODES = {
     "quick": dict(models=["gpt2"], reps=3, prompt=32, new_tokens=16, sweep=[8, 32, 128, 256], drift_tokens=64,
-                  variants=["int8"]),
+                  variants=["int8"], classifier_seq=128),
     "full": dict(models=["gpt2", "llama"], reps=5, prompt=64, new_tokens=32, sweep=[8, 16, 32, 64, 128, 256],
-                 drift_tokens=64, variants=["int8", "fp16", "unfused"]),
+                 drift_tokens=64, variants=["int8", "fp16", "unfused"], classifier_seq=128),
 }
 TASKS_IN_ARTIFACT = 100  # 8 tasks of 32 virtual tokens, the sweep's tasks, then bare prompts up to 100
 MEMORY_COUNTS = [1, 10, 100]
@@ -161,6 +161,10 @@ def drift(loaded: dict, ids: np.ndarray, mode: dict) -> dict:
     peft_tokens = np.concatenate([peft.generate(ids[i:i + 1], [t], mode["drift_tokens"]) for i, t in enumerate(tasks)])
     out["spexport"] = {"against": "peft+pytorch", "max_abs_logits": float(np.abs(ref_logits - peft_logits).max()),
                        "greedy_agreement": float((ref_tokens == peft_tokens).mean())}
+    # Random weights give flat next-token distributions; the gap between the two best logits says how
+    # small a drift can flip a greedy choice (and a flip changes every token after it).
+    top2 = np.sort(ref_logits, axis=-1)[..., -2:]
+    out["fp32_top2_margin_median"] = float(np.median(top2[..., 1] - top2[..., 0]))
     return out
 
 
@@ -235,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     log("memory bandwidth")
     results["bandwidth_start"] = measure.bandwidth()
     results["models"] = {name: run_model(name, args.work, mode, threads, log) for name in mode["models"]}
+    results["classifier"] = classifier.run(args.work, mode, threads, log)
     results["bandwidth_end"] = measure.bandwidth()
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - started
