@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -70,7 +71,8 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     from spexport.inspect import summary
 
     console = Console(stderr=True, quiet=quiet)
-    with _one_line_errors(), _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
+    with _one_line_errors(), _terminated_as_interrupted(), _steps(console, expected=len(adapters) + 3) as on_step, \
+            _stdout_to_stderr():
         from spexport.export import convert as run_convert
 
         manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step, **speed,
@@ -227,6 +229,20 @@ def _stdout_to_stderr():
     """Whatever the libraries print goes to stderr, so stdout holds only the command's own output."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted():
+    """SIGTERM (kill, docker stop, systemd) stops convert the way Ctrl-C does: the export unwinds,
+    removes its staging folder and leaves any old artifact in place; the exit code is 143."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
