@@ -25,6 +25,7 @@ from spexport.export import (
     _first_line,
     _model_type,
     _quiet_tracing,
+    _read_configs,
     parse_adapters,
 )
 from spexport.families import ENCODER, model_info
@@ -107,16 +108,8 @@ def _read_head(name: str, path: Path) -> Head:
 def _load_encoder(model_dir: Path, kinds: set[str], trust_remote_code: bool):
     """The model as a classifier of each kind (sequence, token) that the tasks need, with the names of
     its parameters that the checkpoint really holds; and its ModelInfo."""
-    from transformers import AutoConfig
-
     model_type, auto_map = _model_type(model_dir)
-    if auto_map and not trust_remote_code:
-        raise ModelError(f"{model_dir}: the model ships its own Python code (auto_map in config.json), which "
-                         "spexport runs only with --trust-remote-code; read the code, pass the flag if you trust it")
-    try:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{model_dir}: unreadable model config ({_first_line(e)})") from None
+    config, _ = _read_configs(model_dir, auto_map, trust_remote_code)
     models = {}
     for kind in sorted(kinds):
         try:
