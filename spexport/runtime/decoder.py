@@ -32,6 +32,7 @@ from spexport.runtime.session import (
     load_tokenizer,
     open_session,
     pick_providers,
+    release_freed_memory,
     verify_files,
 )
 
@@ -52,7 +53,9 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
         raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
     if verify:
         verify_files(folder, manifest)
-    return served[manifest.family](folder, manifest, pick_providers(providers), max_batch_size)
+    model = served[manifest.family](folder, manifest, pick_providers(providers), max_batch_size)
+    release_freed_memory()
+    return model
 
 
 class DecoderModel:
