@@ -77,7 +77,7 @@ def markdown(results: dict) -> str:
     bandwidth = max(results["bandwidth_start"]["best_gbs"], results["bandwidth_end"]["best_gbs"])
     lines = [f"Machine: {machine['cpu']}, {machine['threads']} threads for every engine, {machine['memory_gib']} GiB; "
              f"load average {machine['load_average_at_start'][0]:.1f} at start, "
-             f"{machine['load_average_at_end'][0]:.1f} at end (other work shared the cores).",
+             f"{machine['load_average_at_end'][0]:.1f} at end (1-minute averages; the run's own threads count).",
              f"Versions: {versions}.",
              f"Mode `{results['mode']}`: prompt {cfg['prompt']} tokens, {cfg['new_tokens']} new tokens, "
              f"median of {cfg['reps']} interleaved repetitions; memory bandwidth {bandwidth:.1f} GB/s "
@@ -189,7 +189,7 @@ def plots(results: dict, out: Path) -> list[Path]:
             engines = list(runs)
             ax.barh(engines, [median(runs[e], "tokens_per_s") for e in engines], color="tab:blue")
             if batch == "batch1":
-                ax.axvline(1 / floor, color="tab:red", linestyle="--", label="bandwidth floor")
+                ax.axvline(1 / floor, color="tab:red", linestyle="--", label="fp32 bandwidth floor")
                 ax.legend(loc="lower right")
             ax.set_xlabel("decode tokens/s")
             ax.set_title(f"{name}: {batch.replace('batch', 'batch ')}")
