@@ -26,6 +26,7 @@ from spexport.runtime.encoder import EncoderModel
 from spexport.runtime.seq2seq import Seq2SeqModel
 from spexport.runtime.session import (
     ORT_ERRORS,
+    ServedArtifact,
     check_ports,
     first_line,
     load_bank,
@@ -58,17 +59,12 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
     return model
 
 
-class DecoderModel:
+class DecoderModel(ServedArtifact):
     """A frozen causal LM plus a bank of per-task KV prefixes."""
 
     def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
                  max_batch_size: int = inputs.MAX_BATCH_SIZE):
-        self.folder = folder
-        self.max_batch_size = max_batch_size
-        self.manifest = manifest
-        self.info = manifest.model
-        self.tasks = [t.name for t in manifest.tasks]
-        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
+        super().__init__(folder, manifest, max_batch_size)
         self._n_virtual = [t.num_virtual_tokens for t in manifest.tasks]
         # a baked graph holds the prompt bank itself and picks each row's prefix by task id
         self._prefixes = None

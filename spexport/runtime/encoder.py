@@ -10,22 +10,17 @@ import numpy as np
 from spexport.errors import ArtifactError, InputError
 from spexport.manifest import KV_PREFIX, PREFIX_MASK, PROMPT_EMBEDS, PROMPT_MASK, Manifest, inside_folder
 from spexport.runtime import inputs
-from spexport.runtime.session import load_bank, load_tokenizer, open_session
+from spexport.runtime.session import ServedArtifact, load_bank, load_tokenizer, open_session
 
 SEQUENCE, TOKEN = "sequence", "token"
 
 
-class EncoderModel:
+class EncoderModel(ServedArtifact):
     """A frozen encoder, a bank of per-task prompts (embeddings or KV prefixes) and per-task heads."""
 
     def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
                  max_batch_size: int = inputs.MAX_BATCH_SIZE):
-        self.folder = folder
-        self.max_batch_size = max_batch_size
-        self.manifest = manifest
-        self.info = manifest.model
-        self.tasks = [t.name for t in manifest.tasks]
-        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
+        super().__init__(folder, manifest, max_batch_size)
         bank = load_bank(folder, manifest)
         self._prompts = [bank[t.tensor] for t in manifest.tasks]
         heads = [_checked_head(folder, t) for t in manifest.tasks]

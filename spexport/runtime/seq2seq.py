@@ -25,21 +25,25 @@ from spexport.manifest import (
 )
 from spexport.runtime import inputs, sampling
 from spexport.runtime.encoder import stack_rows
-from spexport.runtime.session import ORT_ERRORS, check_ports, first_line, load_bank, load_tokenizer, open_session
+from spexport.runtime.session import (
+    ORT_ERRORS,
+    ServedArtifact,
+    check_ports,
+    first_line,
+    load_bank,
+    load_tokenizer,
+    open_session,
+)
 
 
-class Seq2SeqModel:
+class Seq2SeqModel(ServedArtifact):
     """A frozen encoder-decoder model plus a bank of per-task prompts: virtual-token embeddings for
     the encoder (prompt tuning, P-tuning) or self-attention KV prefixes for the decoder (prefix tuning)."""
 
     def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
                  max_batch_size: int = inputs.MAX_BATCH_SIZE):
-        self.folder = folder
-        self.max_batch_size = max_batch_size
-        self.manifest = manifest
-        self.info = info = manifest.model
-        self.tasks = [t.name for t in manifest.tasks]
-        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
+        super().__init__(folder, manifest, max_batch_size)
+        info = self.info
         self._start = _token(folder, "decoder_start_token_id", info.decoder_start_token_id, info.vocab_size)
         self._forced_bos = _token(folder, "forced_bos_token_id", info.forced_bos_token_id, info.vocab_size, None)
         self._forced_eos = _token(folder, "forced_eos_token_id", info.forced_eos_token_id, info.vocab_size, None)

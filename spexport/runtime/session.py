@@ -159,6 +159,18 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
+class ServedArtifact:
+    """What every served artifact knows: its folder, manifest, model facts and tasks (in task id order)."""
+
+    def __init__(self, folder: Path, manifest: Manifest, max_batch_size: int):
+        self.folder = folder
+        self.max_batch_size = max_batch_size
+        self.manifest = manifest
+        self.info = manifest.model
+        self.tasks = [t.name for t in manifest.tasks]
+        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
+
+
 def release_freed_memory() -> None:
     """Give the C heap's free pages back to the operating system (glibc only; elsewhere nothing).
 
