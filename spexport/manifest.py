@@ -130,16 +130,16 @@ class Manifest:
             raise ArtifactError(f"{path}: damaged manifest ({e})") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ArtifactError(f"{path}: not a spexport manifest")
+        version = raw.get("format_version")  # first: a newer format may seal otherwise
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise ArtifactError(f"{path}: artifact format {version!r} is newer than this spexport "
+                                f"understands ({FORMAT_VERSION}); upgrade spexport")
         try:
             sealed = SEAL not in raw or raw[SEAL] == seal(raw)[SEAL]
         except RecursionError:
             sealed = False
         if not sealed:
             raise ArtifactError(f"{path}: damaged manifest (its content does not match the {SEAL} it records)")
-        version = raw.get("format_version")
-        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-            raise ArtifactError(f"{path}: artifact format {version!r} is newer than this spexport "
-                                f"understands ({FORMAT_VERSION}); upgrade spexport")
         manifest = _checked(raw, path)
         for rel in manifest.files:  # the graph, the bank and the tokenizer files are among them
             inside_folder(folder, rel)

@@ -333,6 +333,9 @@ MANIFEST_TEXTS = {
     "NaN": ('{"format": "spexport", "format_version": NaN}', r"format_version must be a positive integer, got nan"),
     "no version": ('{"format": "spexport"}', r"field format_version is missing"),
     "a list": ("[1, 2]", r"not a spexport manifest"),
+    # a newer spexport may seal its manifest otherwise: the reader must say upgrade, not damaged
+    "newer, sealed otherwise": ('{"format": "spexport", "format_version": 2, "manifest_sha256": "' + "0" * 64 + '"}',
+                                r"artifact format 2 is newer .* upgrade spexport"),
     "huge": (" " * (64 << 20) + "{}", r"too large for a manifest"),
 }
 
