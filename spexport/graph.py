@@ -7,6 +7,8 @@ the graph so that, inside it:
   mask     = concat(prefix_mask, caller's mask)
   position = caller's position + the row's number of virtual tokens
   present  = everything after the prefix           (the caller's tokens only)
+Where the frozen model only appends the new token's key/value to the past (Concat) and reads the
+past's shape, the prefix joins that same Concat, so no step copies the whole past an extra time.
 Rows with fewer virtual tokens than the batch's longest are left-padded with masked slots, so
 tasks of different lengths share one batch and each row sees exactly its own prefix.
 """
@@ -91,9 +93,71 @@ def add_prefix_inputs(model: onnx.ModelProto, num_layers: int, kv_heads: int, he
                 helper.make_node("Concat", [f"spx_prefix_{past}", past], [f"spx_{past}"], axis=2),
             ]
             tail.append(helper.make_node("Slice", [f"spx_{present}", "spx_prefix_len", max_end, axis2], [present]))
-    nodes = head + list(graph.node) + tail
+    nodes = _merge_prefix_concats(head, list(graph.node) + tail, graph)
     del graph.node[:]
     graph.node.extend(nodes)
     if model.ByteSize() < 2_000_000_000:  # protobuf cannot serialise more for the checker
         onnx.checker.check_model(model)
     return model
+
+
+def _merge_prefix_concats(head: list[onnx.NodeProto], body: list[onnx.NodeProto], graph: onnx.GraphProto
+                          ) -> list[onnx.NodeProto]:
+    """`head + body`, less each `spx_past = Concat(prefix, past)` whose readers can do without it.
+
+    The frozen model reads a layer's past in a Concat along the sequence axis (past, new token) and,
+    for one layer, in a Shape (the past's length). That Concat takes the prefix as one more input, and
+    the Shape becomes the caller's past's shape plus the prefix length; the whole past is then copied
+    once per step, as in the frozen model. A past with any other reader keeps its Concat.
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in body:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    kept, replaced = [], {}
+    for node in head:
+        uses = readers.get(node.output[0], []) if node.op_type == "Concat" else []
+        if not (uses and node.output[0].startswith("spx_past_key_values.")
+                and all(_mergeable(use, node.output[0]) for use in uses)):
+            kept.append(node)
+            continue
+        prefix, past = node.input
+        for use in uses:
+            if use.op_type == "Concat":
+                rest = use.input[1:]
+                del use.input[:]
+                use.input.extend([prefix, past, *rest])
+            else:
+                replaced[id(use)] = _shape_plus_prefix(use, past, graph)
+    if replaced:  # [0, 0, prefix length, 0], added to a caller's past's shape
+        kept.append(helper.make_node("Concat", [_const(graph, "spx_zeros2", np.zeros(2, np.int64)), "spx_prefix_len",
+                                                _const(graph, "spx_zeros1", np.zeros(1, np.int64))],
+                                     ["spx_shape_offset"], axis=0))
+    return kept + [new for node in body for new in replaced.get(id(node), [node])]
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _mergeable(use: onnx.NodeProto, past_all: str) -> bool:
+    """A reader of `past_all` (prefix + caller's past) that can take the two apart."""
+    if use.op_type == "Shape":
+        return True
+    # the 4-D [batch, heads, sequence, head_dim] past, first, appended to along the sequence axis
+    return use.op_type == "Concat" and _attributes(use).get("axis") in (2, -2) and use.input[0] == past_all \
+        and past_all not in use.input[1:]
+
+
+def _shape_plus_prefix(shape: onnx.NodeProto, past: str, graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes giving what `shape` gave for concat(prefix, past), without that concat."""
+    out = shape.output[0]
+    attrs = _attributes(shape)
+    full = f"spx_full_{out}" if attrs else out
+    nodes = [helper.make_node("Shape", [past], [f"spx_own_{out}"]),
+              helper.make_node("Add", [f"spx_own_{out}", "spx_shape_offset"], [full])]
+    if attrs:  # Shape's start/end clamp as Slice's do
+        bounds = [_const(graph, f"{full}_{k}", np.array([attrs.get(k, d)], np.int64))
+                  for k, d in (("start", 0), ("end", np.iinfo(np.int64).max))]
+        nodes.append(helper.make_node("Slice", [full, *bounds], [out]))
+    return nodes

@@ -48,3 +48,20 @@ def test_generation_stops_at_eos_like_transformers(built, runtime_model, input_i
             eos_token_id=eos, pad_token_id=runtime_model.info.pad_token_id).numpy()
     np.testing.assert_array_equal(got, expected)
     assert (got[0, input_ids.shape[1] + 2:] == runtime_model.info.pad_token_id).all()
+
+
+def test_prefix_joins_the_models_own_past_concat(built, runtime_model):
+    """No step copies the whole past an extra time for the prefix: each layer's key and value go
+    through one Concat(prefix, caller's past, new token), as the frozen model's own concat did."""
+    import onnx
+
+    graph = onnx.load(built["artifact"] / "model.onnx", load_external_data=False).graph
+    concats = [node for node in graph.node if node.op_type == "Concat"]
+    assert not [n.name for n in concats if n.output[0].startswith("spx_past_key_values.")]
+    layers = runtime_model.info.num_layers
+    for layer in range(layers):
+        for which in ("key", "value"):
+            (joined,) = [n for n in concats if f"past_key_values.{layer}.{which}" in n.input]
+            assert list(joined.input[:2]) == [f"spx_prefix_past_key_values.{layer}.{which}",
+                                              f"past_key_values.{layer}.{which}"]
+            assert len(joined.input) == 3 and joined.output[0] == f"spx_present.{layer}.{which}"
