@@ -64,3 +64,25 @@ def test_generate_text_decodes_new_tokens(runtime_model):
         ids = runtime_model.tokenizer.encode(text).ids
         tokens = runtime_model.generate(np.array([ids]), task=task, max_new_tokens=6)[0, len(ids):]
         assert out == runtime_model.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+
+
+def test_generation_feeds_the_prefix_once_as_the_past(runtime_model):
+    """generate's first step gives the graph each row's prefix as its past (and empty prefix inputs),
+    so later steps pass `present` back as it is; the logits equal the graph joining the prefix itself."""
+    from spexport.manifest import KV_PREFIX, PREFIX_MASK
+
+    tasks = ["pt", "proj"]  # 5 and 2 virtual tokens
+    rows = [runtime_model.tasks.index(t) for t in tasks]
+    mask = np.array([[0, 1, 1], [1, 1, 1]], np.int64)  # row 0 left-padded
+    prefix, past, full_mask, positions = runtime_model._first_step(mask, rows)
+    assert prefix[KV_PREFIX].shape[4] == 0 and prefix[PREFIX_MASK].shape == (2, 0)
+    assert all(p.shape[2] == 5 for p in past)
+    np.testing.assert_array_equal(full_mask, [[1, 1, 1, 1, 1, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(positions, [[6, 5, 6], [2, 3, 4]])
+    ids = np.random.default_rng(3).integers(4, 150, (2, 3)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": full_mask, "position_ids": positions, **prefix,
+             **dict(zip(runtime_model._past_names, past))}
+    got = runtime_model.session.run(["logits"], feeds)[0]
+    want = runtime_model.logits(ids, mask, task=tasks)
+    real = mask.astype(bool)
+    assert np.abs(got[real] - want[real]).max() <= 1e-5

@@ -99,6 +99,25 @@ class DecoderModel(ServedArtifact):
         kv, mask = stack_prefixes([self._prefixes[r] for r in rows])
         return {KV_PREFIX: kv, PREFIX_MASK: mask}
 
+    def _first_step(self, mask: np.ndarray, rows: list[int]):
+        """Generation's first feeds: (prefix inputs, past, attention mask, position ids).
+
+        With a prompt bank, each row's prefix goes in as the past, with its mask ahead of the
+        caller's and positions after it, while the graph's own prefix inputs stay empty: what the
+        graph would join inside it, the caller joins once. `present` then holds prefix and tokens
+        and is passed back as it is, so no later step splits, concatenates or slices off the prefix.
+        A baked graph holds its prompts, so it is given task ids and an empty past.
+        """
+        if self._prefixes is None:
+            return self._prefix(rows), self._empty_past(len(rows)), mask, inputs.positions(mask)
+        info = self.info
+        kv, prefix_mask = stack_prefixes([self._prefixes[r] for r in rows])
+        empty = {KV_PREFIX: np.zeros((len(rows), info.num_layers, 2, info.num_kv_heads, 0, info.head_dim),
+                                     np.float32), PREFIX_MASK: np.zeros((len(rows), 0), np.int64)}
+        past = [np.ascontiguousarray(kv[:, layer, which]) for layer in range(info.num_layers) for which in (0, 1)]
+        positions = inputs.positions(mask) + prefix_mask.sum(axis=1, keepdims=True)
+        return empty, past, np.concatenate([prefix_mask, mask], axis=1), positions
+
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)
         return [np.zeros(shape, np.float32) for _ in self._past_names]
@@ -143,7 +162,6 @@ class DecoderModel(ServedArtifact):
         """
         inputs.check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         ids, mask, rows = self._prepare(input_ids, attention_mask, task)
-        prefix = self._prefix(rows)
         room = self.info.max_positions - max(self._n_virtual[r] for r in rows) - ids.shape[1]
         eos = np.array(self.info.eos_token_ids, np.int64)
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos.size else 0)
@@ -152,8 +170,9 @@ class DecoderModel(ServedArtifact):
         steps = min(max_new_tokens, room)
         sequences = np.empty((batch, width + steps), np.int64)
         sequences[:, :width] = ids
-        bound = _BoundSteps(self, prefix, batch)
-        step_ids, position_ids = ids, inputs.positions(mask)
+        prefix, past, mask, position_ids = self._first_step(mask, rows)
+        bound = _BoundSteps(self, prefix, past)
+        step_ids = ids
         unfinished = np.ones(batch, bool)
         done = width
         for step in range(steps):
@@ -190,21 +209,21 @@ class DecoderModel(ServedArtifact):
 class _BoundSteps:
     """One generation's feeds, bound to the session with IO binding for all of its steps.
 
-    The prefix inputs are bound once. Each step's `present.*` outputs stay ONNX Runtime values and
+    The prefix inputs and the first past are bound once. Each step's `present.*` outputs stay ONNX Runtime values and
     are bound as the next step's `past_key_values.*` (on a GPU provider they never leave the
     device). Logits land in numpy buffers allocated once per shape, so no step copies them.
     """
 
     DEVICES = {"CUDAExecutionProvider": "cuda"}  # where present.* live; anything else: the CPU
 
-    def __init__(self, model: DecoderModel, prefix: dict[str, np.ndarray], batch: int):
+    def __init__(self, model: DecoderModel, prefix: dict[str, np.ndarray], past: list[np.ndarray]):
         self.session, self.graph = model.session, model._graph
         self.binding = model.session.io_binding()
         self.device = self.DEVICES.get(model.providers[0], "cpu")
         self.past_names, self.present_names = model._past_names, model._present_names
         self.vocab = model.info.vocab_size
         self.logits: dict[tuple[int, int], np.ndarray] = {}
-        for name, value in [*prefix.items(), *zip(self.past_names, model._empty_past(batch))]:
+        for name, value in [*prefix.items(), *zip(self.past_names, past)]:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
 
     def run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
