@@ -98,3 +98,54 @@ def resident_memory(artifact: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", str(artifact)],
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def matmul_ceiling(graph_path: Path, threads: int, reps: int = 10) -> Callable[[], dict]:
+    """A case: ONNX Runtime's own best at batch 1, every weight matrix of `graph_path` read once.
+
+    The graph holds one MatMul per weight (the shapes of the artifact's MatMul/Gemm weights, random
+    values, fed a [1, K] row each) and nothing else, so its run time is what ONNX Runtime's matrix
+    kernels need to stream the weights on this machine: a decode step cannot beat it. Each call
+    returns the median of `reps` runs as `step_s`.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(graph_path, load_external_data=False)
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    transposed = {n.output[0]: dims[n.input[0]][::-1] for n in model.graph.node
+                  if n.op_type == "Transpose" and n.input[0] in dims and len(dims[n.input[0]]) == 2}
+    shapes = []
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            shape = dims.get(node.input[1]) or transposed.get(node.input[1])
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            if shape and len(shape) == 2:
+                shapes.append(shape[::-1] if trans_b else shape)
+    rng = np.random.default_rng(0)
+    nodes, inits, outputs = [], [], []
+    for i, (k, n) in enumerate(shapes):
+        inits.append(numpy_helper.from_array(rng.standard_normal((k, n), np.float32) * 0.02, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    widths = sorted({k for k, _ in shapes})
+    graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k])
+                                                 for k in widths], outputs, inits)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {f"x{k}": rng.standard_normal((1, k)).astype(np.float32) for k in widths}
+    session.run(None, feeds)
+    weight_bytes = int(sum(4 * k * n for k, n in shapes))
+
+    def run() -> dict:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        return {"step_s": float(np.median(times)), "matrices": len(shapes), "bytes": weight_bytes}
+    return run

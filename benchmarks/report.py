@@ -126,11 +126,20 @@ def _model_section(results: dict, name: str, model: dict) -> list[str]:
     lines += _table(["engine", "TTFT b1 (ms)", "tokens/s b1", "ms/step b1", "× fp32 floor", "TTFT b8 (ms)",
                      "tokens/s b8", "b1 speed vs PEFT"], rows)
     lines.append("")
+    ceiling = model.get("matmul_ceiling")
+    if ceiling:
+        alone = ceiling["onnxruntime matmuls only"]
+        step = median(alone, "step_s")
+        lines += [f"ONNX Runtime's MatMul kernels alone, reading the same {alone[0]['matrices']} weight matrices once "
+                  f"at batch 1 (nothing else in the graph): {_ms(step)} ms = {step / floor:.2f}× the floor "
+                  f"({alone[0]['bytes'] / step / 1e9:.1f} GB/s). spexport's decode step, measured beside it: "
+                  f"{paired_ratio(ceiling['spexport'], alone, 'step_s'):.2f}× that.", ""]
     if model.get("drift"):
         tokens = results["config"]["drift_tokens"]
         lines += _table(["engine", "compared with", "max abs Δlogits", f"greedy agreement ({tokens} tokens, 8 rows)",
-                         "tokens/s b1", "b1 speed vs PEFT"],
+                         "same next token along the reference's text", "tokens/s b1", "b1 speed vs PEFT"],
                         [[k, d["against"], f"{d['max_abs_logits']:.2e}", f"{d['greedy_agreement']:.3f}",
+                          f"{d['teacher_forced_agreement']:.3f}" if "teacher_forced_agreement" in d else "",
                           f"{median(b1[k], 'tokens_per_s'):.1f}",
                           f"{paired_ratio(b1[k], b1['peft+pytorch'], 'tokens_per_s'):.2f}"]
                          for k, d in model["drift"].items() if isinstance(d, dict)])

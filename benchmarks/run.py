@@ -113,6 +113,13 @@ def speed(loaded: dict, ids: np.ndarray, mode: dict) -> dict:
     return out
 
 
+def matmul_ceiling(loaded: dict, built: dict, ids: np.ndarray, mode: dict, threads: int) -> dict:
+    """spexport's decode step at batch 1 beside ONNX Runtime's MatMuls alone over the same weights."""
+    cases = {"onnxruntime matmuls only": measure.matmul_ceiling(built["artifacts"]["fp32"] / "model.onnx", threads),
+             "spexport": measure.generation(loaded["spexport"], ids[:1], ["t32_0"], mode["new_tokens"])}
+    return measure.interleaved(cases, mode["reps"])
+
+
 def mixed_batch(model, ids: np.ndarray, mode: dict) -> dict:
     """8 rows with 8 different tasks against 8 rows of one task, same shapes."""
     cases = {"8 tasks": measure.generation(model, ids, [f"t32_{i}" for i in range(8)], mode["new_tokens"]),
@@ -149,13 +156,20 @@ def drift(loaded: dict, ids: np.ndarray, mode: dict) -> dict:
     reference = loaded["spexport"]
     ref_logits = reference.logits(ids, tasks)
     ref_tokens = reference.generate(ids, tasks, mode["drift_tokens"])
+    # Teacher-forced: each variant's next-token choice along fp32's own greedy text, so one flip does
+    # not change every later position: the per-token flip rate behind the greedy agreement.
+    forced_ids = np.concatenate([ids, ref_tokens], axis=1)
+    forced_span = slice(ids.shape[1] - 1, forced_ids.shape[1] - 1)
+    ref_forced = reference.logits(forced_ids, tasks)[:, forced_span].argmax(-1)
     out = {}
     for name, engine in loaded.items():
         if name.startswith("spexport "):
             tokens = engine.generate(ids, tasks, mode["drift_tokens"])
+            forced = engine.logits(forced_ids, tasks)[:, forced_span].argmax(-1)
             out[name] = {"against": "spexport fp32", "max_abs_logits": float(np.abs(engine.logits(ids, tasks)
                                                                                       - ref_logits).max()),
-                         "greedy_agreement": float((tokens == ref_tokens).mean())}
+                         "greedy_agreement": float((tokens == ref_tokens).mean()),
+                         "teacher_forced_agreement": float((forced == ref_forced).mean())}
     peft = loaded["peft+pytorch"]
     peft_logits = np.concatenate([peft.logits(ids[i:i + 1], [t]) for i, t in enumerate(tasks)])
     peft_tokens = np.concatenate([peft.generate(ids[i:i + 1], [t], mode["drift_tokens"]) for i, t in enumerate(tasks)])
@@ -206,12 +220,13 @@ def run_model(name: str, work: Path, mode: dict, threads: int, log) -> dict:
               "prompt_bytes_32_virtual_tokens": workloads.bank_bytes(built["artifacts"]["fp32"], 1),
               "export_times_s": built["export_times_s"], "unavailable": unavailable, "engines": list(loaded)}
     figures = {"speed": lambda: speed(loaded, ids, mode),
+               "matmul_ceiling": lambda: matmul_ceiling(loaded, built, ids, mode, threads),
                "mixed_batch": lambda: mixed_batch(loaded["spexport"], ids, mode),
                "virtual_token_sweep": lambda: virtual_token_sweep(loaded, ids, mode),
                "task_switch": lambda: task_switch(loaded, ids, mode),
                "drift": lambda: drift(loaded, ids, mode)}
     if name != "gpt2":  # the Llama-style model gets the headline figures; the rest are shown on GPT-2
-        figures = {k: figures[k] for k in ("speed", "drift")}
+        figures = {k: figures[k] for k in ("speed", "matmul_ceiling", "drift")}
     for figure, fn in figures.items():
         log(f"[{name}] {figure}")
         result[figure] = fn()
