@@ -108,10 +108,11 @@ class DecoderModel(ServedArtifact):
         and is passed back as it is, so no later step splits, concatenates or slices off the prefix.
         A baked graph holds its prompts, so it is given task ids and an empty past.
         """
+        prefix = self._prefix(rows)
         if self._prefixes is None:
-            return self._prefix(rows), self._empty_past(len(rows)), mask, inputs.positions(mask)
+            return prefix, self._empty_past(len(rows)), mask, inputs.positions(mask)
         info = self.info
-        kv, prefix_mask = stack_prefixes([self._prefixes[r] for r in rows])
+        kv, prefix_mask = prefix[KV_PREFIX], prefix[PREFIX_MASK]
         empty = {KV_PREFIX: np.zeros((len(rows), info.num_layers, 2, info.num_kv_heads, 0, info.head_dim),
                                      np.float32), PREFIX_MASK: np.zeros((len(rows), 0), np.int64)}
         past = [np.ascontiguousarray(kv[:, layer, which]) for layer in range(info.num_layers) for which in (0, 1)]
@@ -209,9 +210,10 @@ class DecoderModel(ServedArtifact):
 class _BoundSteps:
     """One generation's feeds, bound to the session with IO binding for all of its steps.
 
-    The prefix inputs and the first past are bound once. Each step's `present.*` outputs stay ONNX Runtime values and
-    are bound as the next step's `past_key_values.*` (on a GPU provider they never leave the
-    device). Logits land in numpy buffers allocated once per shape, so no step copies them.
+    The prefix inputs and the first past are bound once. Each step's `present.*` outputs stay ONNX
+    Runtime values and are bound as the next step's `past_key_values.*` (on a GPU provider they
+    never leave the device). Logits land in numpy buffers allocated once per shape, so no step
+    copies them.
     """
 
     DEVICES = {"CUDAExecutionProvider": "cuda"}  # where present.* live; anything else: the CPU
