@@ -41,12 +41,13 @@ def build(root: Path) -> dict:
         peft.save_pretrained(adapter)
     times_path = root / "export_times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    if not (artifact / "spexport.json").is_file():
+    if not workloads.built_by_this_source(artifact):
         from spexport.export import convert
 
         start = time.perf_counter()
         convert(model_dir, [(TASK, adapter)], artifact, overwrite=True)
         times["spexport convert (fp32, 1 task)"] = time.perf_counter() - start
+        workloads.stamp_source(artifact)
         times_path.write_text(json.dumps(times, indent=2))
     return {"model": model_dir, "adapter": adapter, "artifact": artifact, "export_times_s": times}
 

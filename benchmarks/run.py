@@ -5,8 +5,9 @@ onnxruntime-genai and the memory-bandwidth floor.
     .venv/bin/python -m benchmarks.run [--quick] [--out benchmarks/results] [--work DIR]
 
 Writes results.json, results.md and PNG plots into --out. Models, adapters and artifacts are
-built once into --work (random weights, nothing downloaded) and reused by later runs; export
-times are measured when an artifact is built and kept with it.
+built once into --work (random weights, nothing downloaded) and reused by later runs (an artifact
+is rebuilt when spexport's sources have changed since); export times are measured when an
+artifact is built and kept with it.
 """
 
 from __future__ import annotations
@@ -51,13 +52,17 @@ def build(name: str, work: Path, mode: dict) -> dict:
     times_path = root / "export_times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
 
-    def timed_once(key: str, folder: Path, marker: str, fn) -> Path:
-        if not (folder / marker).is_file():
+    def timed_once(key: str, folder: Path, built, fn) -> Path:
+        if not built(folder):
             start = time.perf_counter()
             fn()
             times[key] = time.perf_counter() - start
             times_path.write_text(json.dumps(times, indent=2))
         return folder
+
+    def convert_stamped(folder: Path, options: dict) -> None:
+        convert(model_dir, adapters + bare, folder, overwrite=True, **options)
+        workloads.stamp_source(folder)
 
     built = {"model": model_dir, "adapters": adapters, "artifacts": {}, "unavailable": {}}
     for variant in ["fp32", *mode["variants"]]:
@@ -65,12 +70,12 @@ def build(name: str, work: Path, mode: dict) -> dict:
         folder = root / f"artifact-{variant}"
         try:
             built["artifacts"][variant] = timed_once(
-                f"spexport convert ({variant}, {TASKS_IN_ARTIFACT} tasks)", folder, "spexport.json",
-                lambda folder=folder, options=options: convert(model_dir, adapters + bare, folder, overwrite=True,
-                                                               **options))
+                f"spexport convert ({variant}, {TASKS_IN_ARTIFACT} tasks)", folder, workloads.built_by_this_source,
+                lambda folder=folder, options=options: convert_stamped(folder, options))
         except Exception as e:  # a variant this machine cannot build is reported, not fatal
             built["unavailable"][variant] = f"export failed: {e}"
-    built["ort"] = timed_once("optimum main_export (base model)", root / "optimum", "model.onnx",
+    built["ort"] = timed_once("optimum main_export (base model)", root / "optimum",
+                              lambda folder: (folder / "model.onnx").is_file(),
                               lambda: main_export(str(model_dir), output=str(root / "optimum"),
                                                   task="text-generation-with-past", do_validation=False,
                                                   local_files_only=True))

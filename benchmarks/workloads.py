@@ -6,6 +6,7 @@ Tasks are PEFT prompt-tuning adapters saved as PEFT saves them, so PEFT itself c
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,28 @@ def weight_bytes_per_step(model_dir: Path) -> int:
     return total
 
 
+def spexport_source() -> str:
+    """A digest of the installed spexport's Python sources: an artifact cached by an earlier run is
+    rebuilt when the code that would write it has changed since."""
+    import spexport
+
+    digest = hashlib.sha256()
+    root = Path(spexport.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def built_by_this_source(artifact: Path) -> bool:
+    """Whether `artifact` is complete and was written by the spexport now installed."""
+    stamp = artifact.with_name(artifact.name + ".source")
+    return (artifact / "spexport.json").is_file() and stamp.is_file() and stamp.read_text() == spexport_source()
+
+
+def stamp_source(artifact: Path) -> None:
+    artifact.with_name(artifact.name + ".source").write_text(spexport_source())
+
+
 def subset_artifact(source: Path, target: Path, count: int) -> Path:
     """`source` serving only its first `count` tasks: the same graph (hard-linked), a smaller bank.
 
@@ -132,8 +155,10 @@ def subset_artifact(source: Path, target: Path, count: int) -> Path:
     from spexport.manifest import Manifest, sha256
 
     manifest = Manifest.read(source)
-    if (target / "spexport.json").is_file() and len(Manifest.read(target).tasks) == count:
-        return target
+    if (target / "spexport.json").is_file():
+        existing = Manifest.read(target)
+        if len(existing.tasks) == count and existing.files.get(manifest.graph) == manifest.files.get(manifest.graph):
+            return target
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     tasks = manifest.tasks[:count]
