@@ -86,3 +86,16 @@ def test_generation_feeds_the_prefix_once_as_the_past(runtime_model):
     want = runtime_model.logits(ids, mask, task=tasks)
     real = mask.astype(bool)
     assert np.abs(got[real] - want[real]).max() <= 1e-5
+
+
+def test_one_row_first_step_reads_the_bank_without_copying_it(runtime_model):
+    """A one-row request's past is the bank's own memory, so a long prefix costs no copy per
+    request; its mask covers exactly the task's virtual tokens and its positions follow them."""
+    row = runtime_model.tasks.index("pt")  # 5 virtual tokens
+    _, past, full_mask, positions = runtime_model._first_step(np.ones((1, 3), np.int64), [row])
+    bank = runtime_model._prefixes[row]
+    assert all(np.shares_memory(p, bank) for p in past)
+    np.testing.assert_array_equal(past[1][0], bank[0, 1])  # layer 0's values
+    np.testing.assert_array_equal(full_mask, [[1] * 8])
+    np.testing.assert_array_equal(positions, [[5, 6, 7]])
+    assert runtime_model.generate(np.array([[7, 8, 9]]), task="pt", max_new_tokens=3).shape == (1, 6)
