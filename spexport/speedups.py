@@ -2,7 +2,7 @@
 
 Fusions run after the prefix inputs are added (the ONNX checker that guards that step does not know
 ONNX Runtime's operators); they rewrite norms, activations and rotary embeddings, which the prefix
-wiring does not touch. Quantization and fp16 run last, on MatMul/Gemm weights only: the prompt bank (an input,
+wiring does not touch, and move attention's scale off the key cache. Quantization and fp16 run last, on MatMul/Gemm weights only: the prompt bank (an input,
 or the baked `spx_kv_bank` constant read by Gather) and every graph input and output stay float32,
 so the artifact's interface does not change.
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from spexport.errors import SpexportError
 from spexport.manifest import ModelInfo
@@ -22,6 +24,7 @@ DTYPES = ("float32", "float16")
 WEIGHTS_KEY = "spexport.weights"  # model.onnx metadata: float32, int8 or float16
 FUSIONS_KEY = "spexport.fusions"  # model.onnx metadata: the fused operators and their counts
 BANK_CONSTANTS = ("spx_kv_bank", "spx_bank_mask")  # a baked bank, as spexport.graph names it
+SCALED_QUERY = "MatMulScaledQuery"  # in FUSIONS_KEY: attention products whose scale moved to the query
 
 # onnxruntime.transformers' optimizer has no llama type. Its gpt2 fusions are written for decoders
 # in general (layer norms, RMS norms, skip connections, GELU, rotary embeddings) and match these.
@@ -54,6 +57,9 @@ class Speed:
         model = wrap(model)
         if self.optimize:
             model, fusions = fuse(model, info.model_type, info.hidden_size // info.head_dim, info.hidden_size)
+            moved = scale_queries_not_keys(model.graph)
+            if moved:
+                fusions = {**fusions, SCALED_QUERY: moved}
         if self.dtype == "float16":
             model = to_float16(model)
         model = tag(model, self.weights, fusions)
@@ -87,6 +93,81 @@ def fuse(model: onnx.ModelProto, model_type: str, num_heads: int, hidden_size: i
     known = {opset.domain for opset in model.opset_import}
     model.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in sorted(domains - known))
     return model, counts
+
+
+def scale_queries_not_keys(graph: onnx.GraphProto) -> int:
+    """Move attention's scale from the keys to the queries: `q·(kᵀ·s)` becomes `(q·s)·kᵀ`.
+
+    torch exports scaled dot-product attention with sqrt(scale) applied to both sides, so each
+    step would transpose and multiply the whole key cache. With the key side left bare, ONNX
+    Runtime folds the transpose into the MatMul and no step copies the cache for it; the query is
+    one row per token. Only a scale of one element is moved (exact up to rounding). Returns the
+    number of attention products rewritten.
+    """
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    sizes = {init.name: int(np.prod(init.dims)) for init in graph.initializer}
+    added, dropped = {}, set()
+    for node in graph.node:
+        keys = producer.get(node.input[1]) if node.op_type == "MatMul" else None
+        if keys is None or keys.op_type != "Mul" or readers[keys.output[0]] != 1:
+            continue
+        for transposed, scale in (keys.input, reversed(keys.input)):
+            if _swaps_last_two_axes(producer.get(transposed)) and _one_element(scale, producer, sizes):
+                query = f"{node.output[0]}_spx_scaled_query"
+                added[id(node)] = onnx.helper.make_node("Mul", [node.input[0], scale], [query],
+                                                        name=f"{node.name}_spx_scale_query")
+                node.input[0], node.input[1] = query, transposed
+                dropped.add(id(keys))
+                break
+    nodes = [new for node in graph.node if id(node) not in dropped
+             for new in ([added[id(node)]] if id(node) in added else []) + [node]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(added)
+
+
+def _swaps_last_two_axes(node) -> bool:
+    if node is None or node.op_type != "Transpose":
+        return False
+    perm = list(next((a.ints for a in node.attribute if a.name == "perm"), []))
+    rank = len(perm)
+    return rank >= 2 and perm == [*range(rank - 2), rank - 1, rank - 2]
+
+
+_ELEMENTWISE = {"Sqrt", "Cast", "Reciprocal", "Neg", "Div", "Mul", "Add", "Sub", "Pow"}
+
+
+def _one_element(name: str, producer: dict, sizes: dict[str, int]) -> bool:
+    """Whether `name` surely holds one number: a constant of size 1, the last entry of a shape, or
+    element-wise arithmetic on such values (how torch computes 1/sqrt(head_dim))."""
+    if name in sizes:
+        return sizes[name] == 1
+    node = producer.get(name)
+    if node is None:
+        return False
+    if node.op_type == "Constant":
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        return value is not None and int(np.prod(value.dims)) == 1
+    if node.op_type in _ELEMENTWISE:
+        return all(_one_element(i, producer, sizes) for i in node.input)
+    if node.op_type == "Slice" and len(node.input) == 3:  # shape[-1:]
+        source = producer.get(node.input[0])
+        starts, ends = (_constant(i, producer) for i in node.input[1:])
+        return (source is not None and source.op_type == "Shape" and starts is not None and ends is not None
+                and starts.tolist() == [-1] and int(ends.ravel()[0]) >= 2**31 - 1)
+    return False
+
+
+def _constant(name: str, producer: dict) -> np.ndarray | None:
+    node = producer.get(name)
+    if node is None or node.op_type != "Constant":
+        return None
+    value = next((a.t for a in node.attribute if a.name == "value"), None)
+    return None if value is None else onnx.numpy_helper.to_array(value)
 
 
 def quantize_int8(model: onnx.ModelProto, path: Path, large: bool) -> None:
