@@ -2,9 +2,10 @@
 
 Fusions run after the prefix inputs are added (the ONNX checker that guards that step does not know
 ONNX Runtime's operators); they rewrite norms, activations and rotary embeddings, which the prefix
-wiring does not touch, and move attention's scale off the key cache. Quantization and fp16 run last, on MatMul/Gemm weights only: the prompt bank (an input,
-or the baked `spx_kv_bank` constant read by Gather) and every graph input and output stay float32,
-so the artifact's interface does not change.
+wiring does not touch, and move attention's scale off the key cache. Quantization and fp16 run
+last, on MatMul/Gemm weights only: the prompt bank (an input, or the baked `spx_kv_bank` constant
+read by Gather) and every graph input and output stay float32, so the artifact's interface does
+not change.
 """
 
 from __future__ import annotations
