@@ -71,7 +71,7 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     from spexport.inspect import summary
 
     console = Console(stderr=True, quiet=quiet)
-    with _one_line_errors(), _steps(console, expected=len(adapters) + 4) as on_step, _stoppable(on_step) as on_step, \
+    with _one_line_errors(), _terminated_as_interrupted(), _steps(console, expected=len(adapters) + 3) as on_step, \
             _stdout_to_stderr():
         from spexport.export import convert as run_convert
 
@@ -232,31 +232,17 @@ def _stdout_to_stderr():
 
 
 @contextlib.contextmanager
-def _stoppable(on_step):
-    """Ctrl-C and SIGTERM (kill, docker stop, systemd) stop convert alike: the export unwinds, removes
-    its staging folder and leaves any old artifact in place; the exit code is 1 ("Aborted!") or 143.
-    A stop that a library swallows (torch's exporter drops errors raised inside some of its passes)
-    is raised again at the next step, at the latest before the artifact is moved into place."""
-    stopped: list[int] = []
-
-    def stop_now(signum: int):
-        return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
-
+def _terminated_as_interrupted():
+    """SIGTERM (kill, docker stop, systemd) stops convert the way Ctrl-C does: the export unwinds,
+    removes its staging folder and leaves any old artifact in place; the exit code is 143."""
     def stop(signum, frame):
-        stopped.append(signum)
-        raise stop_now(signum)
+        raise SystemExit(128 + signum)
 
-    def step(name: str) -> None:
-        if stopped:
-            raise stop_now(stopped[0])
-        on_step(name)
-
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        yield step
+        yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

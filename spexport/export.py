@@ -236,7 +236,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
         on_step("exporting the frozen model to ONNX")
         _export_graph(model_dir, info, family, staging, speed, stack_prefixes(list(bank.values())) if bake else None,
                       trust_remote_code)
-        return _finish(staging, output, model_dir, on_step, family=family.name, model=info, graph=GRAPH,
+        return _finish(staging, output, model_dir, family=family.name, model=info, graph=GRAPH,
                        prompt_bank=None if bake else BANK, tasks=tasks, baked=bake)
 
 
@@ -276,11 +276,9 @@ def _building(output: Path):
         raise
 
 
-def _finish(staging: Path, output: Path, model_dir: Path, on_step: Callable[[str], None], **fields) -> Manifest:
+def _finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
     """Copy the model's tokenizer and config files into `staging`, write the manifest (`fields` plus
-    every file's sha256), and move the artifact into place at `output`. `on_step` is told first, so
-    a caller can still stop the export here, before anything at `output` changes."""
-    on_step("writing the artifact")
+    every file's sha256), and move the artifact into place at `output`."""
     copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
     for f in copied:
         shutil.copy2(model_dir / f, staging / f)

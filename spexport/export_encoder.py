@@ -93,8 +93,8 @@ def convert_encoder(model_dir: Path, adapters: list[tuple[str, Path]], output: P
         with _quiet_tracing():
             export_body(body, info.num_layers, info.num_kv_heads, info.head_dim, _position_offset(model),
                         "embeddings" in kinds, "kv" in kinds, staging / GRAPH)
-        return _finish(staging, output, model_dir, on_step, family=ENCODER.name, model=info, graph=GRAPH,
-                       prompt_bank=BANK, tasks=tasks)
+        return _finish(staging, output, model_dir, family=ENCODER.name, model=info, graph=GRAPH, prompt_bank=BANK,
+                       tasks=tasks)
 
 
 def _read_head(name: str, path: Path) -> Head:

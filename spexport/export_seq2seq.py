@@ -88,7 +88,7 @@ def convert_seq2seq(model_dir: Path, adapters: list[tuple[str, Path]], output: P
         on_step("exporting the frozen model to ONNX")
         with _quiet_tracing():
             export_graphs(model, info.num_layers, info.num_kv_heads, info.head_dim, layout.decoder_positions, staging)
-        return _finish(staging, output, model_dir, on_step, family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH,
+        return _finish(staging, output, model_dir, family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH,
                        encoder_graph=ENCODER_GRAPH, prompt_bank=BANK, tasks=tasks)
 
 
