@@ -394,7 +394,10 @@ def test_a_stopped_export_leaves_the_old_artifact_and_no_partial_folder(tiny_lla
     before = _snapshot(output)
     command = [sys.executable, "-m", "spexport.cli", "convert", "--model", str(tiny_llama["model"]), "--overwrite",
                "--adapter", f"pt={tiny_llama['adapters']['pt']}", "--output", str(output)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts a job in the background without job control (nohup, `cmd &` in a script)
+    # makes it ignore SIGINT, and children inherit that; a terminal's Ctrl-C finds the default handler.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     # the prompt bank is written to the hidden folder just before the graph export starts
     while not list(output.parent.glob(".artifact.*.partial/prompts.safetensors")):
