@@ -106,10 +106,9 @@ def scale_queries_not_keys(graph: onnx.GraphProto) -> int:
     number of attention products rewritten.
     """
     producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers: dict[str, int] = {}  # a graph output counts as a reader: its Mul must stay
+    for name in [out.name for out in graph.output] + [name for node in graph.node for name in node.input]:
+        readers[name] = readers.get(name, 0) + 1
     sizes = {init.name: int(np.prod(init.dims)) for init in graph.initializer}
     added, dropped = {}, set()
     for node in graph.node:
@@ -151,8 +150,8 @@ def _one_element(name: str, producer: dict, sizes: dict[str, int]) -> bool:
     if node is None:
         return False
     if node.op_type == "Constant":
-        value = next((a.t for a in node.attribute if a.name == "value"), None)
-        return value is not None and int(np.prod(value.dims)) == 1
+        value = _constant(name, producer)
+        return value is not None and value.size == 1
     if node.op_type in _ELEMENTWISE:
         return all(_one_element(i, producer, sizes) for i in node.input)
     if node.op_type == "Slice" and len(node.input) == 3:  # shape[-1:]
