@@ -275,8 +275,11 @@ def stack_prefixes(prefixes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Stack per-task KV prefixes [layers, 2, kv_heads, n, head_dim] into the graph's layout.
 
     Returns kv [count, layers, 2, kv_heads, longest, head_dim] and mask [count, longest]; shorter
-    prefixes are left-padded with zero slots whose mask is 0, so every row sees only its own.
+    prefixes are left-padded with zero slots whose mask is 0, so every row sees only its own. One
+    prefix comes back as a view of itself, not a copy: a long prompt costs nothing per request.
     """
+    if len(prefixes) == 1:
+        return prefixes[0][None], np.ones((1, prefixes[0].shape[3]), np.int64)
     longest = max(p.shape[3] for p in prefixes)
     layers, _, heads, _, head_dim = prefixes[0].shape
     kv = np.zeros((len(prefixes), layers, 2, heads, longest, head_dim), np.float32)

@@ -111,11 +111,7 @@ class DecoderModel(ServedArtifact):
         if self._prefixes is None:
             return self._prefix(rows), self._empty_past(len(rows)), mask, inputs.positions(mask)
         info = self.info
-        prefixes = [self._prefixes[r] for r in rows]
-        if len(prefixes) == 1:  # one row reads the bank's own memory: no copy of a long prefix per request
-            kv, prefix_mask = prefixes[0][None], np.ones((1, prefixes[0].shape[3]), np.int64)
-        else:
-            kv, prefix_mask = stack_prefixes(prefixes)
+        kv, prefix_mask = stack_prefixes([self._prefixes[r] for r in rows])
         empty = {KV_PREFIX: np.zeros((len(rows), info.num_layers, 2, info.num_kv_heads, 0, info.head_dim),
                                      np.float32), PREFIX_MASK: np.zeros((len(rows), 0), np.int64)}
         past = [np.ascontiguousarray(kv[:, layer, which]) for layer in range(info.num_layers) for which in (0, 1)]
