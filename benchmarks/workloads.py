@@ -151,8 +151,9 @@ def subset_artifact(source: Path, target: Path, count: int) -> Path:
     import os
     import shutil
 
-    from spexport import tensorfile
-    from spexport.manifest import Manifest, sha256
+    from spexport.artifact import tensorfile
+    from spexport.artifact.integrity import sha256
+    from spexport.artifact.manifest import Manifest
 
     manifest = Manifest.read(source)
     if (target / "spexport.json").is_file():
@@ -175,7 +176,7 @@ def subset_artifact(source: Path, target: Path, count: int) -> Path:
 
 def bank_bytes(artifact: Path, count: int | None = None) -> int:
     """Bytes of the first `count` tasks' KV prefixes (float32), from the manifest."""
-    from spexport.manifest import Manifest
+    from spexport.artifact.manifest import Manifest
 
     tasks = Manifest.read(artifact).tasks[:count]
     return sum(4 * int(np.prod(t.shape)) for t in tasks)

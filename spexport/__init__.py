@@ -4,8 +4,17 @@ Importing this package stays light (numpy only); the exporter lives in ``spexpor
 needs the ``[export]`` extra, the runtime in ``spexport.runtime``.
 """
 
-from spexport.errors import AdapterError, ArtifactError, InputError, ModelError, SpexportError
+from spexport.errors import (
+    AdapterError,
+    ArtifactError,
+    InputError,
+    ModelError,
+    OptionError,
+    OutputError,
+    SpexportError,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterError", "ArtifactError", "InputError", "ModelError", "SpexportError", "__version__"]
+__all__ = ["AdapterError", "ArtifactError", "InputError", "ModelError", "OptionError", "OutputError", "SpexportError",
+           "__version__"]

@@ -1,4 +1,4 @@
-"""The `spexport` command line: thin commands over the library, one-line errors, exit code 2.
+"""The `spexport` command line: thin commands over the library, one-line errors with their exit codes.
 
 `convert` and `validate` need the `[export]` extra; `inspect` and `run` need only the runtime, so
 nothing heavy is imported at the top of this module. With --json a command prints one JSON
@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import click
 
-from spexport.errors import SpexportError
+from spexport.errors import ArtifactError, OptionError, SpexportError
 
 
 def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -25,7 +25,8 @@ def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]
     for value in values:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            _fail(f"--adapter {value!r} is not NAME=PATH, e.g. --adapter sentiment=adapters/sentiment")
+            _fail(f"--adapter {value!r} is not NAME=PATH, e.g. --adapter sentiment=adapters/sentiment",
+                  OptionError.exit_code)
         specs.append((name, Path(path)))
     return specs
 
@@ -111,7 +112,7 @@ def _steps(console, expected: int):
 @QUIET
 @AS_JSON
 def inspect_command(folder: Path, quiet: bool, as_json: bool) -> None:
-    """Show an artifact's tasks, graph, providers and file integrity; exit 2 if a file is damaged."""
+    """Show an artifact's tasks, graph, providers and file integrity; exit 5 if a file is damaged."""
     from spexport.inspect import inspect
 
     with _one_line_errors():
@@ -123,7 +124,7 @@ def inspect_command(folder: Path, quiet: bool, as_json: bool) -> None:
     broken = {rel: status for rel, status in report.files.items() if status != "ok"}
     if broken:
         _fail(f"{folder}: " + ", ".join(f"{rel} is {status}" for rel, status in broken.items())
-              + "; export the artifact again or restore these files")
+              + "; export the artifact again or restore these files", ArtifactError.exit_code)
 
 
 def _print_report(report) -> None:
@@ -247,16 +248,17 @@ def _terminated_as_interrupted():
 
 @contextlib.contextmanager
 def _one_line_errors():
-    """What a user caused ends as one line on stderr and exit code 2, after any progress bar is cleared."""
+    """What a user caused ends as one line on stderr and its class's exit code, after any progress bar is
+    cleared."""
     try:
         yield
     except SpexportError as e:
-        _fail(str(e))
+        _fail(str(e), e.exit_code)
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, exit_code: int) -> NoReturn:
     click.echo("error: " + " ".join(message.splitlines()), err=True)
-    sys.exit(2)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,61 @@
-"""Model families described as data: how to read a config, which task to export, what is tested.
-
-The runtime never branches on model_type; everything it needs is written into the manifest.
+"""Model families described as data: model types, what each family's artifacts can do, and how a
+config reads. `spexport.export` and `spexport.runtime` each map a family's name to its exporter and
+its served class; nothing else branches on the family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spexport.errors import ModelError
-from spexport.manifest import ModelInfo
+from spexport.artifact.manifest import ModelInfo
+from spexport.errors import ModelError, OptionError
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    optimum_task: str | None  # None: spexport traces the graph itself
-    model_types: frozenset[str]  # verified against PEFT in tests/
+    model_types: frozenset[str]  # each verified against PEFT in tests/
+    bake: bool = False  # --bake: the prompt bank as graph constants, picked by task_ids
+    quantize: tuple[str, ...] = ()  # --quantize values
+    dtypes: tuple[str, ...] = ("float32",)  # --dtype values
+    optimum_task: str | None = None  # None: spexport traces the graph itself
+    # onnxruntime.transformers' optimizer model type whose fusions match these graphs; None: no fusions
+    fusion_type: str | None = None
     positions_after_pad: frozenset[str] = frozenset()  # model types counting positions from pad_token_id + 1
 
+    def check(self, bake: bool, quantize: str | None, dtype: str) -> None:
+        """Refuse an option this family's artifacts cannot have, before anything is loaded."""
+        if bake and not self.bake:
+            raise OptionError(f"--bake is not available for {self.name} artifacts, which keep their prompts in "
+                              "prompts.safetensors; leave out --bake")
+        if quantize is not None and quantize not in self.quantize:
+            offered = f"use one of {', '.join(self.quantize)}" if self.quantize else "export them in float32"
+            raise OptionError(f"quantize={quantize!r} is not supported for {self.name} artifacts; {offered}")
+        if dtype not in self.dtypes:
+            raise OptionError(f"dtype={dtype!r} is not supported for {self.name} artifacts; use one of "
+                              f"{', '.join(self.dtypes)}")
+        if quantize is not None and dtype != "float32":
+            raise OptionError(f"{quantize} quantization starts from float32 weights; leave dtype at float32")
 
-DECODER = Family("decoder", "text-generation-with-past", frozenset({"gpt2", "llama", "qwen2", "mistral"}))
-# SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export_encoder.py).
-ENCODER = Family("encoder", None, frozenset({"bert", "roberta", "distilbert"}),
-                 positions_after_pad=frozenset({"roberta"}))
-# SEQ_2_SEQ_LM encoder-decoder models (export_seq2seq.py describes each model type's layout).
-SEQ2SEQ = Family("seq2seq", None, frozenset({"t5", "bart"}))
+
+# onnxruntime.transformers' optimizer has no llama type. Its gpt2 fusions are written for decoders
+# in general (layer norms, RMS norms, skip connections, GELU, rotary embeddings) and match these.
+DECODER = Family("decoder", frozenset({"gpt2", "llama", "qwen2", "mistral"}), bake=True, quantize=("int8",),
+                 dtypes=("float32", "float16"), optimum_task="text-generation-with-past", fusion_type="gpt2")
+# SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export/encoder).
+ENCODER = Family("encoder", frozenset({"bert", "roberta", "distilbert"}), positions_after_pad=frozenset({"roberta"}))
+# SEQ_2_SEQ_LM encoder-decoder models (export/seq2seq describes each model type's layout).
+SEQ2SEQ = Family("seq2seq", frozenset({"t5", "bart"}))
 FAMILIES = [DECODER, ENCODER, SEQ2SEQ]
 
 
-def family_for(config) -> Family:
+def family_for(model_type: str) -> Family:
+    """The family that exports `model_type`; any other gets a one-line error naming the supported ones."""
     for family in FAMILIES:
-        if config.model_type in family.model_types:
+        if model_type in family.model_types:
             return family
     supported = ", ".join(sorted(t for f in FAMILIES for t in f.model_types))
-    raise ModelError(f"model type {config.model_type!r} is not supported; spexport exports {supported}")
+    raise ModelError(f"model type {model_type!r} is not supported; spexport exports {supported}")
 
 
 def model_info(config, generation_config) -> ModelInfo:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spexport.manifest import OK, Manifest, file_status, inside_folder
+from spexport.artifact.integrity import OK, file_status, inside_folder
+from spexport.artifact.manifest import Manifest
 
 
 @dataclass
@@ -55,7 +56,7 @@ def graph_ports(path: Path) -> tuple[list[Port], list[Port]]:
     """The graph's inputs and outputs as ONNX Runtime reads them, without optimizing the graph."""
     import onnxruntime as ort
 
-    from spexport.runtime.session import check_external_data
+    from spexport.runtime.base import check_external_data
 
     check_external_data(path)
     options = ort.SessionOptions()
@@ -82,7 +83,7 @@ def inspect(folder: str | Path) -> Report:
     folder = Path(folder)
     manifest = Manifest.read(folder)
     report = Report(str(folder), summary(manifest), providers=ort.get_available_providers(),
-                    files=file_status(folder, manifest))
+                    files=file_status(folder, manifest.files))
     try:
         report.inputs, report.outputs = graph_ports(inside_folder(folder, manifest.graph))
     except Exception as e:  # noqa: BLE001 - ORT raises its own pybind types, none a RuntimeError

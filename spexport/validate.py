@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from spexport.errors import AdapterError, InputError
-from spexport.export import _load_model, _quiet_tracing, parse_adapters
-from spexport.families import DECODER
-from spexport.manifest import Manifest
+from spexport.artifact.manifest import Manifest
+from spexport.errors import AdapterError, InputError, ModelError
+from spexport.export.common import parse_adapters, quiet_tracing, read_model_type
+from spexport.export.decoder import load_model
+from spexport.families import DECODER, family_for
 from spexport.runtime import load
 
 MULTITASK = "MULTITASK_PROMPT_TUNING"
@@ -89,9 +90,16 @@ def _artifact_tasks(name: str, folder: Path, tasks: list[str]) -> list[tuple[str
 def _peft_model(model_dir: Path, folder: Path, trust_remote_code: bool):
     from peft import PeftModel
 
-    _, base, _ = _load_model(model_dir, trust_remote_code)
+    model_type, _ = read_model_type(model_dir)
     try:
-        with _quiet_tracing():
+        family = family_for(model_type)
+    except ModelError as e:
+        raise ModelError(f"{model_dir}: {e}") from None
+    if family is not DECODER:
+        raise ModelError(f"{model_dir}: a {family.name} model; validate compares decoder-only models with PEFT")
+    base, _ = load_model(model_dir, trust_remote_code)
+    try:
+        with quiet_tracing():
             return PeftModel.from_pretrained(base, folder, is_trainable=False).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise AdapterError(f"{folder}: PEFT cannot load it onto {model_dir} ({str(e).strip().splitlines()[0]})") \
@@ -105,7 +113,7 @@ def _peft_outputs(model, ids: np.ndarray, task_id: int | None, new_tokens: int) 
 
     input_ids = torch.from_numpy(ids)
     extra = {} if task_id is None else {"task_ids": torch.full((len(ids),), task_id)}
-    with torch.no_grad(), _quiet_tracing():
+    with torch.no_grad(), quiet_tracing():
         logits = model(input_ids=input_ids, **extra).logits[:, -ids.shape[1]:].numpy()
         tokens = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 max_new_tokens=new_tokens, do_sample=False, **extra).numpy()

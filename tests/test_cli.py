@@ -10,6 +10,7 @@ from builders import build_adapter, build_model
 from click.testing import CliRunner
 
 from spexport.cli import main
+from spexport.errors import OptionError, OutputError
 from spexport.runtime import load
 
 
@@ -28,8 +29,8 @@ def _convert(inputs, output: Path, *extra: str, tasks=("pt", "prefix")):
     return CliRunner().invoke(main, args)
 
 
-def _assert_refused(result, pattern: str) -> None:
-    assert result.exit_code == 2, result.output
+def _assert_refused(result, pattern: str, exit_code: int) -> None:
+    assert result.exit_code == exit_code, result.output
     assert result.stdout == "" and "Traceback" not in result.output
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert pattern in result.stderr
@@ -58,7 +59,8 @@ def test_convert_prints_the_tasks_and_exits_0(converted):
 def test_existing_output_is_kept_without_overwrite(inputs, converted):
     _, output = converted
     before = _snapshot(output)
-    _assert_refused(_convert(inputs, output, tasks=["pt"]), "exists and is not empty; pass --overwrite to replace it")
+    _assert_refused(_convert(inputs, output, tasks=["pt"]), "exists and is not empty; pass --overwrite to replace it",
+                    OutputError.exit_code)
     assert _snapshot(output) == before
 
 
@@ -77,6 +79,6 @@ def test_overwrite_replaces_the_output(inputs, tmp_path):
 def test_malformed_adapter_option(inputs, tmp_path, spec):
     result = CliRunner().invoke(main, ["convert", "--model", str(inputs["model"]), "--adapter", spec,
                                        "--output", str(tmp_path / "artifact")])
-    _assert_refused(result, f"--adapter {spec!r} is not NAME=PATH, e.g. --adapter sentiment=")
+    _assert_refused(result, f"--adapter {spec!r} is not NAME=PATH, e.g. --adapter sentiment=", OptionError.exit_code)
     assert list(tmp_path.iterdir()) == []
 

@@ -12,9 +12,9 @@ import pytest
 from builders import build_adapter, build_model
 from click.testing import CliRunner
 
-from spexport import tensorfile
+from spexport.artifact import tensorfile
+from spexport.artifact.manifest import seal
 from spexport.cli import main
-from spexport.manifest import seal
 from spexport.runtime import load
 
 TASKS = ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2"]

@@ -22,10 +22,12 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import spexport.export
+import spexport.export.decoder
 from spexport.cli import main
 from spexport.converters import CONVERTERS, convert_adapter
 from spexport.errors import AdapterError, InputError, ModelError, SpexportError
-from spexport.export import _load_model, convert
+from spexport.export import convert
+from spexport.export.decoder import load_model
 from spexport.runtime import load
 
 TINY_LLAMA = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -148,13 +150,13 @@ def test_convert_raises_one_clear_line(inputs, tmp_path, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_cli_prints_one_line_and_exits_2(inputs, tmp_path, case):
-    model, adapters, _, pattern = _case(inputs, case)
+def test_cli_prints_one_line_and_exits_with_the_errors_code(inputs, tmp_path, case):
+    model, adapters, error, pattern = _case(inputs, case)
     args = ["convert", "--model", str(model), "--output", str(tmp_path / "artifact")]
     for name, path in adapters:
         args += ["--adapter", f"{name}={path}"]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == error.exit_code, result.output
     assert result.stdout == "" and result.stderr.startswith("error: ") and result.stderr.endswith("\n")
     _assert_one_line(result.stderr[:-1])
     assert re.search(pattern, result.stderr), result.stderr
@@ -165,7 +167,7 @@ def test_cli_prints_one_line_and_exits_2(inputs, tmp_path, case):
 
 
 def test_pickled_adapter_converts_like_safetensors(inputs):
-    _, _, info = _load_model(inputs["model"])
+    _, info = load_model(inputs["model"])
     from_bin, from_safetensors = (convert_adapter("t", inputs[key], info)["t"] for key in ["pickled", "pt"])
     assert from_bin.method == from_safetensors.method and from_bin.kind == from_safetensors.kind
     np.testing.assert_array_equal(from_bin.tensor, from_safetensors.tensor)
@@ -246,7 +248,7 @@ def test_failed_convert_leaves_the_old_output_as_it_was(inputs, tmp_path, monkey
     def export_fails(*args):
         raise failure
 
-    monkeypatch.setattr(spexport.export, "_export_graph", export_fails)
+    monkeypatch.setattr(spexport.export.decoder, "export_graph", export_fails)
     before = _fill(tmp_path / "artifact")
     with pytest.raises(raised) as e:
         convert(inputs["model"], [("pt", inputs["pt"])], tmp_path / "artifact", overwrite=True)

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from spexport.artifact.manifest import MANIFEST, seal
 from spexport.errors import SpexportError
-from spexport.manifest import MANIFEST, seal
 from spexport.runtime import load
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))

@@ -7,7 +7,7 @@ from builders import build_adapter, build_model
 from parity import max_abs_diff, peft_model
 from safetensors.numpy import save_file
 
-from spexport import tensorfile
+from spexport.artifact import tensorfile
 from spexport.errors import AdapterError
 from spexport.export import convert
 from spexport.runtime import load

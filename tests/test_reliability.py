@@ -26,15 +26,17 @@ from click.testing import CliRunner
 from onnx.external_data_helper import convert_model_to_external_data
 
 import spexport.export
-import spexport.runtime.session
+import spexport.export.common
+import spexport.export.decoder
+import spexport.runtime.base
 import spexport.validate
-from spexport import tensorfile
+from spexport.artifact import tensorfile
+from spexport.artifact.manifest import MANIFEST, seal
 from spexport.cli import main
 from spexport.errors import ArtifactError, InputError, ModelError, SpexportError
 from spexport.export import convert
-from spexport.manifest import MANIFEST, seal
 from spexport.runtime import load
-from spexport.runtime.session import VerifiedFiles
+from spexport.runtime.base import VerifiedFiles
 
 IDS = np.array([[5, 9, 14, 22, 40, 7]], np.int64)
 
@@ -430,11 +432,11 @@ def test_keyboard_interrupt_leaves_one_whole_artifact(tiny_llama, tmp_path, monk
     interrupt_removing_the_old.done = False
 
     if where == "saving the bank":
-        monkeypatch.setattr(spexport.export.tensorfile, "save", interrupt)
+        monkeypatch.setattr(spexport.export.decoder.tensorfile, "save", interrupt)
     elif where == "exporting the graph":
-        monkeypatch.setattr(spexport.export, "_export_graph", interrupt)
+        monkeypatch.setattr(spexport.export.decoder, "export_graph", interrupt)
     else:
-        monkeypatch.setattr(spexport.export.shutil, "rmtree", interrupt_removing_the_old)
+        monkeypatch.setattr(spexport.export.common.shutil, "rmtree", interrupt_removing_the_old)
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_llama["model"], [("pt", tiny_llama["adapters"]["pt"])], output, overwrite=True)
     assert [p.name for p in output.parent.iterdir()] == ["artifact"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import TASKS
 
-from spexport import tensorfile
+from spexport.artifact import tensorfile
+from spexport.artifact.integrity import sha256
 from spexport.errors import ArtifactError
-from spexport.manifest import sha256
 from spexport.runtime import load
 
 IDS = np.array([[5, 9, 14, 22, 40, 7]], np.int64)
@@ -69,7 +69,7 @@ def test_generate_text_decodes_new_tokens(runtime_model):
 def test_generation_feeds_the_prefix_once_as_the_past(runtime_model):
     """generate's first step gives the graph each row's prefix as its past (and empty prefix inputs),
     so later steps pass `present` back as it is; the logits equal the graph joining the prefix itself."""
-    from spexport.manifest import KV_PREFIX, PREFIX_MASK
+    from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK
 
     tasks = ["pt", "proj"]  # 5 and 2 virtual tokens
     rows = [runtime_model.tasks.index(t) for t in tasks]

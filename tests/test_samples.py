@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 from builders import build_adapter, build_model
 
-from spexport import tensorfile
+from spexport.artifact import tensorfile
+from spexport.artifact.manifest import seal
+from spexport.artifact.ort_adapters import adapter_path
 from spexport.export import convert
-from spexport.manifest import seal
-from spexport.ort_adapters import adapter_path
 from spexport.runtime import load
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from spexport.artifact.manifest import ModelInfo
 from spexport.converters import (
     multitask_prompt_tuning,
     p_tuning,
@@ -25,7 +26,6 @@ from spexport.converters import (
 )
 from spexport.converters.base import SoftPrompt
 from spexport.errors import AdapterError
-from spexport.manifest import ModelInfo
 
 __all__ = ["CONVERTERS", "SEQ2SEQ_CONVERTERS", "SoftPrompt", "convert_adapter", "read_peft_adapter"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from spexport.artifact.manifest import ModelInfo
 from spexport.converters.base import SoftPrompt, check_fits, prompt_weights
 from spexport.errors import AdapterError
-from spexport.manifest import ModelInfo
 
 
 def convert(config: dict, weights: dict[str, np.ndarray], model: ModelInfo) -> dict[str, SoftPrompt]:

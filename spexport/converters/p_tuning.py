@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from spexport.artifact.manifest import ModelInfo
 from spexport.converters import prompt_tuning
 from spexport.converters.base import SoftPrompt
 from spexport.errors import AdapterError
-from spexport.manifest import ModelInfo
 
 ENCODERS = {"MLP", "LSTM"}
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from spexport.artifact.manifest import ModelInfo
 from spexport.converters.base import SoftPrompt, check_fits
 from spexport.errors import AdapterError
-from spexport.manifest import ModelInfo
 
 SUFFIXES = {".npy", ".safetensors"}
 

@@ -8,8 +8,9 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from spexport.errors import ArtifactError, InputError
-from spexport.manifest import (
+from spexport.artifact.integrity import inside_folder
+from spexport.artifact.manifest import Manifest
+from spexport.artifact.ports import (
     KV_PREFIX,
     PAST_KEY,
     PAST_VALUE,
@@ -17,14 +18,11 @@ from spexport.manifest import (
     PRESENT_KEY,
     PRESENT_VALUE,
     TASK_IDS,
-    Manifest,
-    inside_folder,
     stack_prefixes,
 )
+from spexport.errors import ArtifactError, InputError
 from spexport.runtime import inputs, sampling
-from spexport.runtime.encoder import EncoderModel
-from spexport.runtime.seq2seq import Seq2SeqModel
-from spexport.runtime.session import (
+from spexport.runtime.base import (
     ORT_ERRORS,
     ServedArtifact,
     check_ports,
@@ -36,6 +34,8 @@ from spexport.runtime.session import (
     release_freed_memory,
     verify_files,
 )
+from spexport.runtime.encoder import EncoderModel
+from spexport.runtime.seq2seq import Seq2SeqModel
 
 
 def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,

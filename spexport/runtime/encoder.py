@@ -7,10 +7,12 @@ from typing import Sequence
 
 import numpy as np
 
+from spexport.artifact.integrity import inside_folder
+from spexport.artifact.manifest import Manifest
+from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK, PROMPT_EMBEDS, PROMPT_MASK
 from spexport.errors import ArtifactError, InputError
-from spexport.manifest import KV_PREFIX, PREFIX_MASK, PROMPT_EMBEDS, PROMPT_MASK, Manifest, inside_folder
 from spexport.runtime import inputs
-from spexport.runtime.session import ServedArtifact, load_bank, load_tokenizer, open_session
+from spexport.runtime.base import ServedArtifact, load_bank, load_tokenizer, open_session
 
 SEQUENCE, TOKEN = "sequence", "token"
 

@@ -8,8 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-from spexport.errors import ArtifactError, InputError
-from spexport.manifest import (
+from spexport.artifact.integrity import inside_folder
+from spexport.artifact.manifest import Manifest
+from spexport.artifact.ports import (
     CACHE_PAST,
     CACHE_PRESENT,
     ENCODER_MASK,
@@ -19,13 +20,11 @@ from spexport.manifest import (
     PROMPT_EMBEDS,
     PROMPT_MASK,
     USE_CACHE_BRANCH,
-    Manifest,
     cache_names,
-    inside_folder,
 )
+from spexport.errors import ArtifactError, InputError
 from spexport.runtime import inputs, sampling
-from spexport.runtime.encoder import stack_rows
-from spexport.runtime.session import (
+from spexport.runtime.base import (
     ORT_ERRORS,
     ServedArtifact,
     check_ports,
@@ -34,6 +33,7 @@ from spexport.runtime.session import (
     load_tokenizer,
     open_session,
 )
+from spexport.runtime.encoder import stack_rows
 
 
 class Seq2SeqModel(ServedArtifact):

@@ -1,6 +1,6 @@
 """`spexport convert` for encoders: a frozen BERT-family model + SEQ_CLS / TOKEN_CLS soft-prompt adapters.
 
-The artifact holds one body graph that every task shares (graph_encoder.EncoderBody), a prompt bank
+The artifact holds one body graph that every task shares (graph.EncoderBody), a prompt bank
 with each task's virtual-token embeddings or KV prefix, and one small head graph per task. Needs the
 `[export]` extra.
 """
@@ -10,64 +10,35 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
-from spexport import tensorfile
+from spexport.artifact import tensorfile
+from spexport.artifact.manifest import Manifest, Task
 from spexport.converters import SoftPrompt, convert_adapter, read_peft_adapter
 from spexport.converters.heads import Head, read_head
-from spexport.errors import AdapterError, ModelError, SpexportError
-from spexport.export import (
+from spexport.errors import AdapterError, ModelError
+from spexport.export.common import (
     BANK,
     GRAPH,
-    _building,
-    _check_output,
-    _finish,
-    _first_line,
-    _model_type,
-    _quiet_tracing,
-    _read_configs,
-    parse_adapters,
+    ExportOptions,
+    building,
+    finish,
+    first_line,
+    quiet_tracing,
+    read_configs,
+    read_model_type,
 )
+from spexport.export.encoder.graph import detach_body, export_body, export_head, parameters
 from spexport.families import ENCODER, model_info
-from spexport.graph_encoder import detach_body, export_body, export_head, parameters
-from spexport.manifest import Manifest, Task
 
 HEADS = "heads"
 
 
-def is_encoder(model_dir: Path) -> bool:
-    """Whether `model_dir` holds an encoder spexport exports; an encoder classifier that takes no
-    inputs_embeds is refused here. An unreadable folder is left to the decoder path's checks."""
-    try:
-        model_type, _ = _model_type(model_dir)
-    except ModelError:
-        return False
-    if model_type in ENCODER.model_types:
-        return True
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
-    classifier = getattr(transformers, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type, ""), None)
-    if classifier is not None and "inputs_embeds" not in parameters(classifier):
-        raise ModelError(f"{model_dir}: {no_inputs_embeds(model_type, classifier.__name__)}")
-    return False
-
-
-def convert_encoder(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
-                    bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
-                    trust_remote_code: bool = False, quantize: str | None = None,
-                    dtype: str = "float32") -> Manifest:
+def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:
     """Export an encoder with every adapter into one artifact at `output`, atomically."""
-    if bake:
-        raise SpexportError("--bake is for decoder artifacts; an encoder artifact keeps its prompts and heads "
-                            "beside the graph")
-    if quantize is not None or dtype != "float32":
-        raise SpexportError("quantized and float16 graphs are for decoder artifacts; export encoders in float32")
-    adapters = parse_adapters(adapters)
-    _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
+    on_step = options.on_step
     on_step("loading the frozen model")
     heads = {name: _read_head(name, Path(path)) for name, path in adapters}
-    models, info = _load_encoder(model_dir, {h.kind for h in heads.values()}, trust_remote_code)
+    models, info = _load_encoder(model_dir, {h.kind for h in heads.values()}, options.trust_remote_code)
     model = models["sequence"][0] if "sequence" in models else models["token"][0]  # BERT's pooler is in the first
     body = model.base_model
     on_step("converting adapters")
@@ -81,7 +52,7 @@ def convert_encoder(model_dir: Path, adapters: list[tuple[str, Path]], output: P
                                    f"{type(body).__name__} does not (PEFT cannot run it either); use prompt "
                                    "tuning or P-tuning")
             prompts[task] = (prompt, heads[name])
-    with _building(output) as staging:
+    with building(output) as staging:
         tasks = []
         (staging / HEADS).mkdir()
         for name, (prompt, head) in prompts.items():
@@ -90,11 +61,21 @@ def convert_encoder(model_dir: Path, adapters: list[tuple[str, Path]], output: P
         tensorfile.save({name: prompt.tensor for name, (prompt, _) in prompts.items()}, staging / BANK)
         on_step("exporting the frozen model to ONNX")
         kinds = {prompt.kind for prompt, _ in prompts.values()}
-        with _quiet_tracing():
+        with quiet_tracing():
             export_body(body, info.num_layers, info.num_kv_heads, info.head_dim, _position_offset(model),
                         "embeddings" in kinds, "kv" in kinds, staging / GRAPH)
-        return _finish(staging, output, model_dir, family=ENCODER.name, model=info, graph=GRAPH, prompt_bank=BANK,
-                       tasks=tasks)
+        return finish(staging, output, model_dir, family=ENCODER.name, model=info, graph=GRAPH, prompt_bank=BANK,
+                      tasks=tasks)
+
+
+def explain_unsupported(model_dir: Path, model_type: str) -> None:
+    """Say why a classifier that spexport does not export cannot take soft prompts, where that is why."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    classifier = getattr(transformers, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type, ""), None)
+    if classifier is not None and "inputs_embeds" not in parameters(classifier):
+        raise ModelError(f"{model_dir}: {no_inputs_embeds(model_type, classifier.__name__)}")
 
 
 def _read_head(name: str, path: Path) -> Head:
@@ -108,17 +89,17 @@ def _read_head(name: str, path: Path) -> Head:
 def _load_encoder(model_dir: Path, kinds: set[str], trust_remote_code: bool):
     """The model as a classifier of each kind (sequence, token) that the tasks need, with the names of
     its parameters that the checkpoint really holds; and its ModelInfo."""
-    model_type, auto_map = _model_type(model_dir)
-    config, _ = _read_configs(model_dir, auto_map, trust_remote_code)
+    model_type, _ = read_model_type(model_dir)
+    config, _ = read_configs(model_dir, trust_remote_code)
     models = {}
     for kind in sorted(kinds):
         try:
-            with _quiet_tracing():
+            with quiet_tracing():
                 model, loading = _auto(kind).from_pretrained(model_dir, local_files_only=True, dtype="float32",
                                                              output_loading_info=True,
                                                              trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise ModelError(f"{model_dir}: cannot load the model weights ({_first_line(e)})") from None
+            raise ModelError(f"{model_dir}: cannot load the model weights ({first_line(e)})") from None
         if "inputs_embeds" not in parameters(model.base_model):
             raise ModelError(f"{model_dir}: {no_inputs_embeds(model_type, type(model.base_model).__name__)}")
         missing = set(loading["missing_keys"])
@@ -153,7 +134,7 @@ def _position_offset(model) -> int | None:
 def _export_task(name: str, prompt: SoftPrompt, head: Head, model, trained: set[str], body, staging: Path) -> Task:
     task_model, labels = _head_model(name, head, model, trained)
     rel = f"{HEADS}/{name.replace('/', '%2F')}.onnx"
-    with _quiet_tracing():
+    with quiet_tracing():
         export_head(task_model, head.kind == "token", getattr(body, "pooler", None) is not None, staging / rel)
     return Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens, tensor=name,
                 shape=list(prompt.tensor.shape), dtype="float32", source={**prompt.source, "kind": prompt.kind},
@@ -184,7 +165,7 @@ def _head_model(name: str, head: Head, model, trained: set[str]):
                            f"{num_labels}")
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
-    with torch.device("meta"), _quiet_tracing():
+    with torch.device("meta"), quiet_tracing():
         task_model = _auto(head.kind).from_config(config)
     detach_body(task_model)
     state = {k: torch.from_numpy(v) for k, v in head.weights.items()}

@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from spexport.artifact.manifest import ModelInfo
 from spexport.errors import SpexportError
-from spexport.manifest import ModelInfo
+from spexport.export.passes.prefix import add_prefix_inputs
 
 QUANTIZE = ("int8",)
 DTYPES = ("float32", "float16")
@@ -52,10 +53,11 @@ class Speed:
     def weights(self) -> str:
         return self.quantize or self.dtype
 
-    def build(self, model: onnx.ModelProto, info: ModelInfo, path: Path, wrap) -> None:
-        """`wrap` the plain decoder (spexport's prefix inputs), fuse, convert, tag and write it to `path`."""
+    def build(self, model: onnx.ModelProto, info: ModelInfo, path: Path, bank=None) -> None:
+        """Wire the prefix inputs (or a baked `bank`) into the plain decoder, fuse, convert, tag and write it
+        to `path`."""
         fusions = {}
-        model = wrap(model)
+        model = add_prefix_inputs(model, info.num_layers, info.num_kv_heads, info.head_dim, bank)
         if self.optimize:
             model, fusions = fuse(model, info.model_type, info.hidden_size // info.head_dim, info.hidden_size)
             moved = scale_queries_not_keys(model.graph)

@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
+from spexport.artifact.integrity import inside_folder
 from spexport.errors import ArtifactError
 
 MANIFEST = "spexport.json"
@@ -23,34 +22,6 @@ SEAL = "manifest_sha256"  # spexport.json's own checksum (see seal)
 DTYPES = ("float32",)  # what tasks[].dtype may be
 MAX_MANIFEST_BYTES = 64 << 20  # thousands of tasks fit in a few MB; more is a damaged or hostile file
 MAX_LAYERS = 1 << 16
-
-# Graph input/output names (optimum-onnx's decoder-with-past names plus spexport's prefix inputs).
-KV_PREFIX = "kv_prefix"  # [batch, layers, 2, kv_heads, n_prefix, head_dim]
-PREFIX_MASK = "prefix_mask"  # [batch, n_prefix], 1 where a row has a virtual token
-TASK_IDS = "task_ids"  # [batch], baked graphs only: index into the manifest's task list
-PAST_KEY = "past_key_values.{}.key"
-PAST_VALUE = "past_key_values.{}.value"
-PRESENT_KEY = "present.{}.key"
-PRESENT_VALUE = "present.{}.value"
-# Encoder graphs (family "encoder"): virtual-token embeddings in, the body's states out.
-PROMPT_EMBEDS = "prompt_embeds"  # [batch, n_prompt, hidden]
-PROMPT_MASK = "prompt_mask"  # [batch, n_prompt], 1 where a row has a virtual token
-SEQUENCE_OUTPUT = "sequence_output"  # [batch, n_prompt + seq, hidden], each row compacted as it is alone
-HIDDEN_STATES = "hidden_states"  # [batch, seq, hidden], the caller's tokens in the caller's slots
-POOLER_OUTPUT = "pooler_output"  # [batch, hidden], bodies with a pooler only
-# Encoder-decoder graphs (family "seq2seq"): optimum-onnx's encoder and merged-decoder names, plus
-# prompt_embeds/prompt_mask into the encoder and kv_prefix/prefix_mask into the decoder's self-attention.
-ENCODER_MASK = "encoder_attention_mask"  # [batch, n_prompt + seq], the encoder's output mask, fed to the decoder
-ENCODER_STATES = "encoder_hidden_states"  # [batch, n_prompt + seq, hidden], the encoder's last_hidden_state
-USE_CACHE_BRANCH = "use_cache_branch"  # [1] bool: false on the first decoder step, true after
-CACHE_PAST = "past_key_values.{}.{}.{}"  # layer; "decoder" (self-attention) or "encoder" (cross); "key"/"value"
-CACHE_PRESENT = "present.{}.{}.{}"
-
-
-def cache_names(pattern: str, layers: int, parts: tuple[str, ...] = ("decoder", "encoder")) -> list[str]:
-    """A seq2seq decoder's cache names in optimum's order: per layer, self-attention then cross-attention."""
-    return [pattern.format(i, part, kv) for i in range(layers) for part in parts for kv in ("key", "value")]
-
 
 @dataclass
 class ModelInfo:
@@ -269,64 +240,3 @@ def _checked(raw: dict, path: Path) -> Manifest:
                     tasks=tasks, baked=baked, tokenizer_files=tokenizer_files,
                     versions=top.take("versions", lambda v: isinstance(v, dict), "an object", {}), files=files,
                     format_version=version, **top.rest(Manifest))
-
-
-def stack_prefixes(prefixes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack per-task KV prefixes [layers, 2, kv_heads, n, head_dim] into the graph's layout.
-
-    Returns kv [count, layers, 2, kv_heads, longest, head_dim] and mask [count, longest]; shorter
-    prefixes are left-padded with zero slots whose mask is 0, so every row sees only its own. One
-    prefix comes back as a view of itself, not a copy: a long prompt costs nothing per request.
-    """
-    if len(prefixes) == 1:
-        return prefixes[0][None], np.ones((1, prefixes[0].shape[3]), np.int64)
-    longest = max(p.shape[3] for p in prefixes)
-    layers, _, heads, _, head_dim = prefixes[0].shape
-    kv = np.zeros((len(prefixes), layers, 2, heads, longest, head_dim), np.float32)
-    mask = np.zeros((len(prefixes), longest), np.int64)
-    for row, prefix in enumerate(prefixes):
-        n = prefix.shape[3]
-        kv[row, :, :, :, longest - n:] = prefix
-        mask[row, longest - n:] = 1
-    return kv, mask
-
-
-def inside_folder(folder: Path, rel: str) -> Path:
-    """Resolve a manifest path, refusing any that escapes the artifact folder."""
-    root = Path(folder).resolve()
-    try:
-        path = (root / rel).resolve()
-    except (OSError, ValueError):  # a NUL byte, a name too long for the file system, a symlink loop
-        path = None
-    if path is None or root != path and root not in path.parents:
-        raise ArtifactError(f"{folder}: manifest path {rel!r} points outside the artifact")
-    return path
-
-
-OK, DAMAGED, MISSING = "ok", "DAMAGED", "missing"
-
-
-def file_status(folder: Path, manifest: Manifest,
-                intact: Callable[[Path, str], bool] = lambda path, digest: sha256(path) == digest) -> dict[str, str]:
-    """ok, DAMAGED or missing for every file the manifest lists, checked against its sha256
-    (`intact` may know a file is intact without hashing it again)."""
-    status = {}
-    for rel, digest in manifest.files.items():
-        path = inside_folder(folder, rel)
-        status[rel] = MISSING if not _is_file(path) else OK if intact(path, digest) else DAMAGED
-    return status
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # a name too long for the file system names no file
-        return False
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

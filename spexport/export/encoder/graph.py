@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from spexport.manifest import (
+from spexport.artifact.ports import (
     HIDDEN_STATES,
     KV_PREFIX,
     POOLER_OUTPUT,

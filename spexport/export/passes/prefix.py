@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from spexport.manifest import KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE, TASK_IDS
+from spexport.artifact.ports import KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE, TASK_IDS
 
 
 def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:

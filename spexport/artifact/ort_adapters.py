@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from spexport.manifest import KV_PREFIX, PREFIX_MASK
+from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK
 
 FOLDER = "adapters"
 SUFFIX = ".onnx_adapter"

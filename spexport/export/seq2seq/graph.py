@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from spexport.manifest import (
+from spexport.artifact.ports import (
     CACHE_PAST,
     CACHE_PRESENT,
     ENCODER_MASK,

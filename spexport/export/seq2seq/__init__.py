@@ -1,6 +1,6 @@
 """`spexport convert` for encoder-decoder models: a frozen T5 or BART + SEQ_2_SEQ_LM soft-prompt adapters.
 
-The artifact holds optimum-onnx's two graphs (seq2seq_graph.py) that every task shares, and a
+The artifact holds optimum-onnx's two graphs (graph.py) that every task shares, and a
 prompt bank with each task's virtual-token embeddings (prompt tuning, P-tuning: fed to the
 encoder) or decoder self-attention prefix (prefix tuning). Needs the `[export]` extra.
 """
@@ -9,26 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from spexport import tensorfile
+from spexport.artifact import tensorfile
+from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.converters import SEQ2SEQ_CONVERTERS
-from spexport.errors import ModelError, SpexportError
-from spexport.export import (
+from spexport.errors import ModelError
+from spexport.export.common import (
     BANK,
-    _building,
-    _check_output,
-    _convert_adapters,
-    _finish,
-    _model_type,
-    _pretrained,
-    _quiet_tracing,
-    _read_configs,
-    parse_adapters,
+    ExportOptions,
+    building,
+    convert_adapters,
+    finish,
+    pretrained,
+    quiet_tracing,
+    read_configs,
+    read_model_type,
 )
+from spexport.export.seq2seq.graph import DECODER_GRAPH, ENCODER_GRAPH, export_graphs
 from spexport.families import SEQ2SEQ
-from spexport.manifest import Manifest, ModelInfo, Task
-from spexport.seq2seq_graph import DECODER_GRAPH, ENCODER_GRAPH, export_graphs
 
 NO_POSITION_LIMIT = (1 << 31) - 1  # relative position buckets (T5): any length fits
 
@@ -53,43 +51,22 @@ LAYOUTS = {
 assert set(LAYOUTS) == SEQ2SEQ.model_types
 
 
-def is_seq2seq(model_dir: Path) -> bool:
-    """Whether `model_dir` holds an encoder-decoder model spexport exports; an unreadable folder is
-    left to the decoder path's checks."""
-    try:
-        model_type, _ = _model_type(model_dir)
-    except ModelError:
-        return False
-    return model_type in SEQ2SEQ.model_types
-
-
-def convert_seq2seq(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
-                    bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
-                    trust_remote_code: bool = False, quantize: str | None = None,
-                    dtype: str = "float32") -> Manifest:
+def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:
     """Export an encoder-decoder model with every adapter into one artifact at `output`, atomically."""
-    if bake:
-        raise SpexportError("--bake is for decoder-only artifacts; an encoder-decoder artifact keeps its prompts in "
-                            "prompts.safetensors")
-    if quantize is not None or dtype != "float32":
-        raise SpexportError("quantized and float16 graphs are for decoder-only artifacts; export encoder-decoder "
-                            "models in float32 (leave out --quantize and --dtype)")
-    adapters = parse_adapters(adapters)
-    _check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
-    on_step("loading the frozen model")
-    model, info, layout = _load_seq2seq(model_dir, trust_remote_code)
-    on_step("converting adapters")
-    prompts = _convert_adapters(adapters, info, SEQ2SEQ_CONVERTERS)
-    with _building(output) as staging:
+    options.on_step("loading the frozen model")
+    model, info, layout = _load_seq2seq(model_dir, options.trust_remote_code)
+    options.on_step("converting adapters")
+    prompts = convert_adapters(adapters, info, SEQ2SEQ_CONVERTERS)
+    with building(output) as staging:
         tasks = [Task(name=name, method=p.method, num_virtual_tokens=p.num_virtual_tokens, tensor=name,
                       shape=list(p.tensor.shape), dtype="float32", source={**p.source, "kind": p.kind})
                  for name, p in prompts.items()]
         tensorfile.save({name: p.tensor for name, p in prompts.items()}, staging / BANK)
-        on_step("exporting the frozen model to ONNX")
-        with _quiet_tracing():
+        options.on_step("exporting the frozen model to ONNX")
+        with quiet_tracing():
             export_graphs(model, info.num_layers, info.num_kv_heads, info.head_dim, layout.decoder_positions, staging)
-        return _finish(staging, output, model_dir, family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH,
-                       encoder_graph=ENCODER_GRAPH, prompt_bank=BANK, tasks=tasks)
+        return finish(staging, output, model_dir, family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH,
+                      encoder_graph=ENCODER_GRAPH, prompt_bank=BANK, tasks=tasks)
 
 
 def _load_seq2seq(model_dir: Path, trust_remote_code: bool):
@@ -97,9 +74,9 @@ def _load_seq2seq(model_dir: Path, trust_remote_code: bool):
     and its layout."""
     from transformers import AutoModelForSeq2SeqLM
 
-    model_type, auto_map = _model_type(model_dir)
-    config, generation_config = _read_configs(model_dir, auto_map, trust_remote_code)
-    model = _pretrained(AutoModelForSeq2SeqLM, model_dir, trust_remote_code, attn_implementation="eager")
+    model_type, _ = read_model_type(model_dir)
+    config, generation_config = read_configs(model_dir, trust_remote_code)
+    model = pretrained(AutoModelForSeq2SeqLM, model_dir, trust_remote_code, attn_implementation="eager")
     layout = LAYOUTS[model_type]
     return model, seq2seq_info(model_dir, config, generation_config, layout), layout
 

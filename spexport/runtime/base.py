@@ -15,9 +15,10 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from spexport import tensorfile
+from spexport.artifact import tensorfile
+from spexport.artifact.integrity import DAMAGED, MISSING, file_status, inside_folder, sha256
+from spexport.artifact.manifest import Manifest
 from spexport.errors import ArtifactError
-from spexport.manifest import DAMAGED, MISSING, Manifest, file_status, inside_folder, sha256
 from spexport.runtime.external_data import external_locations
 
 # ONNX Runtime raises its own pybind types (Fail, InvalidArgument, RuntimeException, ...), all plain Exceptions
@@ -88,7 +89,7 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
     """Refuse an artifact whose files are missing or differ from what the exporter wrote."""
     verified = VerifiedFiles()
     try:
-        status = file_status(folder, manifest, verified.intact)
+        status = file_status(folder, manifest.files, verified.intact)
     finally:
         verified.save()
     for rel, state in status.items():

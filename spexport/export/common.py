@@ -1,0 +1,237 @@
+"""What every family's exporter shares: reading the model folder and the adapters, staging the
+artifact beside `--output`, sealing its manifest and moving it into place atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from spexport import __version__
+from spexport.artifact.integrity import sha256
+from spexport.artifact.manifest import Manifest, ModelInfo
+from spexport.converters import CONVERTERS, SoftPrompt, convert_adapter
+from spexport.errors import AdapterError, ModelError, OutputError
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json"]
+MODEL_FILES = ["config.json", "generation_config.json"]
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$")
+GRAPH = "model.onnx"
+BANK = "prompts.safetensors"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How `convert` builds an artifact; `families.Family.check` has refused what a family cannot do.
+
+    bake: put the prompt bank into the graph as constants, selected by a `task_ids` input.
+    optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators.
+    quantize: "int8" weights for every matrix product. dtype: "float16" for GPU providers.
+    trust_remote_code: run Python code that the model folder ships (config.json's auto_map).
+    """
+
+    bake: bool = False
+    optimize: bool = True
+    quantize: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    on_step: Callable[[str], None] = field(default=lambda step: None, compare=False)
+
+
+def versions() -> dict[str, str]:
+    found = {"spexport": __version__}
+    for dist in ["torch", "transformers", "peft", "optimum-onnx", "optimum", "onnx", "onnxruntime"]:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def parse_adapters(specs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    seen = set()
+    for name, path in specs:
+        if not TASK_NAME.match(name):
+            raise AdapterError(f"task name {name!r} is not allowed: use letters, digits, '_', '-', '.', '/'")
+        if name in seen:
+            raise AdapterError(f"task name {name!r} is given twice; every --adapter needs its own name")
+        seen.add(name)
+        if not Path(path).exists():
+            raise AdapterError(f"adapter {name}: {path} does not exist")
+    if not specs:
+        raise AdapterError("no adapters given; pass at least one --adapter NAME=PATH")
+    return list(specs)
+
+
+def read_configs(model_dir: Path, trust_remote_code: bool):
+    """config.json and generation_config.json (None when there is none). Python code shipped in the
+    model folder (config.json's auto_map) runs only with trust_remote_code; without it the folder is
+    refused, rather than loaded as the stock architecture its authors chose to replace."""
+    from transformers import AutoConfig, GenerationConfig
+
+    _, auto_map = read_model_type(model_dir)
+    if auto_map and not trust_remote_code:
+        raise ModelError(f"{model_dir}: the model ships its own Python code (auto_map in config.json), which "
+                         "spexport runs only with --trust-remote-code; read the code, pass the flag if you trust it")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{model_dir}: unreadable model config ({first_line(e)})") from None
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir, local_files_only=True)
+    except OSError:
+        generation_config = None
+    return config, generation_config
+
+
+def pretrained(auto_class, model_dir: Path, trust_remote_code: bool, **kwargs):
+    """The model's float32 weights through a transformers auto class, in eval mode."""
+    try:
+        with quiet_tracing():
+            model = auto_class.from_pretrained(model_dir, local_files_only=True, dtype="float32",
+                                               trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{model_dir}: cannot load the model weights ({first_line(e)})") from None
+    return model.eval()
+
+
+def within_vocab(info: ModelInfo) -> ModelInfo:
+    """Drop special token ids outside the vocabulary (some configs say pad_token_id -1): no token
+    the model makes can match them, and the runtime feeds pad_token_id back into the graph."""
+    def valid(token):
+        return 0 <= token < info.vocab_size
+
+    pad = info.pad_token_id if info.pad_token_id is not None and valid(info.pad_token_id) else None
+    return dataclasses.replace(info, eos_token_ids=[t for t in info.eos_token_ids if valid(t)], pad_token_id=pad)
+
+
+def read_model_type(model_dir: Path) -> tuple[str, dict]:
+    """The config's model_type and auto_map (empty unless the folder ships its own code)."""
+    if not model_dir.exists():
+        raise ModelError(f"{model_dir}: no such model folder")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{config_path}: not readable JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{config_path}: not a Hugging Face model config (no model_type)")
+    return config["model_type"], config.get("auto_map") or {}
+
+
+def first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_tracing():
+    """The tracer's warnings speak to exporter developers, not to users; parity tests guard us."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo,
+                      converters: dict = CONVERTERS) -> dict[str, SoftPrompt]:
+    """Every task that the adapters yield, by name; a name given twice is refused."""
+    prompts: dict[str, SoftPrompt] = {}
+    for name, path in adapters:
+        for task, prompt in convert_adapter(name, path, info, converters).items():
+            if task in prompts:
+                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
+            prompts[task] = prompt
+    return prompts
+
+
+def check_output(output: Path, sources: list[Path], overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output} is a file; --output must be a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    for source in sources:
+        if output.resolve() in [source.resolve(), *source.resolve().parents]:
+            raise OutputError(f"{output} holds the input {source}; write the artifact to another folder")
+
+
+@contextlib.contextmanager
+def building(output: Path):
+    """A staging folder beside `output` to build the artifact in. If anything fails inside, the folder
+    (and any parent folder made for it) is removed, and an OSError becomes a one-line SpexportError."""
+    staging, made = staging_folder(output)
+    try:
+        yield staging
+    except BaseException as e:
+        shutil.rmtree(made or staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"writing {output} failed ({e})") from e
+        raise
+
+
+def finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
+    """Copy the model's tokenizer and config files into `staging`, write the manifest (`fields` plus
+    every file's sha256), and move the artifact into place at `output`."""
+    copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
+    for f in copied:
+        shutil.copy2(model_dir / f, staging / f)
+    files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    manifest = Manifest(**fields, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES], versions=versions(),
+                        files=files)
+    manifest.write(staging)
+    Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
+    replace_artifact(staging, output)
+    return manifest
+
+
+def staging_folder(output: Path) -> tuple[Path, Path | None]:
+    """A hidden folder beside `output` to build in, and the top-most parent folder created for it."""
+    made = next((p for p in reversed(output.parents) if not p.exists()), None)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the artifact from other users, e.g. a server's
+        return staging, made
+    except OSError as e:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise OutputError(f"cannot create {output} ({e})") from None
+
+
+def replace_artifact(staging: Path, output: Path) -> None:
+    """Move the finished artifact into place; an old one is swapped out, then removed."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    trash = output.with_name(f".{output.name}.old-{os.getpid()}")
+    output.rename(trash)
+    try:
+        staging.rename(output)
+    except BaseException:
+        trash.rename(output)
+        raise
+    try:
+        shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:  # Ctrl-C: the new artifact is in place; finish removing the old one, then stop
+        shutil.rmtree(trash, ignore_errors=True)
+        raise

@@ -1,0 +1,98 @@
+"""Decoder-only models: every task becomes a per-layer KV prefix, computed once here.
+
+optimum-onnx exports the frozen model's decoder-with-past graph; build.py wires the prefix inputs
+(or a baked bank) into it and applies the speed-ups. Virtual tokens come first and attend only to
+each other, so their keys and values never depend on a request: prompt tuning, P-tuning and
+multitask prompt tuning run through the frozen model once, and prefix tuning is a prefix already.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from spexport.artifact import ort_adapters, tensorfile
+from spexport.artifact.manifest import Manifest, ModelInfo, Task
+from spexport.artifact.ports import stack_prefixes
+from spexport.converters import SoftPrompt
+from spexport.export.common import (
+    BANK,
+    GRAPH,
+    ExportOptions,
+    building,
+    convert_adapters,
+    finish,
+    pretrained,
+    quiet_tracing,
+    read_configs,
+    within_vocab,
+)
+from spexport.export.decoder.build import Speed
+from spexport.families import DECODER, model_info
+
+
+def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:
+    """Export a decoder-only model with every adapter into one artifact at `output`, atomically."""
+    speed = Speed(options.optimize, options.quantize, options.dtype)
+    options.on_step("loading the frozen model")
+    model, info = load_model(model_dir, options.trust_remote_code)
+    options.on_step("converting adapters")
+    prompts = convert_adapters(adapters, info)
+    with building(output) as staging:
+        bank, tasks = {}, []
+        for name, prompt in prompts.items():
+            options.on_step(f"computing the KV prefix of {name}")
+            bank[name] = kv_prefix(model, prompt)
+            tasks.append(Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
+                              tensor=name, shape=list(bank[name].shape), dtype="float32",
+                              source={**prompt.source, "kind": prompt.kind}))
+        if not options.bake:
+            tensorfile.save(bank, staging / BANK)
+            ort_adapters.write_adapters(bank, staging)
+        options.on_step("exporting the frozen model to ONNX")
+        baked = stack_prefixes(list(bank.values())) if options.bake else None
+        export_graph(model_dir, info, staging, speed, baked, options.trust_remote_code)
+        return finish(staging, output, model_dir, family=DECODER.name, model=info, graph=GRAPH,
+                      prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake)
+
+
+def load_model(model_dir: Path, trust_remote_code: bool = False):
+    """The frozen causal LM in float32, and its ModelInfo."""
+    from transformers import AutoModelForCausalLM
+
+    config, generation_config = read_configs(model_dir, trust_remote_code)
+    model = pretrained(AutoModelForCausalLM, model_dir, trust_remote_code)
+    return model, within_vocab(model_info(config, generation_config))
+
+
+def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
+    """Run the frozen model once over virtual-token embeddings; return their per-layer KV.
+
+    Virtual tokens come first and attend only to each other, so their keys and values do not
+    depend on anything a request sends: computing them here is exact.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model(inputs_embeds=torch.from_numpy(embeddings)[None], use_cache=True)
+    cache = out.past_key_values
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    return np.stack([np.stack([k[0].numpy(), v[0].numpy()]) for k, v in layers]).astype(np.float32)
+
+
+def kv_prefix(model, prompt: SoftPrompt) -> np.ndarray:
+    return embeddings_to_kv(model, prompt.tensor) if prompt.kind == "embeddings" else prompt.tensor
+
+
+def export_graph(model_dir: Path, info: ModelInfo, out: Path, speed: Speed, bank=None,
+                 trust_remote_code: bool = False) -> None:
+    """optimum-onnx's decoder-with-past graph of the frozen model, wired and sped up by `speed`."""
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    with tempfile.TemporaryDirectory() as raw, quiet_tracing():
+        main_export(str(model_dir), output=raw, task=DECODER.optimum_task, do_validation=False,
+                    local_files_only=True, trust_remote_code=trust_remote_code)
+        speed.build(onnx.load(Path(raw) / GRAPH), info, out / GRAPH, bank)
