@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "export" / "passes"))
 
 from builders import METHODS, build_adapter, build_model  # noqa: E402
 

@@ -8,7 +8,7 @@ from builders import build_adapter, build_model
 
 from spexport.errors import SpexportError
 from spexport.export import convert
-from spexport.export.decoder.build import FUSIONS_KEY, SCALED_QUERY, WEIGHTS_KEY, scale_queries_not_keys
+from spexport.export.passes.tag import FUSIONS_KEY, SCALED_QUERY, WEIGHTS_KEY
 from spexport.runtime import load
 
 TASKS = {"pt": ("prompt_tuning", 5), "prefix": ("prefix_tuning", 3)}
@@ -62,31 +62,6 @@ def test_attention_scale_moves_to_the_queries_so_no_step_copies_the_key_cache(ti
     ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     as_run = [node.op_type for node in onnx.load(tmp_path / "as-run.onnx").graph.node]
     assert as_run.count("FusedMatMul") >= layers
-
-
-def _attention(scale: np.ndarray) -> onnx.GraphProto:
-    h = onnx.helper
-    q = h.make_tensor_value_info("q", onnx.TensorProto.FLOAT, [1, 2, 3, 4])
-    k = h.make_tensor_value_info("k", onnx.TensorProto.FLOAT, [1, 2, 5, 4])
-    out = h.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, None)
-    nodes = [h.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), h.make_node("Mul", ["kt", "s"], ["ks"]),
-             h.make_node("MatMul", ["q", "ks"], ["scores"])]
-    return h.make_graph(nodes, "attention", [q, k], [out], [onnx.numpy_helper.from_array(scale, "s")])
-
-
-@pytest.mark.parametrize("scale, moved", [(np.array([0.5], np.float32), 1), (np.full(5, 0.5, np.float32), 0)],
-                         ids=["one number", "one per key"])
-def test_only_a_one_number_scale_moves_and_the_scores_stay_the_same(scale, moved):
-    graph = _attention(scale)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    feeds = {"q": np.random.default_rng(0).random((1, 2, 3, 4), np.float32),
-             "k": np.random.default_rng(1).random((1, 2, 5, 4), np.float32)}
-    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    assert scale_queries_not_keys(model.graph) == moved
-    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    np.testing.assert_allclose(after, before, rtol=1e-6)
-    key_side = next(n for n in model.graph.node if n.op_type == "MatMul").input[1]
-    assert (key_side == "kt") == bool(moved)
 
 
 def test_no_optimize_leaves_a_plain_onnx_graph_with_the_same_logits(tiny):

@@ -89,10 +89,9 @@ def kv_prefix(model, prompt: SoftPrompt) -> np.ndarray:
 def export_graph(model_dir: Path, info: ModelInfo, out: Path, speed: Speed, bank=None,
                  trust_remote_code: bool = False) -> None:
     """optimum-onnx's decoder-with-past graph of the frozen model, wired and sped up by `speed`."""
-    import onnx
     from optimum.exporters.onnx import main_export
 
     with tempfile.TemporaryDirectory() as raw, quiet_tracing():
         main_export(str(model_dir), output=raw, task=DECODER.optimum_task, do_validation=False,
                     local_files_only=True, trust_remote_code=trust_remote_code)
-        speed.build(onnx.load(Path(raw) / GRAPH), info, out / GRAPH, bank)
+        speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank)

@@ -1,0 +1,23 @@
+"""Graph edits, one named pass per module, each an onnx-ir `InPlacePass` whose `call(model)` returns a
+`PassResult`, tested alone on a tiny graph (tests/export/passes/).
+
+The decoder's pipeline (export/decoder/build.py) runs them in this order:
+  AddPrefixInputsPass            kv_prefix / prefix_mask inputs; positions, mask, past and present offset
+  BakePromptBankPass             (--bake) the bank as constants, picked by a task_ids input
+  MergePrefixIntoPastConcatPass  the prefix joins the frozen model's own concat(past, new token)
+  FuseTransformerOpsPass         ONNX Runtime's norm, activation and rotary fusions
+  ScaleQueriesNotKeysPass        attention's scale moves off the key cache
+  ConvertToFloat16Pass           (--dtype float16) fp16 weights and compute, float32 ports
+  TagGraphPass                   how the graph was built, in its metadata
+"""
+
+from spexport.export.passes.add_prefix_inputs import AddPrefixInputsPass
+from spexport.export.passes.bake_prompt_bank import BakePromptBankPass
+from spexport.export.passes.float16 import ConvertToFloat16Pass
+from spexport.export.passes.fuse import FuseTransformerOpsPass
+from spexport.export.passes.merge_prefix_concat import MergePrefixIntoPastConcatPass
+from spexport.export.passes.scale_queries import ScaleQueriesNotKeysPass
+from spexport.export.passes.tag import TagGraphPass
+
+__all__ = ["AddPrefixInputsPass", "BakePromptBankPass", "ConvertToFloat16Pass", "FuseTransformerOpsPass",
+           "MergePrefixIntoPastConcatPass", "ScaleQueriesNotKeysPass", "TagGraphPass"]

@@ -1,0 +1,30 @@
+import numpy as np
+import onnx
+import onnx_ir as ir
+from graphs import run
+
+from spexport.export.passes import FuseTransformerOpsPass
+
+
+def _erf_gelu() -> ir.Model:
+    """x · 0.5 · (1 + erf(x / √2)), as torch exports GELU."""
+    h = onnx.helper
+    consts = {"sqrt2": 1.4142135381698608, "one": 1.0, "half": 0.5}
+    nodes = [h.make_node("Div", ["x", "sqrt2"], ["scaled"]), h.make_node("Erf", ["scaled"], ["erf"]),
+             h.make_node("Add", ["erf", "one"], ["shifted"]), h.make_node("Mul", ["x", "shifted"], ["gated"]),
+             h.make_node("Mul", ["gated", "half"], ["y"])]
+    graph = h.make_graph(nodes, "gelu", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+                         [onnx.numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()])
+    return ir.from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+
+
+def test_gelu_becomes_one_operator_with_the_same_values():
+    model = _erf_gelu()
+    x = np.linspace(-3, 3, 16, dtype=np.float32).reshape(2, 8)
+    before = run(model, {"x": x})["y"]
+    fuse = FuseTransformerOpsPass("gpt2", num_heads=2, hidden_size=8)
+    fused = fuse(model).model
+    assert fuse.counts.get("Gelu") == 1
+    assert [n.op_type for n in fused.graph] == ["Gelu"]
+    np.testing.assert_allclose(run(ir.to_proto(fused), {"x": x})["y"], before, atol=1e-6)
