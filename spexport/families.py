@@ -15,6 +15,7 @@ from spexport.errors import ModelError, OptionError
 class Family:
     name: str
     model_types: frozenset[str]  # each verified against PEFT in tests/
+    task_types: tuple[str, ...]  # PEFT task_type of the adapters its artifacts take
     bake: bool = False  # --bake: the prompt bank as graph constants, picked by task_ids
     quantize: tuple[str, ...] = ()  # --quantize values
     dtypes: tuple[str, ...] = ("float32",)  # --dtype values
@@ -40,12 +41,14 @@ class Family:
 
 # onnxruntime.transformers' optimizer has no llama type. Its gpt2 fusions are written for decoders
 # in general (layer norms, RMS norms, skip connections, GELU, rotary embeddings) and match these.
-DECODER = Family("decoder", frozenset({"gpt2", "llama", "qwen2", "mistral"}), bake=True, quantize=("int8",),
-                 dtypes=("float32", "float16"), optimum_task="text-generation-with-past", fusion_type="gpt2")
+DECODER = Family("decoder", frozenset({"gpt2", "llama", "qwen2", "mistral"}), ("CAUSAL_LM",), bake=True,
+                 quantize=("int8",), dtypes=("float32", "float16"), optimum_task="text-generation-with-past",
+                 fusion_type="gpt2")
 # SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export/encoder).
-ENCODER = Family("encoder", frozenset({"bert", "roberta", "distilbert"}), positions_after_pad=frozenset({"roberta"}))
+ENCODER = Family("encoder", frozenset({"bert", "roberta", "distilbert"}), ("SEQ_CLS", "TOKEN_CLS"),
+                 positions_after_pad=frozenset({"roberta"}))
 # SEQ_2_SEQ_LM encoder-decoder models (export/seq2seq describes each model type's layout).
-SEQ2SEQ = Family("seq2seq", frozenset({"t5", "bart"}))
+SEQ2SEQ = Family("seq2seq", frozenset({"t5", "bart"}), ("SEQ_2_SEQ_LM",))
 FAMILIES = [DECODER, ENCODER, SEQ2SEQ]
 
 

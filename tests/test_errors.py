@@ -24,10 +24,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OP
 import spexport.export
 import spexport.export.decoder
 from spexport.cli import main
-from spexport.converters import CONVERTERS, convert_adapter
+from spexport.converters import convert_adapter, methods_for
 from spexport.errors import AdapterError, InputError, ModelError, SpexportError
 from spexport.export import convert
 from spexport.export.decoder import load_model
+from spexport.families import DECODER
 from spexport.runtime import load
 
 TINY_LLAMA = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -110,7 +111,7 @@ CASES = {
     "unsupported model type": ("opt", [("pt", "pt")], ModelError,
                                r"opt: model type 'opt' is not supported; spexport exports .*bert, .*gpt2, llama, .*"),
     "LoRA adapter": ("model", [("x", "lora")], AdapterError,
-                     rf"method LORA is not supported; spexport converts {', '.join(sorted(CONVERTERS))}$"),
+                     rf"method LORA is not supported; spexport converts {', '.join(sorted(methods_for('decoder')))}$"),
     "prompt tuning, other hidden size": ("model", [("x", "prompt_tuning-wider")], AdapterError,
                                          r"trained for another base model: hidden size is 96, the model has 64"),
     "prefix tuning, other layers": ("model", [("x", "prefix_tuning-deeper")], AdapterError,
@@ -168,7 +169,7 @@ def test_cli_prints_one_line_and_exits_with_the_errors_code(inputs, tmp_path, ca
 
 def test_pickled_adapter_converts_like_safetensors(inputs):
     _, info = load_model(inputs["model"])
-    from_bin, from_safetensors = (convert_adapter("t", inputs[key], info)["t"] for key in ["pickled", "pt"])
+    from_bin, from_safetensors = (convert_adapter("t", inputs[key], info, DECODER)["t"] for key in ["pickled", "pt"])
     assert from_bin.method == from_safetensors.method and from_bin.kind == from_safetensors.kind
     np.testing.assert_array_equal(from_bin.tensor, from_safetensors.tensor)
 

@@ -280,8 +280,8 @@ def test_clear_errors(built, tmp_path):
                                                            num_ranks=2), tmp_path / "mpt", seed=0)
     wide = build_adapter(model, PrefixTuningConfig(task_type=S2S, num_virtual_tokens=3, token_dim=128),
                          tmp_path / "wide", seed=0)
-    for adapter, message in [(causal["pt"], "trained with task_type CAUSAL_LM; an encoder-decoder artifact"),
-                             (causal["prefix"], "trained with task_type CAUSAL_LM; an encoder-decoder artifact"),
+    for adapter, message in [(causal["pt"], "trained with task_type CAUSAL_LM; a seq2seq artifact"),
+                             (causal["prefix"], "trained with task_type CAUSAL_LM; a seq2seq artifact"),
                              (mpt, "method MULTITASK_PROMPT_TUNING is not supported"),
                              (wide, "not the model's head size 16")]:
         with pytest.raises(AdapterError, match=message) as caught:

@@ -1,9 +1,10 @@
 """Turn a soft-prompt checkpoint into canonical tensors, one module per method.
 
-Every converter takes the adapter's config, its weights and the frozen model's shape, and returns
-a `SoftPrompt`: either virtual-token input embeddings or a per-layer KV prefix (or, for methods
-that hold several tasks, a dict of them by suffix). Adding a method is one module plus one entry
-in `CONVERTERS`.
+Every method module registers its PEFT `peft_type`, its typed config (checked on construction) and
+its converter (registry.py). A converter takes the config, the adapter's weights and the frozen
+model's shape, and returns a `SoftPrompt`: either virtual-token input embeddings or a per-layer KV
+prefix (or, for methods that hold several tasks, a dict of them by suffix). Adding a method is one
+module that ends with `register_method(...)`, imported here.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.converters import (
+from spexport.converters import (  # noqa: F401  (each registers its method)
     multitask_prompt_tuning,
     p_tuning,
     prefix_tuning,
@@ -25,42 +25,11 @@ from spexport.converters import (
     seq2seq_prefix_tuning,
 )
 from spexport.converters.base import SoftPrompt
+from spexport.converters.registry import METHODS, Method, methods_for
 from spexport.errors import AdapterError
+from spexport.families import Family
 
-__all__ = ["CONVERTERS", "SEQ2SEQ_CONVERTERS", "SoftPrompt", "convert_adapter", "read_peft_adapter"]
-
-
-Converter = Callable[[dict, dict, ModelInfo], "SoftPrompt | dict[str, SoftPrompt]"]
-
-
-CONVERTERS: dict[str, Converter] = {
-    "PROMPT_TUNING": prompt_tuning.convert,
-    "P_TUNING": p_tuning.convert,
-    "PREFIX_TUNING": prefix_tuning.convert,
-    "MULTITASK_PROMPT_TUNING": multitask_prompt_tuning.convert,
-}
-
-
-def _seq2seq_only(convert: Converter) -> Converter:
-    """`convert`, refusing an adapter that PEFT trained for another kind of model: its tensors may
-    have the right shapes and still mean something else."""
-
-    def checked(config: dict, weights: dict, model: ModelInfo):
-        task_type = config.get("task_type")
-        if task_type not in (None, "SEQ_2_SEQ_LM"):
-            raise AdapterError(f"trained with task_type {task_type}; an encoder-decoder artifact takes adapters "
-                               "trained with task_type SEQ_2_SEQ_LM")
-        return convert(config, weights, model)
-
-    return checked
-
-
-# Encoder-decoder models: embeddings go before the encoder's tokens, a prefix into the decoder's self-attention.
-SEQ2SEQ_CONVERTERS: dict[str, Converter] = {
-    "PROMPT_TUNING": _seq2seq_only(prompt_tuning.convert),
-    "P_TUNING": _seq2seq_only(p_tuning.convert),
-    "PREFIX_TUNING": _seq2seq_only(seq2seq_prefix_tuning.convert),
-}
+__all__ = ["METHODS", "Method", "SoftPrompt", "convert_adapter", "methods_for", "read_peft_adapter"]
 
 
 def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -110,16 +79,16 @@ def _load_pickle_weights(path: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
-def convert_adapter(name: str, path: Path, model: ModelInfo,
-                    converters: dict[str, Converter] = CONVERTERS) -> dict[str, SoftPrompt]:
-    """Tasks (by name) that one --adapter NAME=PATH yields: one, or NAME/i for multitask adapters."""
+def convert_adapter(name: str, path: Path, model: ModelInfo, family: Family) -> dict[str, SoftPrompt]:
+    """Tasks (by name) that one --adapter NAME=PATH yields for a `family` artifact: one, or NAME/i for
+    multitask adapters."""
     path = Path(path)
     if path.is_file() and path.suffix in raw_tensor.SUFFIXES:
         prompts = {name: raw_tensor.convert(path, model)}
         source = {"file": path.name, "format": path.suffix[1:]}
     else:
         config, weights = read_peft_adapter(path)
-        prompts = _convert_peft(path, config, weights, model, converters)
+        prompts = _convert_peft(path, config, weights, model, family)
         prompts = {f"{name}/{suffix}": p for suffix, p in prompts.items()} if isinstance(prompts, dict) \
             else {name: prompts}
         base = str(config.get("base_model_name_or_path") or "")
@@ -134,16 +103,20 @@ def convert_adapter(name: str, path: Path, model: ModelInfo,
     return prompts
 
 
-def _convert_peft(folder: Path, config: dict, weights: dict, model: ModelInfo, converters: dict[str, Converter]):
-    method = config.get("peft_type")
-    if method not in converters:
-        raise AdapterError(f"{folder}: adapter method {method} is not supported; "
-                           f"spexport converts {', '.join(sorted(converters))}")
+def _convert_peft(folder: Path, raw: dict, weights: dict, model: ModelInfo, family: Family):
+    methods = methods_for(family.name)
+    peft_type = raw.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in methods:
+        raise AdapterError(f"{folder}: adapter method {peft_type} is not supported; "
+                           f"spexport converts {', '.join(sorted(methods))}")
+    method = methods[peft_type]
     try:
-        return converters[method](config, weights, model)
+        config = method.config_cls.from_json(raw)
+        if config.task_type is not None and config.task_type not in family.task_types:
+            raise AdapterError(f"trained with task_type {config.task_type}; a {family.name} artifact takes adapters "
+                               f"trained with task_type {' or '.join(family.task_types)}")
+        return method.convert(config, weights, model)
     except AdapterError as e:
         raise AdapterError(f"{folder}: {e}") from None
-    except KeyError as e:
-        raise AdapterError(f"{folder}: adapter_config.json has no {e} for {method}") from None
     except (TypeError, ValueError) as e:
         raise AdapterError(f"{folder}: adapter_config.json does not fit its weights ({e})") from None

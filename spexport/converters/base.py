@@ -1,12 +1,15 @@
-"""What every converter shares: the canonical `SoftPrompt` and checks against the base model."""
+"""What every converter shares: the canonical `SoftPrompt`, the typed adapter configs (checked on
+construction, so a bad value fails where it is read), and checks against the base model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
 
 from spexport.errors import AdapterError
+
+MAX_COUNT = 1 << 31  # counts past int32 mean a damaged config, not a model
 
 
 @dataclass
@@ -27,16 +30,75 @@ class SoftPrompt:
         return self.tensor.shape[0] if self.kind == "embeddings" else self.tensor.shape[3]
 
 
-def prompt_weights(config: dict, weights: dict[str, np.ndarray]) -> np.ndarray:
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < MAX_COUNT
+
+
+def _name(value) -> bool:
+    return value is None or isinstance(value, str)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The adapter_config.json fields that every soft-prompt method reads."""
+
+    peft_type: str
+    num_virtual_tokens: int
+    task_type: str | None = None
+    num_transformer_submodules: int | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        self.check("num_virtual_tokens", _count, "a whole number > 0")
+        self.check("num_transformer_submodules", lambda v: v in (None, 1, 2), "1 or 2")
+        for name in ("task_type", "base_model_name_or_path"):
+            self.check(name, _name, "a string")
+
+    def check(self, name: str, valid, want: str) -> None:
+        value = getattr(self, name)
+        if not valid(value):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise AdapterError(f"adapter_config.json: {name} must be {want}, got {shown}")
+
+    @property
+    def submodules(self) -> int:
+        return self.num_transformer_submodules or 1
+
+    @classmethod
+    def from_json(cls, raw: dict) -> PromptConfig:
+        """The fields this method reads; PEFT's other fields are left alone."""
+        values = {}
+        for f in fields(cls):
+            if f.name in raw:
+                values[f.name] = raw[f.name]
+            elif f.default is MISSING and f.default_factory is MISSING:
+                raise AdapterError(f"adapter_config.json has no '{f.name}' for {raw.get('peft_type')}")
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixConfig(PromptConfig):
+    """Prefix tuning's model shape, as PEFT records it."""
+
+    num_layers: int
+    num_attention_heads: int
+    token_dim: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_layers", "num_attention_heads", "token_dim"):
+            self.check(name, _count, "a whole number > 0")
+
+
+def prompt_weights(config: PromptConfig, weights: dict[str, np.ndarray]) -> np.ndarray:
     """The saved `prompt_embeddings` (PEFT stores the prompt encoder's output, not its weights)."""
     if "prompt_embeddings" not in weights:
         raise AdapterError(f"no 'prompt_embeddings' tensor (found {sorted(weights)[:5]})")
     tensor = np.asarray(weights["prompt_embeddings"], dtype=np.float32)
-    n_virtual = config["num_virtual_tokens"]
-    submodules = config.get("num_transformer_submodules") or 1
-    if tensor.ndim != 2 or tensor.shape[0] != n_virtual * submodules:
+    n_virtual = config.num_virtual_tokens
+    if tensor.ndim != 2 or tensor.shape[0] != n_virtual * config.submodules:
         raise AdapterError(f"prompt_embeddings has shape {list(tensor.shape)}, expected "
-                           f"[{n_virtual} * {submodules}, ...] for num_virtual_tokens={n_virtual}")
+                           f"[{n_virtual} * {config.submodules}, ...] for num_virtual_tokens={n_virtual}")
     return tensor
 
 

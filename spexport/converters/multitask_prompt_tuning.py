@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.converters.base import SoftPrompt, check_fits, prompt_weights
+from spexport.converters.base import PromptConfig, SoftPrompt, check_fits, prompt_weights
+from spexport.converters.registry import register_method
 from spexport.errors import AdapterError
 
 
-def convert(config: dict, weights: dict[str, np.ndarray], model: ModelInfo) -> dict[str, SoftPrompt]:
+def convert(config: PromptConfig, weights: dict[str, np.ndarray], model: ModelInfo) -> dict[str, SoftPrompt]:
     shared = prompt_weights(config, weights)
     check_fits("hidden size", shared.shape[1], model.hidden_size)
     try:
@@ -24,5 +25,9 @@ def convert(config: dict, weights: dict[str, np.ndarray], model: ModelInfo) -> d
     if cols.shape[0] != rows.shape[0] or cols.shape[1] != shared.shape[0] or rows.shape[2] != shared.shape[1]:
         raise AdapterError(f"task factors {list(cols.shape)} x {list(rows.shape)} do not fit the shared prompt "
                            f"{list(shared.shape)}")
-    return {str(i): SoftPrompt(config["peft_type"], "embeddings", shared * (cols[i] @ rows[i]))
+    return {str(i): SoftPrompt(config.peft_type, "embeddings", shared * (cols[i] @ rows[i]))
             for i in range(cols.shape[0])}
+
+
+# PEFT's forward cannot run it with decoder_input_ids, so there is no reference for encoder-decoder models.
+register_method("MULTITASK_PROMPT_TUNING", PromptConfig, convert, families=("decoder", "encoder"))

@@ -15,19 +15,20 @@ from __future__ import annotations
 import numpy as np
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.converters.base import SoftPrompt, check_fits
+from spexport.converters.base import PrefixConfig, SoftPrompt, check_fits
+from spexport.converters.registry import register_method
 from spexport.errors import AdapterError
 
 
-def convert(config: dict, weights: dict[str, np.ndarray], model: ModelInfo) -> SoftPrompt:
-    if (config.get("num_transformer_submodules") or 1) != 2:
+def convert(config: PrefixConfig, weights: dict[str, np.ndarray], model: ModelInfo) -> SoftPrompt:
+    if config.submodules != 2:
         raise AdapterError("this prefix-tuning adapter was trained for a decoder-only model "
                            "(num_transformer_submodules=1); train it with task_type SEQ_2_SEQ_LM")
     if "prompt_embeddings" not in weights:
         raise AdapterError(f"no 'prompt_embeddings' tensor (found {sorted(weights)[:5]})")
     flat = np.asarray(weights["prompt_embeddings"], dtype=np.float32)
-    n_virtual, layers = config["num_virtual_tokens"], config["num_layers"]
-    heads, token_dim = config["num_attention_heads"], config["token_dim"]
+    n_virtual, layers = config.num_virtual_tokens, config.num_layers
+    heads, token_dim = config.num_attention_heads, config.token_dim
     if flat.ndim != 2 or flat.shape[0] != n_virtual:
         raise AdapterError(f"prompt_embeddings has shape {list(flat.shape)}, expected [{n_virtual}, ...] for "
                            f"num_virtual_tokens={n_virtual}")
@@ -44,4 +45,7 @@ def convert(config: dict, weights: dict[str, np.ndarray], model: ModelInfo) -> S
     kv = flat.reshape(n_virtual, layers * 2, heads, head_dim)
     kv = np.concatenate([kv, kv], axis=1).transpose(1, 2, 0, 3)  # [layers * 4, heads, n, head_dim]
     chunks = kv.reshape(layers, 4, heads, n_virtual, head_dim)
-    return SoftPrompt(config["peft_type"], "kv", np.ascontiguousarray(chunks[:model.num_layers, :2]))
+    return SoftPrompt(config.peft_type, "kv", np.ascontiguousarray(chunks[:model.num_layers, :2]))
+
+
+register_method("PREFIX_TUNING", PrefixConfig, convert, families=("seq2seq",))

@@ -19,8 +19,9 @@ from typing import Callable
 from spexport import __version__
 from spexport.artifact.integrity import sha256
 from spexport.artifact.manifest import Manifest, ModelInfo
-from spexport.converters import CONVERTERS, SoftPrompt, convert_adapter
+from spexport.converters import SoftPrompt, convert_adapter
 from spexport.errors import AdapterError, ModelError, OutputError
+from spexport.families import Family
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json"]
@@ -151,12 +152,11 @@ def quiet_tracing():
         hf_logging.set_verbosity(level)
 
 
-def convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo,
-                      converters: dict = CONVERTERS) -> dict[str, SoftPrompt]:
+def convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo, family: Family) -> dict[str, SoftPrompt]:
     """Every task that the adapters yield, by name; a name given twice is refused."""
     prompts: dict[str, SoftPrompt] = {}
     for name, path in adapters:
-        for task, prompt in convert_adapter(name, path, info, converters).items():
+        for task, prompt in convert_adapter(name, path, info, family).items():
             if task in prompts:
                 raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
             prompts[task] = prompt

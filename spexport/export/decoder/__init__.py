@@ -39,7 +39,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
     options.on_step("loading the frozen model")
     model, info = load_model(model_dir, options.trust_remote_code)
     options.on_step("converting adapters")
-    prompts = convert_adapters(adapters, info)
+    prompts = convert_adapters(adapters, info, DECODER)
     with building(output) as staging:
         bank, tasks = {}, []
         for name, prompt in prompts.items():

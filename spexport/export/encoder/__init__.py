@@ -44,7 +44,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
     on_step("converting adapters")
     prompts: dict[str, tuple[SoftPrompt, Head]] = {}
     for name, path in adapters:
-        for task, prompt in convert_adapter(name, path, info).items():
+        for task, prompt in convert_adapter(name, path, info, ENCODER).items():
             if task in prompts:
                 raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
             if prompt.kind == "kv" and "past_key_values" not in parameters(body):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from spexport.artifact import tensorfile
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
-from spexport.converters import SEQ2SEQ_CONVERTERS
 from spexport.errors import ModelError
 from spexport.export.common import (
     BANK,
@@ -56,7 +55,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
     options.on_step("loading the frozen model")
     model, info, layout = _load_seq2seq(model_dir, options.trust_remote_code)
     options.on_step("converting adapters")
-    prompts = convert_adapters(adapters, info, SEQ2SEQ_CONVERTERS)
+    prompts = convert_adapters(adapters, info, SEQ2SEQ)
     with building(output) as staging:
         tasks = [Task(name=name, method=p.method, num_virtual_tokens=p.num_virtual_tokens, tensor=name,
                       shape=list(p.tensor.shape), dtype="float32", source={**p.source, "kind": p.kind})

@@ -1,0 +1,41 @@
+"""The soft-prompt methods spexport converts, registered in one place (PEFT's `register_peft_method`).
+
+Each method module ends with `register_method(...)`: PEFT's `peft_type`, its typed config, its
+converter, and the families whose artifacts take it. Tests iterate over `METHODS`, so a method
+cannot be registered without a parity fixture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from spexport.artifact.manifest import ModelInfo
+from spexport.converters.base import PromptConfig, SoftPrompt
+
+ALL_FAMILIES = ("decoder", "encoder", "seq2seq")
+Convert = Callable[[PromptConfig, dict, ModelInfo], "SoftPrompt | dict[str, SoftPrompt]"]
+
+
+@dataclass(frozen=True)
+class Method:
+    peft_type: str
+    config_cls: type[PromptConfig]
+    convert: Convert
+    family: str  # the family whose artifacts take this converter
+
+
+METHODS: list[Method] = []
+
+
+def register_method(peft_type: str, config_cls: type[PromptConfig], convert: Convert,
+                    families: tuple[str, ...] = ALL_FAMILIES) -> None:
+    for family in families:
+        if any(m.peft_type == peft_type and m.family == family for m in METHODS):
+            raise ValueError(f"{peft_type} is registered twice for {family}")
+        METHODS.append(Method(peft_type, config_cls, convert, family))
+
+
+def methods_for(family: str) -> dict[str, Method]:
+    """The methods a family's artifacts take, by PEFT peft_type."""
+    return {m.peft_type: m for m in METHODS if m.family == family}
