@@ -9,13 +9,14 @@ sys.path.insert(0, str(Path(__file__).parent / "export" / "passes"))
 from builders import METHODS, build_adapter, build_model  # noqa: E402
 
 from spexport.export import convert  # noqa: E402
+from spexport.families import DECODER  # noqa: E402
 
 # Five tasks of different methods and lengths, shared by the parity and batching tests.
 TASKS = {"pt": ("prompt_tuning", 5), "mlp": ("p_tuning_mlp", 3), "lstm": ("p_tuning_lstm", 4),
          "prefix": ("prefix_tuning", 6), "proj": ("prefix_projection", 2)}
 
 
-@pytest.fixture(scope="session", params=["gpt2", "llama", "qwen2", "mistral"])
+@pytest.fixture(scope="session", params=sorted(DECODER.model_types))
 def family(request):
     return request.param
 

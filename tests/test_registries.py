@@ -1,0 +1,49 @@
+"""The registries that the code dispatches on, held against the fixtures that verify them (optimum's
+test_all_models_tested): a model type or method listed as supported without a parity fixture fails here."""
+
+import re
+from pathlib import Path
+
+import builders
+import test_encoders
+import test_seq2seq
+
+from spexport.converters import METHODS
+from spexport.export import EXPORTERS
+from spexport.families import DECODER, ENCODER, FAMILIES, SEQ2SEQ, family_for
+
+# model types with a tiny model that the family's parity tests build (their fixtures take FAMILIES' lists)
+PARITY_MODELS = {DECODER.name: set(builders.FAMILIES), ENCODER.name: set(test_encoders.BASES),
+                 SEQ2SEQ.name: set(test_seq2seq.MODELS)}
+# PEFT methods the family's parity tests train and compare
+PARITY_METHODS = {
+    DECODER.name: {make(3).peft_type.value for make in {**builders.METHODS, **builders.MULTITASK}.values()},
+    ENCODER.name: {make(test_encoders.SEQ, 3, {}).peft_type.value for make in test_encoders.METHODS.values()}
+    | {"MULTITASK_PROMPT_TUNING"},  # test_encoders.test_multitask_prompt_tuning_gives_each_source_task_as_peft
+    SEQ2SEQ.name: {make(3).peft_type.value for make, _ in test_seq2seq.METHODS.values()},
+}
+
+
+def test_all_models_tested():
+    missing = sorted(t for f in FAMILIES for t in f.model_types - PARITY_MODELS[f.name])
+    assert not missing, f"Missing models: {', '.join(missing)}"
+
+
+def test_all_methods_tested():
+    missing = sorted(f"{m.family}: {m.peft_type}" for m in METHODS if m.peft_type not in PARITY_METHODS[m.family])
+    assert not missing, f"Missing methods: {', '.join(missing)}"
+
+
+def test_every_family_has_an_exporter_and_model_types_are_not_shared():
+    assert set(EXPORTERS) == {f.name for f in FAMILIES}
+    for family in FAMILIES:
+        for model_type in family.model_types:
+            assert family_for(model_type) is family
+
+
+def test_readme_lists_the_registered_model_types():
+    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+    for family in FAMILIES:
+        for model_type in family.model_types:
+            assert re.search(rf"\b{re.escape(model_type)}\b", readme, re.IGNORECASE), \
+                f"README does not name {family.name} model type {model_type}"
