@@ -1,4 +1,4 @@
-"""Opening an artifact: manifest, integrity, ONNX Runtime session, prompt bank, tokenizer."""
+"""Opening an artifact's files: integrity, ONNX Runtime sessions and their ports, the prompt bank, the tokenizer."""
 
 from __future__ import annotations
 
@@ -158,18 +158,6 @@ def session_options() -> ort.SessionOptions:
     options.enable_cpu_mem_arena = True
     options.enable_mem_pattern = True
     return options
-
-
-class ServedArtifact:
-    """What every served artifact knows: its folder, manifest, model facts and tasks (in task id order)."""
-
-    def __init__(self, folder: Path, manifest: Manifest, max_batch_size: int):
-        self.folder = folder
-        self.max_batch_size = max_batch_size
-        self.manifest = manifest
-        self.info = manifest.model
-        self.tasks = [t.name for t in manifest.tasks]
-        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
 
 
 def release_freed_memory() -> None:

@@ -1,0 +1,102 @@
+"""What every served artifact shares: its facts and tasks, the checks on a request, running a graph."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from spexport.artifact.manifest import Manifest, Task
+from spexport.errors import ArtifactError, InputError
+from spexport.runtime import inputs
+from spexport.runtime.session import ORT_ERRORS, first_line
+
+EMBEDDINGS, KV = "embeddings", "kv"  # what a task's bank tensor feeds: token embeddings, or keys and values
+
+
+@contextmanager
+def running(graph: Path) -> Iterator[None]:
+    """Report ONNX Runtime failing inside the block as the artifact's fault: requests are checked before
+    they reach a graph, so what is left is a graph that does not run (or memory that ran out)."""
+    try:
+        yield
+    except ORT_ERRORS as e:
+        raise ArtifactError(f"{graph}: ONNX Runtime failed running it ({first_line(e)})") from e
+
+
+def prompt_kind(folder: Path, task: Task) -> str:
+    """EMBEDDINGS or KV: what `task`'s bank tensor is, as its exporter recorded in `source.kind`."""
+    kind = task.source.get("kind")
+    if kind is None:
+        # manifests from before the record: a bank tensor is [n, hidden] embeddings or a 5-d KV prefix
+        kind = EMBEDDINGS if len(task.shape) == 2 else KV
+    if (kind, len(task.shape)) not in [(EMBEDDINGS, 2), (KV, 5)]:
+        raise ArtifactError(f"{folder}: task {task.name!r} records prompt kind {kind!r} for a tensor of shape "
+                            f"{task.shape}; expected embeddings [n, hidden] or kv [layers, 2, heads, n, head_dim]")
+    return kind
+
+
+class ServedArtifact:
+    """What every served artifact knows: its folder, manifest, model facts and tasks (in task id order).
+
+    A family's class lists its public verbs in VERBS and says what it does in DOES; a verb of another
+    family, called on it, answers with one line that names the verbs it has.
+    """
+
+    FAMILY = ""  # how messages name the family, e.g. "decoder-only"
+    VERBS: tuple[str, ...] = ()
+    DOES = ""
+    VERB_FAMILIES = {"generate": "decoder", "generate_text": "decoder", "classify": "classifier"}
+    # padding takes positions, unless a family's graph lays each row out as [virtual tokens, tokens, padding]
+    PADDING_TAKES_POSITIONS = True
+
+    def __init__(self, folder: Path, manifest: Manifest, max_batch_size: int):
+        self.folder = folder
+        self.max_batch_size = max_batch_size
+        self.manifest = manifest
+        self.info = manifest.model
+        self.tasks = [t.name for t in manifest.tasks]
+        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
+        # per task id, the virtual tokens that take positions ahead of the caller's tokens
+        self._positions_taken = [t.num_virtual_tokens for t in manifest.tasks]
+        self.tokenizer = None
+
+    def __getattr__(self, name: str):
+        if name not in self.VERB_FAMILIES:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+        def other_family(*args, **kwargs):
+            raise InputError(f"{name} is for {self.VERB_FAMILIES[name]} artifacts; this {self.FAMILY} artifact "
+                             f"{self.DOES} ({', '.join(self.VERBS)})")
+        return other_family
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
+        return self.tokenizer
+
+    def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None
+                 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The checked request: token ids and mask [batch, seq] as int64, and each row's task id."""
+        ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
+        mask = inputs.as_mask(attention_mask, ids.shape)
+        rows = inputs.task_indices(task, self.tasks, ids.shape[0])
+        tokens = np.full(len(ids), ids.shape[1]) if self.PADDING_TAKES_POSITIONS else mask.sum(axis=1)
+        self._check_length("input", tokens, [self._positions_taken[r] for r in rows])
+        return ids, mask, rows
+
+    def _check_length(self, what: str, tokens: np.ndarray, virtual: list[int]) -> None:
+        """Refuse a batch in which a row's tokens and its task's virtual tokens outnumber the positions."""
+        allowed = self.info.max_positions - np.asarray(virtual)
+        worst = int(np.argmax(tokens - allowed))
+        if tokens[worst] > allowed[worst]:
+            raise InputError(f"{what} of {tokens[worst]} tokens is too long: with its task's virtual tokens the "
+                             f"model allows {allowed[worst]} (max positions {self.info.max_positions})")
+
+    @staticmethod
+    def _run(session: ort.InferenceSession, graph: Path, names: list[str] | None, feeds: dict) -> list[np.ndarray]:
+        with running(graph):
+            return session.run(names, feeds)
