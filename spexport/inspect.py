@@ -56,7 +56,7 @@ def graph_ports(path: Path) -> tuple[list[Port], list[Port]]:
     """The graph's inputs and outputs as ONNX Runtime reads them, without optimizing the graph."""
     import onnxruntime as ort
 
-    from spexport.runtime.base import check_external_data
+    from spexport.runtime.session import check_external_data
 
     check_external_data(path)
     options = ort.SessionOptions()

@@ -28,7 +28,7 @@ from onnx.external_data_helper import convert_model_to_external_data
 import spexport.export
 import spexport.export.common
 import spexport.export.decoder
-import spexport.runtime.base
+import spexport.runtime.session
 import spexport.validate
 from spexport.artifact import tensorfile
 from spexport.artifact.manifest import MANIFEST, seal
@@ -36,7 +36,7 @@ from spexport.cli import main
 from spexport.errors import ArtifactError, InputError, ModelError, SpexportError
 from spexport.export import convert
 from spexport.runtime import load
-from spexport.runtime.base import VerifiedFiles
+from spexport.runtime.session import VerifiedFiles
 
 IDS = np.array([[5, 9, 14, 22, 40, 7]], np.int64)
 

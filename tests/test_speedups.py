@@ -51,7 +51,7 @@ def test_default_graph_is_fused_and_says_so(tiny):
 def test_attention_scale_moves_to_the_queries_so_no_step_copies_the_key_cache(tiny, tmp_path):
     """torch scales both sides of q·kᵀ; with the scale on the query alone, ONNX Runtime folds the key
     cache's transpose into its MatMul (FusedMatMul) instead of transposing and scaling it each step."""
-    from spexport.runtime.base import session_options
+    from spexport.runtime.session import session_options
 
     folder = _artifact(tiny, "fused")
     layers = load(folder).info.num_layers

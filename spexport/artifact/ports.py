@@ -36,21 +36,26 @@ def cache_names(pattern: str, layers: int, parts: tuple[str, ...] = ("decoder", 
     return [pattern.format(i, part, kv) for i in range(layers) for part in parts for kv in ("key", "value")]
 
 
-def stack_prefixes(prefixes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack per-task KV prefixes [layers, 2, kv_heads, n, head_dim] into the graph's layout.
+def stack_prefixes(prefixes: list[np.ndarray], axis: int = 3, min_slots: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-row prompts into a graph input: KV prefixes [layers, 2, kv_heads, n, head_dim] (axis 3)
+    or virtual-token embeddings [n, hidden] (axis 0).
 
-    Returns kv [count, layers, 2, kv_heads, longest, head_dim] and mask [count, longest]; shorter
-    prefixes are left-padded with zero slots whose mask is 0, so every row sees only its own. One
-    prefix comes back as a view of itself, not a copy: a long prompt costs nothing per request.
+    Returns them stacked [count, ...] and a mask [count, longest]. Shorter prompts are left-padded along
+    `axis` with zero slots whose mask is 0, so every row sees only its own; `min_slots` keeps a graph
+    input from being empty. One prompt that needs no padding comes back as a view of itself, not a
+    copy: a long prompt costs nothing per request.
     """
-    if len(prefixes) == 1:
-        return prefixes[0][None], np.ones((1, prefixes[0].shape[3]), np.int64)
-    longest = max(p.shape[3] for p in prefixes)
-    layers, _, heads, _, head_dim = prefixes[0].shape
-    kv = np.zeros((len(prefixes), layers, 2, heads, longest, head_dim), np.float32)
+    longest = max([min_slots, *(p.shape[axis] for p in prefixes)])
+    if len(prefixes) == 1 and prefixes[0].shape[axis] == longest:
+        return prefixes[0][None], np.ones((1, longest), np.int64)
+    shape = list(prefixes[0].shape)
+    shape[axis] = longest
+    stacked = np.zeros([len(prefixes), *shape], np.float32)
     mask = np.zeros((len(prefixes), longest), np.int64)
     for row, prefix in enumerate(prefixes):
-        n = prefix.shape[3]
-        kv[row, :, :, :, longest - n:] = prefix
+        n = prefix.shape[axis]
+        slots = [slice(None)] * prefix.ndim
+        slots[axis] = slice(longest - n, longest)
+        stacked[row][tuple(slots)] = prefix
         mask[row, longest - n:] = 1
-    return kv, mask
+    return stacked, mask

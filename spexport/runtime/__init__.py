@@ -3,11 +3,46 @@
     from spexport.runtime import load
     m = load("artifact/")
     m.logits(input_ids, task="sentiment")
-    m.generate(input_ids, task=["sentiment", "topic"], max_new_tokens=20)   # decoder artifacts
+    m.generate(input_ids, task=["sentiment", "topic"], max_new_tokens=20)   # decoder and seq2seq artifacts
     m.classify(["great film"], task="sentiment")                             # encoder artifacts
 """
 
-from spexport.runtime.decoder import DecoderModel, load
-from spexport.runtime.encoder import EncoderModel
+from __future__ import annotations
 
-__all__ = ["DecoderModel", "EncoderModel", "load"]
+from pathlib import Path
+
+from spexport.artifact.manifest import Manifest
+from spexport.errors import ArtifactError
+from spexport.runtime.base import ServedArtifact
+from spexport.runtime.decoder import DecoderModel
+from spexport.runtime.encoder import EncoderModel
+from spexport.runtime.inputs import MAX_BATCH_SIZE
+from spexport.runtime.seq2seq import Seq2SeqModel
+from spexport.runtime.session import pick_providers, release_freed_memory, verify_files
+
+RUNTIMES: dict[str, type[ServedArtifact]] = {"decoder": DecoderModel, "encoder": EncoderModel,
+                                             "seq2seq": Seq2SeqModel}
+
+
+def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,
+         max_batch_size: int = MAX_BATCH_SIZE) -> DecoderModel | EncoderModel | Seq2SeqModel:
+    """Open an artifact folder written by `spexport convert`: a DecoderModel, EncoderModel or Seq2SeqModel.
+
+    providers: ONNX Runtime execution providers in order of preference (default CPU); any that
+    this machine lacks is dropped with a warning. verify: check every file's sha256 first (a file
+    verified before and not written since is not read again). max_batch_size: the most rows one
+    call may send; a larger batch is refused before anything is allocated for it.
+    """
+    folder = Path(folder)
+    manifest = Manifest.read(folder)
+    runtime = RUNTIMES.get(manifest.family)
+    if runtime is None:
+        raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
+    if verify:
+        verify_files(folder, manifest)
+    model = runtime(folder, manifest, pick_providers(providers), max_batch_size)
+    release_freed_memory()
+    return model
+
+
+__all__ = ["RUNTIMES", "DecoderModel", "EncoderModel", "Seq2SeqModel", "load"]

@@ -20,52 +20,20 @@ from spexport.artifact.ports import (
     TASK_IDS,
     stack_prefixes,
 )
-from spexport.errors import ArtifactError, InputError
-from spexport.runtime import inputs, sampling
-from spexport.runtime.base import (
-    ORT_ERRORS,
-    ServedArtifact,
-    check_ports,
-    first_line,
-    load_bank,
-    load_tokenizer,
-    open_session,
-    pick_providers,
-    release_freed_memory,
-    verify_files,
-)
-from spexport.runtime.encoder import EncoderModel
-from spexport.runtime.seq2seq import Seq2SeqModel
+from spexport.runtime import inputs
+from spexport.runtime.base import running
+from spexport.runtime.generation import GeneratingModel
+from spexport.runtime.session import check_ports, load_bank, load_tokenizer, open_session
 
 
-def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,
-         max_batch_size: int = inputs.MAX_BATCH_SIZE) -> DecoderModel | EncoderModel | Seq2SeqModel:
-    """Open an artifact folder written by `spexport convert`: a DecoderModel, EncoderModel or Seq2SeqModel.
-
-    providers: ONNX Runtime execution providers in order of preference (default CPU); any that
-    this machine lacks is dropped with a warning. verify: check every file's sha256 first (a file
-    verified before and not written since is not read again). max_batch_size: the most rows one
-    call may send; a larger batch is refused before anything is allocated for it.
-    """
-    folder = Path(folder)
-    manifest = Manifest.read(folder)
-    served = {"decoder": DecoderModel, "encoder": EncoderModel, "seq2seq": Seq2SeqModel}
-    if manifest.family not in served:
-        raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
-    if verify:
-        verify_files(folder, manifest)
-    model = served[manifest.family](folder, manifest, pick_providers(providers), max_batch_size)
-    release_freed_memory()
-    return model
-
-
-class DecoderModel(ServedArtifact):
+class DecoderModel(GeneratingModel):
     """A frozen causal LM plus a bank of per-task KV prefixes."""
+
+    FAMILY = "decoder-only"
 
     def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
                  max_batch_size: int = inputs.MAX_BATCH_SIZE):
         super().__init__(folder, manifest, max_batch_size)
-        self._n_virtual = [t.num_virtual_tokens for t in manifest.tasks]
         # a baked graph holds the prompt bank itself and picks each row's prefix by task id
         self._prefixes = None
         if not manifest.baked:
@@ -118,96 +86,31 @@ class DecoderModel(ServedArtifact):
         positions = inputs.positions(mask) + prefix_mask.sum(axis=1, keepdims=True)
         return empty, past, np.concatenate([prefix_mask, mask], axis=1), positions
 
+    def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> _BoundSteps:
+        return _BoundSteps(self, ids, *self._first_step(mask, rows))
+
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)
         return [np.zeros(shape, np.float32) for _ in self._past_names]
 
-    def _prepare(self, input_ids, attention_mask, task):
-        ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
-        mask = inputs.as_mask(attention_mask, ids.shape)
-        rows = inputs.task_indices(task, self.tasks, ids.shape[0])
-        budget = self.info.max_positions - max(self._n_virtual[r] for r in rows)
-        if ids.shape[1] > budget:
-            raise InputError(f"input of {ids.shape[1]} tokens is too long: with its task's virtual tokens the "
-                             f"model allows {budget} (max positions {self.info.max_positions})")
-        return ids, mask, rows
+    def _room(self, ids: np.ndarray, rows: list[int]) -> int:
+        return self.info.max_positions - max(self._positions_taken[r] for r in rows) - ids.shape[1]
 
-    def _run(self, ids, mask, position_ids, past, prefix) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, **prefix,
-                 **dict(zip(self._past_names, past))}
-        try:
-            outputs = self.session.run(["logits", *self._present_names], feeds)
-        except ORT_ERRORS as e:  # inputs are checked first, so the artifact is at fault (or memory ran out)
-            raise ArtifactError(f"{self._graph}: ONNX Runtime failed running it ({first_line(e)})") from e
-        return outputs[0], outputs[1:]
+    def _sequence_start(self, ids: np.ndarray) -> np.ndarray:
+        return ids
 
-    # -- public verbs ---------------------------------------------------------------------------
+    # -- public verbs (generate and generate_text: GeneratingModel) ------------------------------
 
-    def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
-               decoder_input_ids=None) -> np.ndarray:
+    def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None) -> np.ndarray:
         """Logits [batch, seq, vocab] for the caller's tokens (no virtual positions)."""
-        if decoder_input_ids is not None:
-            raise InputError("decoder_input_ids is for encoder-decoder artifacts; this one is decoder-only")
         ids, mask, rows = self._prepare(input_ids, attention_mask, task)
-        logits, _ = self._run(ids, mask, inputs.positions(mask), self._empty_past(len(ids)), self._prefix(rows))
-        return logits
-
-    def generate(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
-        """Input followed by new tokens, as transformers' `generate` returns for a causal LM.
-
-        Rows stop at the model's EOS (later slots hold the pad token), at max_new_tokens, or
-        where the model's positions run out.
-        """
-        inputs.check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
-        room = self.info.max_positions - max(self._n_virtual[r] for r in rows) - ids.shape[1]
-        eos = np.array(self.info.eos_token_ids, np.int64)
-        pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos.size else 0)
-        rng = np.random.default_rng(seed)
-        batch, width = ids.shape
-        steps = min(max_new_tokens, room)
-        sequences = np.empty((batch, width + steps), np.int64)
-        sequences[:, :width] = ids
-        prefix, past, mask, position_ids = self._first_step(mask, rows)
-        bound = _BoundSteps(self, prefix, past)
-        step_ids = ids
-        unfinished = np.ones(batch, bool)
-        done = width
-        for step in range(steps):
-            logits = bound.run(step_ids, mask, position_ids)
-            chosen = sampling.next_tokens(logits, do_sample, temperature, top_k, top_p, rng)
-            chosen = np.where(unfinished, chosen, pad).astype(np.int64)
-            sequences[:, width + step] = chosen
-            done += 1
-            unfinished &= ~np.isin(chosen, eos)
-            if not unfinished.any():
-                break
-            step_ids = chosen[:, None]
-            position_ids = mask.sum(axis=1, keepdims=True)
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-        return sequences[:, :done]
-
-    def generate_text(self, texts: str | Sequence[str], task: str | Sequence[str] = None,
-                      max_new_tokens: int = 20, **kwargs) -> list[str]:
-        """Tokenize, left-pad, generate, and decode each row's new tokens."""
-        tokenizer = self._require_tokenizer()
-        _, ids, mask = inputs.tokenize(tokenizer, texts, self.info.pad_token_id, left=True)
-        out = self.generate(ids, mask, task=task, max_new_tokens=max_new_tokens, **kwargs)
-        return [tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True) for row in out]
-
-    def classify(self, texts, task=None):
-        raise InputError("classify is for classifier artifacts; this decoder-only artifact generates text")
-
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise InputError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
-        return self.tokenizer
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": inputs.positions(mask),
+                 **self._prefix(rows), **dict(zip(self._past_names, self._empty_past(len(ids))))}
+        return self._run(self.session, self._graph, ["logits"], feeds)[0]
 
 
 class _BoundSteps:
-    """One generation's feeds, bound to the session with IO binding for all of its steps.
+    """One generation's steps, bound to the session with IO binding.
 
     The prefix inputs and the first past are bound once. Each step's `present.*` outputs stay ONNX
     Runtime values and are bound as the next step's `past_key_values.*` (on a GPU provider they
@@ -217,7 +120,8 @@ class _BoundSteps:
 
     DEVICES = {"CUDAExecutionProvider": "cuda"}  # where present.* live; anything else: the CPU
 
-    def __init__(self, model: DecoderModel, prefix: dict[str, np.ndarray], past: list[np.ndarray]):
+    def __init__(self, model: DecoderModel, ids: np.ndarray, prefix: dict[str, np.ndarray], past: list[np.ndarray],
+                 mask: np.ndarray, position_ids: np.ndarray):
         self.session, self.graph = model.session, model._graph
         self.binding = model.session.io_binding()
         self.device = self.DEVICES.get(model.providers[0], "cpu")
@@ -226,6 +130,15 @@ class _BoundSteps:
         self.logits: dict[tuple[int, int], np.ndarray] = {}
         for name, value in [*prefix.items(), *zip(self.past_names, past)]:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
+        self.ids, self.mask, self.position_ids = ids, mask, position_ids
+
+    def first(self) -> np.ndarray:
+        return self.run(self.ids, self.mask, self.position_ids)
+
+    def next(self, tokens: np.ndarray) -> np.ndarray:
+        position_ids = self.mask.sum(axis=1, keepdims=True)
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        return self.run(tokens[:, None], self.mask, position_ids)
 
     def run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Run one step; the logits of each row's last position [batch, vocab]."""
@@ -238,10 +151,8 @@ class _BoundSteps:
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for name in self.present_names:
             binding.bind_output(name, self.device)
-        try:
+        with running(self.graph):
             self.session.run_with_iobinding(binding)
-        except ORT_ERRORS as e:  # inputs are checked first, so the artifact is at fault (or memory ran out)
-            raise ArtifactError(f"{self.graph}: ONNX Runtime failed running it ({first_line(e)})") from e
         for name, value in zip(self.past_names, binding.get_outputs()[1:]):
             binding.bind_ortvalue_input(name, value)
         return logits[:, -1]

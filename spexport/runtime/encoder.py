@@ -9,10 +9,11 @@ import numpy as np
 
 from spexport.artifact.integrity import inside_folder
 from spexport.artifact.manifest import Manifest
-from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK, PROMPT_EMBEDS, PROMPT_MASK
+from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK, PROMPT_EMBEDS, PROMPT_MASK, stack_prefixes
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime import inputs
-from spexport.runtime.base import ServedArtifact, load_bank, load_tokenizer, open_session
+from spexport.runtime.base import EMBEDDINGS, KV, ServedArtifact, prompt_kind
+from spexport.runtime.session import load_bank, load_tokenizer, open_session
 
 SEQUENCE, TOKEN = "sequence", "token"
 
@@ -20,18 +21,25 @@ SEQUENCE, TOKEN = "sequence", "token"
 class EncoderModel(ServedArtifact):
     """A frozen encoder, a bank of per-task prompts (embeddings or KV prefixes) and per-task heads."""
 
+    FAMILY = "encoder"
+    VERBS = ("logits", "classify")
+    DOES = "classifies"
+
     def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
                  max_batch_size: int = inputs.MAX_BATCH_SIZE):
         super().__init__(folder, manifest, max_batch_size)
         bank = load_bank(folder, manifest)
         self._prompts = [bank[t.tensor] for t in manifest.tasks]
+        self._prompt_kinds = [prompt_kind(folder, t) for t in manifest.tasks]
         heads = [_checked_head(folder, t) for t in manifest.tasks]
         self.kinds = {t.name: head["kind"] for t, head in zip(manifest.tasks, heads)}
         self.labels = {t.name: list(head["labels"]) for t, head in zip(manifest.tasks, heads)}
-        self.session = open_session(inside_folder(folder, manifest.graph), providers)
+        self._graph = inside_folder(folder, manifest.graph)
+        self.session = open_session(self._graph, providers)
         self.providers = self.session.get_providers()
         self._graph_inputs = {i.name for i in self.session.get_inputs()}
-        self._heads = [open_session(inside_folder(folder, head["graph"]), providers) for head in heads]
+        self._head_graphs = [inside_folder(folder, head["graph"]) for head in heads]
+        self._heads = [open_session(graph, providers) for graph in self._head_graphs]
         self.tokenizer = load_tokenizer(folder, manifest)
 
     # -- batching -------------------------------------------------------------------------------
@@ -39,28 +47,24 @@ class EncoderModel(ServedArtifact):
     def _prompt_feeds(self, rows: list[int]) -> dict[str, np.ndarray]:
         """Each row's virtual-token embeddings or KV prefix; a row of the other kind gets masked slots."""
         feeds = {}
-        prompts = [self._prompts[r] for r in rows]
+        info = self.info
+        prompts = [(self._prompts[r], self._prompt_kinds[r]) for r in rows]
         if PROMPT_EMBEDS in self._graph_inputs:
-            empty = np.zeros((0, self.info.hidden_size), np.float32)
-            feeds[PROMPT_EMBEDS], feeds[PROMPT_MASK] = stack_rows([p if p.ndim == 2 else empty for p in prompts], 0)
+            empty = np.zeros((0, info.hidden_size), np.float32)
+            feeds[PROMPT_EMBEDS], feeds[PROMPT_MASK] = stack_prefixes(
+                [p if kind == EMBEDDINGS else empty for p, kind in prompts], axis=0, min_slots=1)
         if KV_PREFIX in self._graph_inputs:
-            info = self.info
             empty = np.zeros((info.num_layers, 2, info.num_kv_heads, 0, info.head_dim), np.float32)
-            feeds[KV_PREFIX], feeds[PREFIX_MASK] = stack_rows([p if p.ndim == 5 else empty for p in prompts], 3)
+            feeds[KV_PREFIX], feeds[PREFIX_MASK] = stack_prefixes(
+                [p if kind == KV else empty for p, kind in prompts], axis=3, min_slots=1)
         return feeds
 
-    def _prepare(self, input_ids, attention_mask, task):
-        ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
-        mask = inputs.as_mask(attention_mask, ids.shape)
-        rows = inputs.task_indices(task, self.tasks, ids.shape[0])
+    def _head_kind(self, rows: list[int]) -> str:
+        """The batch's kind of classification: SEQUENCE or TOKEN, never both."""
         kinds = {self.kinds[self.tasks[r]] for r in rows}
         if len(kinds) > 1:
             raise InputError("a batch mixes sequence and token classification tasks; send them as separate batches")
-        budget = self.info.max_positions - max(self.num_virtual_tokens[self.tasks[r]] for r in rows)
-        if ids.shape[1] > budget:
-            raise InputError(f"input of {ids.shape[1]} tokens is too long: with its task's virtual tokens the "
-                             f"model allows {budget} (max positions {self.info.max_positions})")
-        return ids, mask, rows, kinds.pop()
+        return kinds.pop()
 
     # -- public verbs ---------------------------------------------------------------------------
 
@@ -71,17 +75,19 @@ class EncoderModel(ServedArtifact):
         Rows of tasks with fewer labels than the batch's widest are padded with -inf, which softmax
         and argmax ignore.
         """
-        ids, mask, rows, kind = self._prepare(input_ids, attention_mask, task)
+        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
+        kind = self._head_kind(rows)
         names = [o.name for o in self.session.get_outputs()]
-        body = dict(zip(names, self.session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                                       **self._prompt_feeds(rows)})))
+        feeds = {"input_ids": ids, "attention_mask": mask, **self._prompt_feeds(rows)}
+        body = dict(zip(names, self._run(self.session, self._graph, None, feeds)))
         rows = np.array(rows)
         widest = max(len(self.labels[self.tasks[r]]) for r in rows)
         out = np.full(ids.shape[:1] + (ids.shape[1:] if kind == TOKEN else ()) + (widest,), -np.inf, np.float32)
         for task_id in np.unique(rows):
             picked = rows == task_id
             head = self._heads[task_id]
-            logits = head.run(None, {i.name: body[i.name][picked] for i in head.get_inputs()})[0]
+            feeds = {i.name: body[i.name][picked] for i in head.get_inputs()}
+            logits = self._run(head, self._head_graphs[task_id], None, feeds)[0]
             out[picked, ..., :logits.shape[-1]] = logits
         return out
 
@@ -112,34 +118,6 @@ class EncoderModel(ServedArtifact):
                                      "word": token, "start": start, "end": end})
             results.append(entities)
         return results
-
-    def generate(self, *args, **kwargs):
-        raise InputError("generate is for decoder artifacts; this encoder artifact classifies (logits, classify)")
-
-    def generate_text(self, *args, **kwargs):
-        raise InputError("generate_text is for decoder artifacts; this encoder artifact classifies (classify)")
-
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise InputError(f"{self.folder} has no tokenizer.json; pass token ids to logits instead of text")
-        return self.tokenizer
-
-
-def stack_rows(tensors: list[np.ndarray], axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stack per-row tensors along a new batch axis, each left-padded along `axis` to the longest
-    (at least one slot, so no graph input is empty); returns them and a [batch, longest] mask."""
-    longest = max(1, max(t.shape[axis] for t in tensors))
-    shape = list(tensors[0].shape)
-    shape[axis] = longest
-    stacked = np.zeros([len(tensors), *shape], np.float32)
-    mask = np.zeros((len(tensors), longest), np.int64)
-    for row, tensor in enumerate(tensors):
-        n = tensor.shape[axis]
-        slots = [slice(None)] * tensor.ndim
-        slots[axis] = slice(longest - n, longest)
-        stacked[row][tuple(slots)] = tensor
-        mask[row, longest - n:] = 1
-    return stacked, mask
 
 
 def _scores(logits: np.ndarray) -> np.ndarray:

@@ -21,24 +21,22 @@ from spexport.artifact.ports import (
     PROMPT_MASK,
     USE_CACHE_BRANCH,
     cache_names,
+    stack_prefixes,
 )
 from spexport.errors import ArtifactError, InputError
-from spexport.runtime import inputs, sampling
-from spexport.runtime.base import (
-    ORT_ERRORS,
-    ServedArtifact,
-    check_ports,
-    first_line,
-    load_bank,
-    load_tokenizer,
-    open_session,
-)
-from spexport.runtime.encoder import stack_rows
+from spexport.runtime import inputs
+from spexport.runtime.base import EMBEDDINGS, KV, prompt_kind
+from spexport.runtime.generation import GeneratingModel, GenerationConfig
+from spexport.runtime.session import check_ports, load_bank, load_tokenizer, open_session
 
 
-class Seq2SeqModel(ServedArtifact):
+class Seq2SeqModel(GeneratingModel):
     """A frozen encoder-decoder model plus a bank of per-task prompts: virtual-token embeddings for
     the encoder (prompt tuning, P-tuning) or self-attention KV prefixes for the decoder (prefix tuning)."""
+
+    FAMILY = "encoder-decoder"
+    PAD_TEXT_LEFT = False
+    PADDING_TAKES_POSITIONS = False  # the encoder lays each row out as [virtual tokens, its tokens, padding]
 
     def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
                  max_batch_size: int = inputs.MAX_BATCH_SIZE):
@@ -48,11 +46,14 @@ class Seq2SeqModel(ServedArtifact):
         self._forced_bos = _token(folder, "forced_bos_token_id", info.forced_bos_token_id, info.vocab_size, None)
         self._forced_eos = _token(folder, "forced_eos_token_id", info.forced_eos_token_id, info.vocab_size, None)
         bank = load_bank(folder, manifest)
+        kinds = [prompt_kind(folder, t) for t in manifest.tasks]
         prompts = [bank[t.tensor] for t in manifest.tasks]
         # a task feeds the encoder ([n, hidden] embeddings) or the decoder ([layers, 2, heads, n, head_dim])
-        self._embeds = [p if p.ndim == 2 else np.zeros((0, info.hidden_size), np.float32) for p in prompts]
+        empty_embeds = np.zeros((0, info.hidden_size), np.float32)
+        self._embeds = [p if kind == EMBEDDINGS else empty_embeds for p, kind in zip(prompts, kinds)]
         empty_kv = np.zeros((info.num_layers, 2, info.num_kv_heads, 0, info.head_dim), np.float32)
-        self._kv = [p if p.ndim == 5 else empty_kv for p in prompts]
+        self._kv = [p if kind == KV else empty_kv for p, kind in zip(prompts, kinds)]
+        self._positions_taken = [len(e) for e in self._embeds]  # a KV prefix takes decoder positions instead
         self._past = cache_names(CACHE_PAST, info.num_layers)
         self._present = cache_names(CACHE_PRESENT, info.num_layers)
         self._encoder_graph = self._graph_path(manifest.encoder_graph, "encoder_graph")
@@ -85,19 +86,9 @@ class Seq2SeqModel(ServedArtifact):
 
     # -- running the graphs ---------------------------------------------------------------------
 
-    def _prepare(self, input_ids, attention_mask, task):
-        ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
-        mask = inputs.as_mask(attention_mask, ids.shape)
-        rows = inputs.task_indices(task, self.tasks, ids.shape[0])
-        longest = max(len(self._embeds[r]) + n for r, n in zip(rows, mask.sum(axis=1)))
-        if longest > self.info.max_positions:
-            raise InputError(f"an input row of {longest} tokens, its task's virtual tokens included, is longer than "
-                             f"the model's {self.info.max_positions} positions")
-        return ids, mask, rows
-
     def _encode(self, ids, mask, rows) -> tuple[np.ndarray, np.ndarray]:
         """The encoder's states and mask, each row laid out as [virtual tokens, its tokens, padding]."""
-        embeds, prompt_mask = stack_rows([self._embeds[r] for r in rows], 0)
+        embeds, prompt_mask = stack_prefixes([self._embeds[r] for r in rows], axis=0, min_slots=1)
         return self._run(self.encoder, self._encoder_graph, ["last_hidden_state", ENCODER_MASK],
                          {"input_ids": ids, "attention_mask": mask, PROMPT_EMBEDS: embeds, PROMPT_MASK: prompt_mask})
 
@@ -118,19 +109,25 @@ class Seq2SeqModel(ServedArtifact):
         return logits, present
 
     def _prefix(self, rows: list[int]) -> dict[str, np.ndarray]:
-        kv, mask = stack_rows([self._kv[r] for r in rows], 3)
+        kv, mask = stack_prefixes([self._kv[r] for r in rows], axis=3, min_slots=1)
         return {KV_PREFIX: kv, PREFIX_MASK: mask}
 
-    def _room(self, rows: list[int]) -> int:
+    def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> _CachedSteps:
+        return _CachedSteps(self, self._encode(ids, mask, rows), self._prefix(rows), self._sequence_start(ids))
+
+    def _room(self, ids: np.ndarray, rows: list[int]) -> int:
         """Decoder tokens a batch may feed: a row's prefix takes positions before its own tokens."""
         return self.info.max_positions - max(self._kv[r].shape[3] for r in rows)
 
-    @staticmethod
-    def _run(session, path: Path, names: list[str], feeds: dict) -> list[np.ndarray]:
-        try:
-            return session.run(names, feeds)
-        except ORT_ERRORS as e:  # inputs are checked first, so the artifact is at fault (or memory ran out)
-            raise ArtifactError(f"{path}: ONNX Runtime failed running it ({first_line(e)})") from e
+    def _sequence_start(self, ids: np.ndarray) -> np.ndarray:
+        return np.full((len(ids), 1), self._start, np.int64)
+
+    def _forced_token(self, step: int, config: GenerationConfig) -> int | None:
+        """The model's forced_bos_token_id at the first step, its forced_eos_token_id (or nothing) at the last
+        step max_new_tokens allows."""
+        if step == config.max_new_tokens - 1:
+            return self._forced_eos
+        return self._forced_bos if step == 0 else None
 
     # -- public verbs ---------------------------------------------------------------------------
 
@@ -145,60 +142,27 @@ class Seq2SeqModel(ServedArtifact):
             decoder_ids = inputs.as_token_matrix(decoder_input_ids, self.info.vocab_size, self.max_batch_size)
             if len(decoder_ids) != len(ids):
                 raise InputError(f"decoder_input_ids has {len(decoder_ids)} rows, input_ids {len(ids)}")
-        if decoder_ids.shape[1] > self._room(rows):
-            raise InputError(f"decoder_input_ids of {decoder_ids.shape[1]} tokens is too long: with its task's "
-                             f"virtual tokens the decoder allows {self._room(rows)}")
+        self._check_length("decoder_input_ids", np.full(len(ids), decoder_ids.shape[1]),
+                           [self._kv[r].shape[3] for r in rows])
         logits, _ = self._decode(decoder_ids, self._encode(ids, mask, rows), self._prefix(rows), None)
         return logits
 
-    def generate(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
-        """Decoder tokens [batch, 1 + new], starting with the decoder start token, as transformers'
-        `generate` returns them for an encoder-decoder model (greedy unless do_sample).
 
-        Encoder rows may be padded on either side (mark padding with attention_mask). Rows stop at
-        the model's EOS (later slots hold the pad token), at max_new_tokens, or where the decoder's
-        positions run out. The model's forced_bos_token_id and forced_eos_token_id apply as in
-        transformers: the first new token, and the last one max_new_tokens allows.
-        """
-        inputs.check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
-        encoded, prefix = self._encode(ids, mask, rows), self._prefix(rows)
-        eos = np.array(self.info.eos_token_ids, np.int64)
-        pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos.size else 0)
-        rng = np.random.default_rng(seed)
-        sequences = np.full((len(ids), 1), self._start, np.int64)
-        step_ids, cache = sequences, None
-        unfinished = np.ones(len(ids), bool)
-        for step in range(min(max_new_tokens, self._room(rows))):
-            logits, cache = self._decode(step_ids, encoded, prefix, cache)
-            chosen = sampling.next_tokens(logits[:, -1], do_sample, temperature, top_k, top_p, rng)
-            forced = self._forced_bos if step == 0 else None
-            forced = self._forced_eos if step == max_new_tokens - 1 else forced
-            chosen = np.where(unfinished, chosen if forced is None else forced, pad).astype(np.int64)
-            sequences = np.concatenate([sequences, chosen[:, None]], axis=1)
-            unfinished &= ~np.isin(chosen, eos)
-            if not unfinished.any():
-                break
-            step_ids = chosen[:, None]
-        return sequences
+class _CachedSteps:
+    """One generation's decoder steps over the encoder's states, each step feeding back the cache."""
 
-    def generate_text(self, texts: str | Sequence[str], task: str | Sequence[str] = None,
-                      max_new_tokens: int = 20, **kwargs) -> list[str]:
-        """Tokenize, right-pad, generate, and decode each row's new tokens."""
-        tokenizer = self._require_tokenizer()
-        _, ids, mask = inputs.tokenize(tokenizer, texts, self.info.pad_token_id, left=False)
-        out = self.generate(ids, mask, task=task, max_new_tokens=max_new_tokens, **kwargs)
-        return [tokenizer.decode(row[1:].tolist(), skip_special_tokens=True) for row in out]
+    def __init__(self, model: Seq2SeqModel, encoded: tuple[np.ndarray, np.ndarray], prefix: dict[str, np.ndarray],
+                 start: np.ndarray):
+        self.model, self.encoded, self.prefix, self.start = model, encoded, prefix, start
+        self.cache = None
 
-    def classify(self, *args, **kwargs):
-        raise InputError("classify is for classifier artifacts; this encoder-decoder artifact generates text")
+    def first(self) -> np.ndarray:
+        logits, self.cache = self.model._decode(self.start, self.encoded, self.prefix, None)
+        return logits[:, -1]
 
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise InputError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
-        return self.tokenizer
+    def next(self, tokens: np.ndarray) -> np.ndarray:
+        logits, self.cache = self.model._decode(tokens[:, None], self.encoded, self.prefix, self.cache)
+        return logits[:, -1]
 
 
 _REQUIRED = object()
