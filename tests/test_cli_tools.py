@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from spexport.artifact import tensorfile
 from spexport.artifact.manifest import seal
 from spexport.cli import main
+from spexport.errors import AdapterError, ArtifactError, InputError
 from spexport.runtime import load
 
 TASKS = ["pt", "prefix", "mpt/0", "mpt/1", "mpt/2"]
@@ -102,36 +103,37 @@ def test_inspect_json_without_torch(built):
     assert "CPUExecutionProvider" in report["providers"]
 
 
-def test_inspect_reports_damaged_and_missing_files_and_exits_2(built, tmp_path):
+def test_inspect_reports_damaged_and_missing_files_and_exits_5(built, tmp_path):
     artifact = _copy(built, tmp_path)
     data = bytearray((artifact / "prompts.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (artifact / "prompts.safetensors").write_bytes(data)
     (artifact / "tokenizer_config.json").unlink()
     result = _invoke("inspect", artifact)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == ArtifactError.exit_code == 5, result.output
     lines = result.stdout.splitlines()
     assert any(line.split() == ["DAMAGED", "prompts.safetensors"] for line in lines)
     assert any(line.split() == ["missing", "tokenizer_config.json"] for line in lines)
     assert any(line.split() == ["ok", "model.onnx"] for line in lines)
     assert "prompts.safetensors is DAMAGED, tokenizer_config.json is missing" in result.stderr
     quiet = _invoke("inspect", artifact, "--quiet")
-    _assert_one_line_error(quiet, 2, "prompts.safetensors is DAMAGED")
+    _assert_one_line_error(quiet, ArtifactError.exit_code, "prompts.safetensors is DAMAGED")
     as_json = _invoke("inspect", artifact, "--json")
-    assert as_json.exit_code == 2 and json.loads(as_json.stdout)["files"]["prompts.safetensors"] == "DAMAGED"
+    assert as_json.exit_code == ArtifactError.exit_code
+    assert json.loads(as_json.stdout)["files"]["prompts.safetensors"] == "DAMAGED"
 
 
 def test_inspect_of_an_unreadable_graph(built, tmp_path):
     artifact = _copy(built, tmp_path)
     (artifact / "model.onnx").write_bytes(b"not a graph")
     result = _invoke("inspect", artifact)
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == ArtifactError.exit_code, result.output
     assert "  unreadable: " in result.stdout and "pt" in result.stdout
     assert any(line.split() == ["DAMAGED", "model.onnx"] for line in result.stdout.splitlines())
 
 
 def test_inspect_of_a_folder_without_manifest(tmp_path):
-    _assert_one_line_error(_invoke("inspect", tmp_path), 2, "not a spexport artifact")
+    _assert_one_line_error(_invoke("inspect", tmp_path), ArtifactError.exit_code, "not a spexport artifact")
 
 
 def test_validate_passes_every_task_and_prints_the_numbers(built):
@@ -171,14 +173,15 @@ def test_validate_quiet_prints_nothing_when_it_passes(built):
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("name,pattern", [("nope", "the artifact has no task 'nope'"),
-                                          ("raw", "validate compares with PEFT and needs a PEFT adapter folder")])
-def test_validate_refuses_what_it_cannot_compare(built, tmp_path, name, pattern):
+@pytest.mark.parametrize("name,pattern,error", [
+    ("nope", "the artifact has no task 'nope'", InputError),
+    ("raw", "validate compares with PEFT and needs a PEFT adapter folder", AdapterError)])
+def test_validate_refuses_what_it_cannot_compare(built, tmp_path, name, pattern, error):
     path = built["adapters"]["pt"]
     if name == "raw":
         np.save(tmp_path / "raw.npy", np.zeros((5, 64), np.float32))
         path = tmp_path / "raw.npy"
-    _assert_one_line_error(_validate(built, built["artifact"], adapters={name: path}), 2, pattern)
+    _assert_one_line_error(_validate(built, built["artifact"], adapters={name: path}), error.exit_code, pattern)
 
 
 def test_run_prints_the_generated_text(built):
@@ -201,4 +204,5 @@ def test_run_json_with_seeded_sampling(built):
 
 
 def test_run_unknown_task_is_one_line(built):
-    _assert_one_line_error(_invoke("run", built["artifact"], "--task", "nope", "the cat"), 2, "unknown task 'nope'")
+    _assert_one_line_error(_invoke("run", built["artifact"], "--task", "nope", "the cat"), InputError.exit_code,
+                           "unknown task 'nope'")

@@ -42,7 +42,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from spexport.errors import AdapterError, InputError, ModelError, SpexportError
+from spexport.errors import AdapterError, InputError, ModelError, OptionError
 from spexport.export import convert
 from spexport.families import ENCODER
 from spexport.runtime import load
@@ -441,7 +441,7 @@ CASES = {
     "prefix tuning without past_key_values": ("distilbert", [("x", "distilbert-prefix")], AdapterError,
                                               r"prefix tuning needs a model that takes past_key_values, and "
                                               r"DistilBertModel does not \(PEFT cannot run it either\)", {}),
-    "bake": ("model", [("x", "good")], SpexportError, r"--bake is for decoder artifacts", {"bake": True}),
+    "bake": ("model", [("x", "good")], OptionError, r"--bake is not available for encoder artifacts", {"bake": True}),
 }
 
 
@@ -461,7 +461,7 @@ def test_cli_convert_error_is_one_line(bad, tmp_path):
 
     result = CliRunner().invoke(main, ["convert", "--model", str(bad["model"]), "--adapter", f"x={bad['headless']}",
                                        "--output", str(tmp_path / "artifact")])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.exit_code == AdapterError.exit_code and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: task x: the classifier head's classifier.")
 
 

@@ -101,7 +101,8 @@ def test_remote_code_is_refused_without_the_flag(tiny_llama, remote_code_model, 
         convert(folder, [("pt", tiny_llama["adapters"]["pt"])], tmp_path / "out")
     result = CliRunner().invoke(main, ["convert", "--model", str(folder), "--adapter", adapter,
                                        "--output", str(tmp_path / "out")])
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--trust-remote-code" in result.stderr
+    assert result.exit_code == ModelError.exit_code and result.stderr.count("\n") == 1
+    assert "--trust-remote-code" in result.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -129,7 +130,7 @@ def test_cli_threads_trust_remote_code_through(tiny_llama, tmp_path, monkeypatch
     args = [command, "--model", str(tiny_llama["model"]), "--adapter", f"pt={tiny_llama['adapters']['pt']}"]
     args += ["--output", str(tmp_path / "out")] if command == "convert" else [str(tiny_llama["artifact"])]
     for flag, trusted in [([], False), (["--trust-remote-code"], True)]:
-        assert CliRunner().invoke(main, args + flag).exit_code == 2
+        assert CliRunner().invoke(main, args + flag).exit_code == SpexportError.exit_code
         assert seen["trust_remote_code"] is trusted
 
 

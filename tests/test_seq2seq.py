@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from spexport.cli import main
-from spexport.errors import AdapterError, InputError, SpexportError
+from spexport.errors import AdapterError, InputError, OptionError
 from spexport.export import convert
 from spexport.families import SEQ2SEQ
 from spexport.runtime import load
@@ -260,7 +260,7 @@ def test_cli_inspect_run_and_validate(built):
     assert ran.stdout.splitlines() == m.generate_text(["the cat sat", "red green"], task="prefix", max_new_tokens=4)
     validated = CliRunner().invoke(main, ["validate", str(artifact), "--model", str(built["model"]),
                                           "--adapter", f"pt={built['adapters']['pt']}"])
-    assert validated.exit_code == 2 and validated.stdout == ""
+    assert validated.exit_code == InputError.exit_code and validated.stdout == ""
     assert validated.stderr.count("\n") == 1
     assert "a seq2seq artifact; spexport validate compares decoder-only artifacts" in validated.stderr
 
@@ -269,10 +269,10 @@ def test_clear_errors(built, tmp_path):
     """Unsupported combinations and bad calls end in spexport's own one-line errors."""
     model, m = built["model"], built["runtime"]
     pt = [("pt", built["adapters"]["pt"])]
-    with pytest.raises(SpexportError, match="^--bake is for decoder-only artifacts"):
+    with pytest.raises(OptionError, match="^--bake is not available for seq2seq artifacts"):
         convert(model, pt, tmp_path / "out", bake=True)
-    for speed in [{"quantize": "int8"}, {"dtype": "float16"}]:
-        with pytest.raises(SpexportError, match="^quantized and float16 graphs are for decoder-only artifacts"):
+    for speed, refused in [({"quantize": "int8"}, "quantize='int8'"), ({"dtype": "float16"}, "dtype='float16'")]:
+        with pytest.raises(OptionError, match=f"^{refused} is not supported for seq2seq artifacts"):
             convert(model, pt, tmp_path / "out", **speed)
     causal = {kind: build_adapter(model, config(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
                                   tmp_path / f"causal-{kind}", seed=0)
