@@ -213,6 +213,31 @@ def run_command(folder: Path, texts: tuple[str, ...], task: str | None, max_new_
             click.echo(text)
 
 
+@main.command("serve")
+@ARTIFACT
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1),
+              help="Most requests that run together in one batch.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run as a Ray Serve deployment: joins RAY_ADDRESS if set, else starts a local Ray.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Ray Serve replicas.")
+def serve_command(folder: Path, host: str, port: int, max_batch_size: int, use_ray: bool, replicas: int) -> None:
+    """Serve FOLDER as an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions,
+    /v1/classify), batching concurrent requests across tasks. SIGTERM finishes the requests in flight."""
+    with _one_line_errors():
+        if replicas > 1 and not use_ray:
+            raise OptionError("--replicas needs --ray; one process serves one replica")
+        if use_ray:
+            from spexport.serve.ray_app import serve_on_ray
+
+            serve_on_ray(folder, host, port, replicas, max_batch_size)
+        else:
+            from spexport.serve import serve
+
+            serve(folder, host, port, max_batch_size)
+
+
 def _print_table(rows: list[list]) -> None:
     if not rows:
         return

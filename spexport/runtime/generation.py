@@ -101,6 +101,14 @@ class GeneratingModel(ServedArtifact):
         columns = list(self._token_columns(ids, mask, rows, config))
         return np.stack(columns, axis=1) if columns else np.empty((len(ids), 0), np.int64)
 
+    def generate_columns(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
+                         max_new_tokens: int = 20, **kwargs) -> Iterator[np.ndarray]:
+        """generate's new tokens one column [batch] at a time, as the loop chooses them, for callers that
+        stream or stop early (the server); kwargs are generate's settings."""
+        config = GenerationConfig(max_new_tokens, **kwargs)
+        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
+        return self._token_columns(ids, mask, rows, config)
+
     def generate(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> np.ndarray:

@@ -1,0 +1,40 @@
+"""`spexport serve`: an OpenAI-compatible HTTP API over one artifact, batching concurrent requests across tasks.
+
+Needs the `[serve]` extra (Starlette, uvicorn); `--ray` needs the `[ray]` extra. The runtime alone imports
+none of this.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from spexport.errors import OptionError
+
+
+def require(extra: str, *modules: str) -> None:
+    """OptionError naming the extra to install when one of `modules` is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise OptionError(f"{', '.join(missing)} not installed: pip install 'spexport[{extra}]'")
+
+
+def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 64,
+          log_level: str = "info") -> None:
+    """Serve the artifact until SIGINT or SIGTERM; either stops accepting, finishes the requests in flight,
+    and returns."""
+    require("serve", "starlette", "uvicorn")
+    import uvicorn
+
+    from spexport.serve.app import create_app
+
+    app = create_app(folder, max_batch_size)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    # uvicorn re-raises the signal it shut down on once it is done: answer it here, so the process exits 0
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
