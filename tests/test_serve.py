@@ -1,0 +1,292 @@
+"""`spexport serve`: the OpenAI-compatible API answers exactly what the runtime answers for each request alone,
+batches concurrent requests across tasks, refuses bad requests in OpenAI's error shape without dying, and
+finishes its requests in flight on SIGTERM. Servers listen on 127.0.0.1 only, on a port the OS picks."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from spexport.runtime import load  # noqa: E402
+from spexport.serve.protocol import Sampling  # noqa: E402
+from spexport.serve.scheduler import Job, Scheduler  # noqa: E402
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["hello world", "the cat sat", "a", "runtime models serve many tasks", "one two three four five six"]
+
+
+@contextmanager
+def served(artifact: Path, tmp_path: Path, *extra: str):
+    """`spexport serve ARTIFACT` in a subprocess on 127.0.0.1, port chosen by the OS; yields (process, port)."""
+    log = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "spexport.cli", "serve", str(artifact), "--host", HOST,
+                                    "--port", "0", *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        port = None
+        for _ in range(600):  # at most 60 s
+            text = log.read_text()
+            if f"http://{HOST}:" in text:
+                port = int(text.split(f"http://{HOST}:")[1].split()[0])
+                break
+            assert process.poll() is None, text
+            time.sleep(0.1)
+        assert port, log.read_text()
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def post(port: int, path: str, body, timeout: float = 60) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    connection.request("POST", path, data, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def stream(port: int, body: dict, timeout: float = 60) -> list:
+    """The server-sent events of a streaming request: parsed chunks, then the string "[DONE]"."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    connection.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    events = []
+    for line in response.read().decode().splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    return load(tiny_llama["artifact"])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    with served(tiny_llama["artifact"], tmp_path_factory.mktemp("serve")) as (_, port):
+        yield port
+
+
+def test_models_lists_the_tasks(server, model):
+    connection = http.client.HTTPConnection(HOST, server, timeout=30)
+    connection.request("GET", "/v1/models")
+    listing = json.loads(connection.getresponse().read())
+    assert [m["id"] for m in listing["data"]] == model.tasks == ["pt", "prefix"]
+    assert listing["object"] == "list" and {m["object"] for m in listing["data"]} == {"model"}
+
+
+@pytest.mark.parametrize("task", ["pt", "prefix"])
+def test_greedy_completions_equal_the_runtime(server, model, task):
+    status, answer = post(server, "/v1/completions", {"model": task, "prompt": PROMPTS, "max_tokens": 9,
+                                                      "temperature": 0})
+    assert status == 200, answer
+    expected = [model.generate_text(p, task=task, max_new_tokens=9)[0] for p in PROMPTS]
+    assert [c["text"] for c in answer["choices"]] == expected
+    assert [c["index"] for c in answer["choices"]] == list(range(len(PROMPTS)))
+    assert answer["object"] == "text_completion" and answer["model"] == task
+    assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+
+
+def test_seeded_sampling_equals_the_runtime(server, model):
+    body = {"model": "pt", "prompt": "the cat sat", "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 7}
+    texts = {post(server, "/v1/completions", body)[1]["choices"][0]["text"] for _ in range(2)}
+    assert texts == set(model.generate_text("the cat sat", task="pt", max_new_tokens=12, do_sample=True,
+                                            temperature=0.8, top_p=0.9, seed=7))
+
+
+def test_stop_cuts_the_text_before_the_stop_string(server, model):
+    full = model.generate_text("hello world", task="pt", max_new_tokens=12)[0]
+    stop = full[3:5]
+    status, answer = post(server, "/v1/completions", {"model": "pt", "prompt": "hello world", "max_tokens": 12,
+                                                      "temperature": 0, "stop": [stop]})
+    assert status == 200 and answer["choices"][0]["text"] == full[:full.index(stop)]
+    assert answer["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("task", ["pt", "prefix"])
+def test_streaming_sends_the_runtime_text_in_pieces_then_done(server, model, task):
+    events = stream(server, {"model": task, "prompt": "the cat sat", "max_tokens": 10, "temperature": 0})
+    assert events[-1] == "[DONE]" and len(events) > 3
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == model.generate_text(
+        "the cat sat", task=task, max_new_tokens=10)[0]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] in ("stop", "length")
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_concurrent_mixed_task_requests_each_get_their_own_answer(server, model):
+    requests = [{"model": ["pt", "prefix"][i % 2], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 3 + i % 7,
+                 "temperature": 0} for i in range(24)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda body: post(server, "/v1/completions", body), requests))
+    for body, (status, answer) in zip(requests, answers):
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == model.generate_text(body["prompt"], task=body["model"],
+                                                                   max_new_tokens=body["max_tokens"])[0]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "pt", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "pt", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "pt", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "pt", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "pt", "prompt": "x", "seed": "s"}, 400, "seed"),
+    ({"model": "pt", "prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"model": "pt", "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"model": "pt", "prompt": ""}, 400, "prompt"),
+    ({"model": "pt", "prompt": 5}, 400, "prompt"),
+    ({"model": "pt", "prompt": "x", "n": 2}, 400, "n"),
+    ("{not json", 400, None),
+    ("[1, 2]", 400, None),
+])
+def test_bad_requests_get_openai_errors_and_the_server_lives_on(server, body, status, param):
+    got, answer = post(server, "/v1/completions", body)
+    assert got == status
+    assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["param"] == param and answer["error"]["type"] == "invalid_request_error"
+    assert "\n" not in answer["error"]["message"]
+    assert post(server, "/v1/completions", {"model": "pt", "prompt": "a", "max_tokens": 2, "temperature": 0})[0] == 200
+
+
+def test_too_many_tokens_is_a_400_naming_the_limit(server):
+    status, answer = post(server, "/v1/completions", {"model": "prefix", "prompt": " ".join(["cat"] * 80)})
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
+    assert "too long" in answer["error"]["message"] and "max positions 64" in answer["error"]["message"]
+
+
+def test_classify_and_chat_refuse_clearly_on_a_decoder_without_a_chat_template(server, model):
+    status, answer = post(server, "/v1/classify", {"model": "pt", "input": "x"})
+    assert status == 400 and "/v1/completions" in answer["error"]["message"]
+    if not hasattr(model, "apply_chat_template"):
+        status, answer = post(server, "/v1/chat/completions",
+                              {"model": "pt", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 400 and "no chat template support yet" in answer["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_server(server, model):
+    connection = http.client.HTTPConnection(HOST, server, timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps({"model": "pt", "prompt": "hello", "max_tokens": 50,
+                                                              "temperature": 0, "stream": True}))
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: ")
+    connection.close()
+    status, answer = post(server, "/v1/completions", {"model": "prefix", "prompt": "a", "max_tokens": 4,
+                                                      "temperature": 0})
+    assert status == 200 and answer["choices"][0]["text"] == model.generate_text("a", task="prefix",
+                                                                                 max_new_tokens=4)[0]
+
+
+# -- the scheduler, in process ------------------------------------------------------------------------
+
+
+class CountingModel:
+    """A model whose generate_columns counts the columns it gives and waits a little before each."""
+
+    def __init__(self, model, delay: float = 0.0):
+        self.model, self.delay, self.columns = model, delay, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate_columns(self, *args, **kwargs):
+        for column in self.model.generate_columns(*args, **kwargs):
+            time.sleep(self.delay)
+            self.columns += 1
+            yield column
+
+
+def _jobs(loop, specs, stream=False):
+    return [Job(task, prompt, 0, Sampling(n, False, 1.0, 1.0, None), loop, stream) for task, prompt, n in specs]
+
+
+def test_scheduler_runs_concurrent_mixed_tasks_as_one_batch(model):
+    async def main():
+        scheduler = Scheduler(model)
+        specs = [(["pt", "prefix"][i % 2], PROMPTS[i % len(PROMPTS)], 2 + i) for i in range(10)]
+        jobs = _jobs(asyncio.get_running_loop(), specs)
+        for job in jobs:
+            job.prompt_tokens = len(model.tokenizer.encode(job.prompt).ids)
+            scheduler.submit(job)
+        scheduler.start()
+        done = [await asyncio.wait_for(job.events.get(), 60) for job in jobs]
+        await asyncio.to_thread(scheduler.stop)
+        return scheduler, specs, done
+
+    scheduler, specs, done = asyncio.run(main())
+    assert (scheduler.batches, scheduler.rows) == (1, 10)
+    assert [d[1] for d in done] == [model.generate_text(p, task=t, max_new_tokens=n)[0] for t, p, n in specs]
+
+
+def test_a_cancelled_stream_stops_its_batch_early(model):
+    counting = CountingModel(model, delay=0.02)
+
+    async def main():
+        scheduler = Scheduler(counting)
+        [job] = _jobs(asyncio.get_running_loop(), [("pt", "hello", 60)], stream=True)
+        job.prompt_tokens = 2
+        scheduler.start()
+        scheduler.submit(job)
+        first = await asyncio.wait_for(job.events.get(), 60)
+        job.cancelled = True
+        await asyncio.to_thread(scheduler.stop)
+        return first, job.events
+
+    first, events = asyncio.run(main())
+    assert first[0] == "delta"
+    assert counting.columns < 30  # far fewer than the 60 tokens asked for
+    assert all(events.get_nowait()[0] == "delta" for _ in range(events.qsize()))  # no answer for a gone client
+
+
+# -- shutdown -----------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_accepting_finishes_the_request_in_flight_and_exits_0(tiny_llama, tmp_path, model):
+    body = json.dumps({"model": "pt", "prompt": "the cat sat", "max_tokens": 40, "temperature": 0,
+                       "stream": True}).encode()
+    with served(tiny_llama["artifact"], tmp_path) as (process, port):
+        # a request in flight: its headers are in, half its body is not when SIGTERM comes
+        connection = socket.create_connection((HOST, port), timeout=60)
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(ConnectionRefusedError):
+            post(port, "/v1/completions", {"model": "pt", "prompt": "a"}, timeout=5)
+        connection.sendall(body[10:])
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+        connection.close()
+        assert process.wait(timeout=60) == 0
+    assert reply.startswith(b"HTTP/1.1 200")
+    events = [line[len("data: "):] for line in reply.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == model.generate_text(
+        "the cat sat", task="pt", max_new_tokens=40)[0]
