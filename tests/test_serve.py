@@ -290,3 +290,33 @@ def test_sigterm_stops_accepting_finishes_the_request_in_flight_and_exits_0(tiny
     assert events[-1] == "[DONE]"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == model.generate_text(
         "the cat sat", task="pt", max_new_tokens=40)[0]
+
+
+# -- encoders -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from test_encoders import SEQ, TOK, build_adapter, build_base
+
+    from spexport.export import convert
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    model_dir = build_base("bert", root / "model")
+    adapters = {"sentiment": build_adapter(model_dir, "bert", (SEQ, "prompt_tuning", 4, 3), root / "s", seed=1),
+                "ner": build_adapter(model_dir, "bert", (TOK, "prefix_tuning", 3, 4), root / "n", seed=2)}
+    convert(model_dir, list(adapters.items()), root / "artifact")
+    return root / "artifact"
+
+
+def test_classify_gives_the_runtime_pipeline_output(tiny_bert, tmp_path):
+    model = load(tiny_bert)
+    texts = ["the cat sat", "a good movie"]
+    with served(tiny_bert, tmp_path) as (_, port):
+        for task in ["sentiment", "ner"]:
+            status, answer = post(port, "/v1/classify", {"model": task, "input": texts})
+            assert status == 200, answer
+            assert [d["result"] for d in answer["data"]] == json.loads(json.dumps(model.classify(texts, task=task)))
+        status, answer = post(port, "/v1/completions", {"model": "sentiment", "prompt": "x"})
+        assert status == 400 and "/v1/classify" in answer["error"]["message"]
+        assert post(port, "/v1/classify", {"model": "sentiment", "input": []})[1]["error"]["param"] == "input"
