@@ -320,3 +320,51 @@ def test_classify_gives_the_runtime_pipeline_output(tiny_bert, tmp_path):
         status, answer = post(port, "/v1/completions", {"model": "sentiment", "prompt": "x"})
         assert status == 400 and "/v1/classify" in answer["error"]["message"]
         assert post(port, "/v1/classify", {"model": "sentiment", "input": []})[1]["error"]["param"] == "input"
+
+
+# -- Ray Serve ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_ray_serve_with_two_replicas_answers_like_the_runtime(tiny_llama, tmp_path, model):
+    """A local Ray (about 10 s to start here), two replicas: both answer, each exactly as the runtime."""
+    pytest.importorskip("ray.serve")
+    with socket.socket() as probe:  # Ray's proxy needs a fixed port: take one the OS has just given out
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    with open(tmp_path / "ray.log", "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "spexport.cli", "serve", str(tiny_llama["artifact"]),
+                                    "--ray", "--replicas", "2", "--host", HOST, "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        for _ in range(180):  # at most 3 minutes to start Ray and both replicas
+            assert process.poll() is None, (tmp_path / "ray.log").read_text()
+            if "serving on" in (tmp_path / "ray.log").read_text():
+                break
+            time.sleep(1)
+        replicas = set()
+        for i in range(16):
+            body = {"model": ["pt", "prefix"][i % 2], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 6,
+                    "temperature": 0}
+            connection = http.client.HTTPConnection(HOST, port, timeout=60)
+            connection.request("POST", "/v1/completions", json.dumps(body))
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+            assert response.status == 200, answer
+            replicas.add(response.getheader("x-spexport-replica"))
+            assert answer["choices"][0]["text"] == model.generate_text(body["prompt"], task=body["model"],
+                                                                       max_new_tokens=6)[0]
+        assert len(replicas) == 2
+        events = stream(port, {"model": "prefix", "prompt": "the cat sat", "max_tokens": 8, "temperature": 0})
+        assert events[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in events[:-1]) == \
+            model.generate_text("the cat sat", task="prefix", max_new_tokens=8)[0]
+        assert post(port, "/v1/completions", {"model": "nope", "prompt": "x"})[0] == 404
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)

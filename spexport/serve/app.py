@@ -181,16 +181,29 @@ class Server:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def lifespan(self, app):
+    def routes(self) -> list[Route]:
+        return [Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/classify", self.classify, methods=["POST"])]
+
+    def start(self) -> None:
         if self.scheduler is not None:
             self.scheduler.start()
-        yield
+
+    def stop(self) -> None:
+        """Finish the generations already submitted."""
         if self.scheduler is not None:
-            await run_in_threadpool(self.scheduler.stop)
+            self.scheduler.stop()
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        self.start()
+        yield
+        await run_in_threadpool(self.stop)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own refusals (no such route, wrong method) in OpenAI's error shape."""
     return error_response(RequestError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
                                        code="not_found" if exc.status_code == 404 else None))
@@ -203,10 +216,6 @@ def create_app(model, max_batch_size: int = 64) -> Starlette:
 
         model = load(model)
     server = Server(model, max_batch_size)
-    routes = [Route("/v1/models", server.models, methods=["GET"]),
-              Route("/v1/completions", server.completions, methods=["POST"]),
-              Route("/v1/chat/completions", server.chat, methods=["POST"]),
-              Route("/v1/classify", server.classify, methods=["POST"])]
-    app = Starlette(routes=routes, lifespan=server.lifespan, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=server.routes(), lifespan=server.lifespan, exception_handlers={HTTPException: http_error})
     app.state.server = server
     return app
