@@ -368,3 +368,21 @@ def test_ray_serve_with_two_replicas_answers_like_the_runtime(tiny_llama, tmp_pa
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_generate_columns_are_generate_new_tokens(model):
+    import numpy as np
+
+    ids = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (np.arange(5) >= np.array([[2], [0]])).astype(np.int64)
+    columns = np.stack(list(model.generate_columns(ids, mask, ["pt", "prefix"], max_new_tokens=7)), axis=1)
+    assert (columns == model.generate(ids, mask, ["pt", "prefix"], max_new_tokens=7)[:, 5:]).all()
+
+
+def test_replicas_without_ray_is_refused_in_one_line(tiny_llama):
+    from click.testing import CliRunner
+
+    from spexport.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tiny_llama["artifact"]), "--replicas", "2"])
+    assert result.exit_code == 2 and "--replicas needs --ray" in result.output
