@@ -386,3 +386,31 @@ def test_replicas_without_ray_is_refused_in_one_line(tiny_llama):
 
     result = CliRunner().invoke(main, ["serve", str(tiny_llama["artifact"]), "--replicas", "2"])
     assert result.exit_code == 2 and "--replicas needs --ray" in result.output
+
+
+# -- encoder-decoder ----------------------------------------------------------------------------------
+
+
+def test_encoder_decoder_completions_equal_the_runtime(tmp_path):
+    import torch
+    from test_seq2seq import METHODS, MODELS, build_adapter, save_tokenizer
+
+    from spexport.export import convert
+
+    family = sorted(MODELS)[0]
+    torch.manual_seed(0)
+    MODELS[family]().save_pretrained(tmp_path / "model")
+    save_tokenizer(tmp_path / "model")
+    adapters = [(name, build_adapter(tmp_path / "model", make(n), tmp_path / name, seed=i + 1))
+                for i, (name, (make, n)) in enumerate(list(METHODS.items())[:2])]
+    convert(tmp_path / "model", adapters, tmp_path / "artifact")
+    model = load(tmp_path / "artifact")
+    requests = [{"model": adapters[i % 2][0], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 4 + i % 2,
+                 "temperature": 0} for i in range(6)]
+    with served(tmp_path / "artifact", tmp_path) as (_, port):
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda body: post(port, "/v1/completions", body), requests))
+    for body, (status, answer) in zip(requests, answers):
+        assert status == 200, answer
+        assert answer["choices"][0]["text"] == model.generate_text(body["prompt"], task=body["model"],
+                                                                   max_new_tokens=body["max_tokens"])[0]

@@ -99,6 +99,8 @@ class Scheduler:
         self.model, self.max_batch_size, self.window_s = model, min(max_batch_size, model.max_batch_size), window_s
         self.tokenizer = model.tokenizer
         self.eos = set(model.info.eos_token_ids)
+        # an encoder-decoder model may force EOS as the last token max_new_tokens allows (BART's forced_eos_token_id)
+        self.forces_last_token = model.FAMILY != "decoder-only"
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0  # batches run, and rows in them: for tests and the load report
         self.rows = 0
@@ -136,15 +138,19 @@ class Scheduler:
 
     def batches_of(self, jobs: list[Job]) -> list[list[Job]]:
         """Group jobs that may share a batch: greedy ones together, unseeded sampled ones by their settings,
-        seeded ones alone; a row whose max_tokens the batch's width would cut short runs alone."""
+        seeded ones alone (encoder-decoder: only rows of equal max_tokens); a row whose max_tokens the batch's
+        width would cut short runs alone."""
         groups: dict[tuple, list[Job]] = {}
         alone = []
         for job in jobs:
             s = job.sampling
             if s.do_sample and s.seed is not None:
                 alone.append([job])
-            else:
-                groups.setdefault((s.do_sample, s.temperature, s.top_p) if s.do_sample else (False,), []).append(job)
+                continue
+            key = (s.do_sample, s.temperature, s.top_p) if s.do_sample else (False,)
+            if self.forces_last_token:  # its last new token depends on max_tokens: only equal ones share
+                key += (s.max_new_tokens,)
+            groups.setdefault(key, []).append(job)
         info, virtual = self.model.info, self.model.num_virtual_tokens
         batches = []
         for group in groups.values():
