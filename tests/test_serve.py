@@ -222,16 +222,15 @@ class CountingModel:
 
 
 def _jobs(loop, specs, stream=False):
-    return [Job(task, prompt, 0, Sampling(n, False, 1.0, 1.0, None), loop, stream) for task, prompt, n in specs]
+    return [Job(task, ids, Sampling(n, False, 1.0, 1.0, None), loop, stream) for task, ids, n in specs]
 
 
 def test_scheduler_runs_concurrent_mixed_tasks_as_one_batch(model):
     async def main():
         scheduler = Scheduler(model)
         specs = [(["pt", "prefix"][i % 2], PROMPTS[i % len(PROMPTS)], 2 + i) for i in range(10)]
-        jobs = _jobs(asyncio.get_running_loop(), specs)
+        jobs = _jobs(asyncio.get_running_loop(), [(t, model.tokenizer.encode(p).ids, n) for t, p, n in specs])
         for job in jobs:
-            job.prompt_tokens = len(model.tokenizer.encode(job.prompt).ids)
             scheduler.submit(job)
         scheduler.start()
         done = [await asyncio.wait_for(job.events.get(), 60) for job in jobs]
@@ -248,8 +247,7 @@ def test_a_cancelled_stream_stops_its_batch_early(model):
 
     async def main():
         scheduler = Scheduler(counting)
-        [job] = _jobs(asyncio.get_running_loop(), [("pt", "hello", 60)], stream=True)
-        job.prompt_tokens = 2
+        [job] = _jobs(asyncio.get_running_loop(), [("pt", model.tokenizer.encode("hello").ids, 60)], stream=True)
         scheduler.start()
         scheduler.submit(job)
         first = await asyncio.wait_for(job.events.get(), 60)

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from spexport.errors import InputError, SpexportError
+from spexport.errors import InputError, OptionError, SpexportError
 from spexport.serve import protocol
 from spexport.serve.protocol import RequestError
 from spexport.serve.scheduler import Job, Scheduler, check_prompt
@@ -44,6 +44,9 @@ class Server:
         self.model = model
         self.created = int(time.time())
         self.generates = model.FAMILY in GENERATES
+        if model.tokenizer is None:
+            raise OptionError(f"{model.folder} has no tokenizer.json, and the server takes text: export the artifact "
+                              "from a model folder that has a tokenizer")
         self.scheduler = Scheduler(model, max_batch_size) if self.generates else None
 
     # -- routes ------------------------------------------------------------------------------------
@@ -59,7 +62,8 @@ class Server:
             task, prompts, sampling, stream = self._generation_request(body)
             if stream and len(prompts) > 1:
                 raise RequestError("stream takes one prompt per request", param="prompt")
-            jobs = [self._job(task, p, sampling, stream) for p in prompts]
+            encode = self.model.tokenizer.encode  # as generate_text encodes a text
+            jobs = [self._job(task, encode(p).ids, sampling, stream) for p in prompts]
         except (RequestError, SpexportError) as e:
             return error_response(_as_request_error(e))
         return await self._answer(jobs, task, "text_completion", stream, self._completion_choice)
@@ -74,8 +78,8 @@ class Server:
                 raise RequestError(f"this server's runtime has no chat template support yet for artifact "
                                    f"{self.model.folder}; use POST /v1/completions with a formatted prompt",
                                    param="messages", code="chat_template_unsupported")
-            prompt = template(messages, add_generation_prompt=True)
-            jobs = [self._job(task, prompt, sampling, stream)]
+            ids = template(messages, add_generation_prompt=True)  # token ids, as chat encodes the conversation
+            jobs = [self._job(task, list(ids), sampling, stream)]
         except (RequestError, SpexportError) as e:
             return error_response(_as_request_error(e))
         return await self._answer(jobs, task, "chat.completion", stream, self._chat_choice)
@@ -118,9 +122,8 @@ class Server:
         sampling = protocol.sampling(body, self.model.info.max_positions)
         return task, protocol.prompts(body), sampling, protocol.stream_flag(body)
 
-    def _job(self, task: str, prompt: str, sampling, stream: bool) -> Job:
-        tokens = check_prompt(self.model, task, prompt)
-        return Job(task, prompt, tokens, sampling, asyncio.get_running_loop(), stream)
+    def _job(self, task: str, ids: list[int], sampling, stream: bool) -> Job:
+        return Job(task, check_prompt(self.model, task, ids), sampling, asyncio.get_running_loop(), stream)
 
     async def _answer(self, jobs: list[Job], task: str, kind: str, stream: bool, choice):
         ident = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"

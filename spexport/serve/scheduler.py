@@ -16,8 +16,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from spexport.errors import InputError, SpexportError
-from spexport.runtime import inputs
 from spexport.serve.protocol import Sampling
 
 WINDOW_S = 0.005  # after the first request, how long to wait for others to join its batch
@@ -29,13 +30,16 @@ class Job:
     ("delta", text) while streaming, then ("done", text, finish_reason, completion_tokens) or ("error", exc)."""
 
     task: str
-    prompt: str
-    prompt_tokens: int
+    ids: list[int]  # the prompt's tokens
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set when the client has gone: the row stops and frees its slot
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
 
     def put(self, *event) -> None:
         try:
@@ -176,8 +180,7 @@ class Scheduler:
 
     def _run(self, jobs: list[Job]) -> None:
         model, first = self.model, jobs[0].sampling
-        _, ids, mask = inputs.tokenize(self.tokenizer, [j.prompt for j in jobs], model.info.pad_token_id,
-                                       left=model.PAD_TEXT_LEFT)
+        ids, mask = padded([j.ids for j in jobs], model.info.pad_token_id or 0, model.PAD_TEXT_LEFT)
         kwargs = first.runtime_kwargs()
         kwargs["max_new_tokens"] = max(j.sampling.max_new_tokens for j in jobs)
         rows = [_Row(j, self.tokenizer, self.eos) for j in jobs]
@@ -197,13 +200,24 @@ class Scheduler:
                 row.finish()
 
 
-def check_prompt(model, task: str, prompt: str) -> int:
-    """The prompt's token count; InputError if it leaves the task no position to generate."""
-    tokens = len(model.tokenizer.encode(prompt).ids)
+def padded(rows: list[list[int]], pad: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows padded to one width, on the left or the right, as generate_text pads them; and their mask."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, row in enumerate(rows):
+        slots = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, slots], mask[i, slots] = row, 1
+    return ids, mask
+
+
+def check_prompt(model, task: str, ids: list[int]) -> list[int]:
+    """The prompt's tokens; InputError if it leaves the task no position to generate."""
+    tokens = len(ids)
     if tokens == 0:
         raise InputError("the prompt encodes to no tokens")
     allowed = model.info.max_positions - model.num_virtual_tokens[task]
     if tokens >= allowed:
         raise InputError(f"prompt of {tokens} tokens is too long: task {task!r} allows {allowed - 1} prompt tokens "
                          f"and at least one new token (max positions {model.info.max_positions})")
-    return tokens
+    return ids
