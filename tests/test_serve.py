@@ -343,6 +343,8 @@ def test_ray_serve_with_two_replicas_answers_like_the_runtime(tiny_llama, tmp_pa
             if "serving on" in (tmp_path / "ray.log").read_text():
                 break
             time.sleep(1)
+        else:
+            pytest.fail("Ray Serve did not start in 3 minutes: " + (tmp_path / "ray.log").read_text()[-2000:])
         replicas = set()
         for i in range(16):
             body = {"model": ["pt", "prefix"][i % 2], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 6,
