@@ -16,6 +16,9 @@ PAST_KEY = "past_key_values.{}.key"
 PAST_VALUE = "past_key_values.{}.value"
 PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
+# Decoder prefix graph (prefix_model.onnx): the frozen model over virtual-token embeddings.
+PREFIX_GRAPH = "prefix_model.onnx"
+INPUTS_EMBEDS = "inputs_embeds"  # [batch, n_virtual, hidden]
 # Encoder graphs (family "encoder"): virtual-token embeddings in, the body's states out.
 PROMPT_EMBEDS = "prompt_embeds"  # [batch, n_prompt, hidden]
 PROMPT_MASK = "prompt_mask"  # [batch, n_prompt], 1 where a row has a virtual token

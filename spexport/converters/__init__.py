@@ -10,6 +10,7 @@ module that ends with `register_method(...)`, imported here.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -29,7 +30,25 @@ from spexport.converters.registry import METHODS, Method, methods_for
 from spexport.errors import AdapterError
 from spexport.families import Family
 
-__all__ = ["METHODS", "Method", "SoftPrompt", "convert_adapter", "methods_for", "read_peft_adapter"]
+__all__ = ["METHODS", "TASK_NAME", "Method", "SoftPrompt", "convert_adapter", "methods_for", "parse_adapters",
+           "read_peft_adapter"]
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$")
+
+
+def parse_adapters(specs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    seen = set()
+    for name, path in specs:
+        if not TASK_NAME.match(name):
+            raise AdapterError(f"task name {name!r} is not allowed: use letters, digits, '_', '-', '.', '/'")
+        if name in seen:
+            raise AdapterError(f"task name {name!r} is given twice; every --adapter needs its own name")
+        seen.add(name)
+        if not Path(path).exists():
+            raise AdapterError(f"adapter {name}: {path} does not exist")
+    if not specs:
+        raise AdapterError("no adapters given; pass at least one --adapter NAME=PATH")
+    return list(specs)
 
 
 def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:

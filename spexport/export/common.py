@@ -6,10 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -17,16 +14,16 @@ from pathlib import Path
 from typing import Callable
 
 from spexport import __version__
+from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import sha256
 from spexport.artifact.manifest import Manifest, ModelInfo
-from spexport.converters import SoftPrompt, convert_adapter
+from spexport.converters import SoftPrompt, convert_adapter, parse_adapters  # noqa: F401  (convert's)
 from spexport.errors import AdapterError, ModelError, OutputError
 from spexport.families import Family
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json"]
 MODEL_FILES = ["config.json", "generation_config.json"]
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$")
 GRAPH = "model.onnx"
 BANK = "prompts.safetensors"
 
@@ -57,21 +54,6 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return found
-
-
-def parse_adapters(specs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
-    seen = set()
-    for name, path in specs:
-        if not TASK_NAME.match(name):
-            raise AdapterError(f"task name {name!r} is not allowed: use letters, digits, '_', '-', '.', '/'")
-        if name in seen:
-            raise AdapterError(f"task name {name!r} is given twice; every --adapter needs its own name")
-        seen.add(name)
-        if not Path(path).exists():
-            raise AdapterError(f"adapter {name}: {path} does not exist")
-    if not specs:
-        raise AdapterError("no adapters given; pass at least one --adapter NAME=PATH")
-    return list(specs)
 
 
 def read_configs(model_dir: Path, trust_remote_code: bool):
@@ -200,38 +182,3 @@ def finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
     Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
     replace_artifact(staging, output)
     return manifest
-
-
-def staging_folder(output: Path) -> tuple[Path, Path | None]:
-    """A hidden folder beside `output` to build in, and the top-most parent folder created for it."""
-    made = next((p for p in reversed(output.parents) if not p.exists()), None)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the artifact from other users, e.g. a server's
-        return staging, made
-    except OSError as e:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
-        raise OutputError(f"cannot create {output} ({e})") from None
-
-
-def replace_artifact(staging: Path, output: Path) -> None:
-    """Move the finished artifact into place; an old one is swapped out, then removed."""
-    if not output.exists():
-        staging.rename(output)
-        return
-    trash = output.with_name(f".{output.name}.old-{os.getpid()}")
-    output.rename(trash)
-    try:
-        staging.rename(output)
-    except BaseException:
-        trash.rename(output)
-        raise
-    try:
-        shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:  # Ctrl-C: the new artifact is in place; finish removing the old one, then stop
-        shutil.rmtree(trash, ignore_errors=True)
-        raise

@@ -30,6 +30,7 @@ from spexport.export.common import (
     within_vocab,
 )
 from spexport.export.decoder.build import Speed
+from spexport.export.decoder.prefix_graph import export_prefix_graph
 from spexport.families import DECODER, model_info
 
 
@@ -54,8 +55,9 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
         export_graph(model_dir, info, staging, speed, baked, options.trust_remote_code)
+        extra = {} if options.bake else {"prefix_graph": export_prefix_graph(staging, GRAPH)}
         return finish(staging, output, model_dir, family=DECODER.name, model=info, graph=GRAPH,
-                      prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake)
+                      prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake, **extra)
 
 
 def load_model(model_dir: Path, trust_remote_code: bool = False):

@@ -1,0 +1,79 @@
+"""New decoder tasks without torch: an adapter read by the converters, its embeddings run through the
+artifact's prefix graph (docs/artifact-format.md) into the KV prefix `spexport convert` would store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from spexport.artifact.integrity import inside_folder
+from spexport.artifact.manifest import Manifest, Task
+from spexport.artifact.ports import INPUTS_EMBEDS, KV_PREFIX, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE
+from spexport.converters import SoftPrompt, convert_adapter, parse_adapters
+from spexport.errors import AdapterError, ArtifactError
+from spexport.families import DECODER
+from spexport.runtime.base import running
+from spexport.runtime.session import open_session
+
+
+def check_editable(folder: Path, manifest: Manifest) -> None:
+    """Refuse, in one line, an artifact whose task list cannot change without exporting again."""
+    if manifest.family == "encoder":
+        raise ArtifactError(f"{folder}: an encoder artifact's tasks carry head graphs that only `spexport convert` "
+                            "builds; export it again with the new --adapter")
+    if manifest.family != DECODER.name:
+        raise ArtifactError(f"{folder}: adding or removing tasks is for decoder artifacts, this one is "
+                            f"{manifest.family!r}; export it again with the new --adapter")
+    if manifest.baked:
+        raise ArtifactError(f"{folder}: the artifact is baked (its prompts are constants inside model.onnx); "
+                            "export it again, or without --bake to add tasks later")
+
+
+class PrefixGraph:
+    """The artifact's prefix graph in an ONNX Runtime session: virtual-token embeddings in, KV prefix out."""
+
+    def __init__(self, folder: Path, manifest: Manifest, providers: list[str] | None = None):
+        if manifest.prefix_graph is None:
+            raise ArtifactError(f"{folder}: the artifact has no prefix graph (exported before spexport could add "
+                                "tasks); export it again to add tasks that hold embeddings")
+        self.info = manifest.model
+        self.path = inside_folder(folder, manifest.prefix_graph)
+        self.session = open_session(self.path, providers or ["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def kv(self, embeddings: np.ndarray) -> np.ndarray:
+        """[layers, 2, kv_heads, n, head_dim] of virtual tokens with `embeddings` [n, hidden] at positions 0..n-1."""
+        info, n = self.info, len(embeddings)
+        empty = np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)
+        feeds = {INPUTS_EMBEDS: np.ascontiguousarray(embeddings[None], np.float32),
+                 "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
+                 KV_PREFIX: np.zeros((1, info.num_layers, 2, info.num_kv_heads, 0, info.head_dim), np.float32),
+                 PREFIX_MASK: np.zeros((1, 0), np.int64)}
+        for layer in range(info.num_layers):
+            feeds[f"past_key_values.{layer}.key"] = feeds[f"past_key_values.{layer}.value"] = empty
+        names = [n.format(layer) for layer in range(info.num_layers) for n in (PRESENT_KEY, PRESENT_VALUE)]
+        with running(self.path):
+            present = self.session.run(names, {k: v for k, v in feeds.items() if k in self.inputs})
+        return np.stack([np.stack([present[2 * i][0], present[2 * i + 1][0]]) for i in range(info.num_layers)])
+
+
+def new_tasks(folder: Path, manifest: Manifest, adapters: list[tuple[str, Path]],
+              providers: list[str] | None = None) -> list[tuple[Task, np.ndarray]]:
+    """Each task the adapters yield, as a manifest Task and its KV prefix, in the order given."""
+    check_editable(folder, manifest)
+    prompts: dict[str, SoftPrompt] = {}
+    for name, path in parse_adapters(adapters):
+        for task, prompt in convert_adapter(name, path, manifest.model, DECODER).items():
+            if task in prompts:
+                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
+            prompts[task] = prompt
+    graph = PrefixGraph(folder, manifest, providers) if any(p.kind == "embeddings" for p in prompts.values()) \
+        else None
+    found = []
+    for name, prompt in prompts.items():
+        kv = graph.kv(prompt.tensor) if prompt.kind == "embeddings" else np.asarray(prompt.tensor, np.float32)
+        found.append((Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
+                           tensor=name, shape=list(kv.shape), dtype="float32",
+                           source={**prompt.source, "kind": prompt.kind}), np.ascontiguousarray(kv)))
+    return found
