@@ -16,6 +16,7 @@ from spexport.errors import ArtifactError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_READ_ONLY = {"BF16": np.uint16}  # read as float32: bfloat16 is float32's upper 16 bits
 
 
 def save(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -52,11 +53,13 @@ def load(path: Path) -> dict[str, np.ndarray]:
             if name == "__metadata__":
                 continue
             begin, end = info["data_offsets"]
-            dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+            dtype = np.dtype({**_DTYPES, **_READ_ONLY}[info["dtype"]]).newbyteorder("<")
             shape = tuple(info["shape"])
             if not 0 <= begin <= end <= len(body) or end - begin != dtype.itemsize * int(np.prod(shape)):
                 raise ValueError(f"tensor {name!r} does not fit in the file")
             tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+            if info["dtype"] in _READ_ONLY:
+                tensors[name] = (tensors[name].astype(np.uint32) << 16).view(np.float32)
     except (struct.error, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors

@@ -25,7 +25,7 @@ from spexport.converters import (  # noqa: F401  (each registers its method)
     raw_tensor,
     seq2seq_prefix_tuning,
 )
-from spexport.converters.base import SoftPrompt
+from spexport.converters.base import SoftPrompt, read_safetensors
 from spexport.converters.registry import METHODS, Method, methods_for
 from spexport.errors import AdapterError
 from spexport.families import Family
@@ -64,13 +64,7 @@ def read_peft_adapter(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: not a PEFT adapter config (not a JSON object)")
     if (folder / "adapter_model.safetensors").is_file():
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            weights = load_file(folder / "adapter_model.safetensors")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise AdapterError(f"{folder}/adapter_model.safetensors: unreadable ({e})") from None
+        weights = read_safetensors(folder / "adapter_model.safetensors")
     elif (folder / "adapter_model.bin").is_file():
         weights = _load_pickle_weights(folder / "adapter_model.bin")
     else:

@@ -4,10 +4,12 @@ construction, so a bad value fails where it is read), and checks against the bas
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 
-from spexport.errors import AdapterError
+from spexport.artifact import tensorfile
+from spexport.errors import AdapterError, ArtifactError
 
 MAX_COUNT = 1 << 31  # counts past int32 mean a damaged config, not a model
 
@@ -105,3 +107,12 @@ def prompt_weights(config: PromptConfig, weights: dict[str, np.ndarray]) -> np.n
 def check_fits(what: str, got: int, expected: int) -> None:
     if got != expected:
         raise AdapterError(f"trained for another base model: {what} is {got}, the model has {expected}")
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, read with numpy alone (`spexport add` runs without torch)."""
+    try:
+        return tensorfile.load(path)
+    except (ArtifactError, OSError) as e:
+        reason = str(e).partition(": ")[2] if isinstance(e, ArtifactError) else str(e)
+        raise AdapterError(f"{path}: unreadable ({reason})") from None

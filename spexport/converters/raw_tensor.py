@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.converters.base import SoftPrompt, check_fits
+from spexport.converters.base import SoftPrompt, check_fits, read_safetensors
 from spexport.errors import AdapterError
 
 SUFFIXES = {".npy", ".safetensors"}
@@ -23,13 +23,7 @@ def read(path: Path) -> np.ndarray:
             return np.load(path, allow_pickle=False)  # a pickled object array would run code
         except (ValueError, OSError) as e:
             raise AdapterError(f"{path}: not a plain .npy tensor ({e})") from None
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{path}: unreadable safetensors file ({e})") from None
+    tensors = read_safetensors(path)
     if len(tensors) != 1 and "prompt_embeddings" not in tensors:
         raise AdapterError(f"{path}: holds {len(tensors)} tensors; expected one prompt tensor")
     return tensors.get("prompt_embeddings", next(iter(tensors.values())))

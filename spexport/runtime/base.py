@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,25 @@ def prompt_kind(folder: Path, task: Task) -> str:
     return kind
 
 
+@dataclass(frozen=True)
+class TaskTable:
+    """The tasks a model serves, in task id order: never changed, only replaced whole, so a request that
+    holds one sees one consistent list while `add_task` / `remove_task` swap in the next."""
+
+    names: tuple[str, ...]
+    virtual: tuple[int, ...]  # each task's virtual tokens
+    positions: tuple[int, ...]  # of those, the ones that take positions ahead of the caller's tokens
+    prompts: tuple | None = None  # a decoder's KV prefixes (None: baked into the graph)
+
+
+class TaskRows(list):
+    """Each row's task id, with the TaskTable the ids index."""
+
+    def __init__(self, rows: list[int], table: TaskTable):
+        super().__init__(rows)
+        self.table = table
+
+
 class ServedArtifact:
     """What every served artifact knows: its folder, manifest, model facts and tasks (in task id order).
 
@@ -58,11 +78,27 @@ class ServedArtifact:
         self.max_batch_size = max_batch_size
         self.manifest = manifest
         self.info = manifest.model
-        self.tasks = [t.name for t in manifest.tasks]
-        self.num_virtual_tokens = {t.name: t.num_virtual_tokens for t in manifest.tasks}
-        # per task id, the virtual tokens that take positions ahead of the caller's tokens
-        self._positions_taken = [t.num_virtual_tokens for t in manifest.tasks]
+        virtual = tuple(t.num_virtual_tokens for t in manifest.tasks)
+        self._table = TaskTable(tuple(t.name for t in manifest.tasks), virtual, virtual)
         self.tokenizer = None
+
+    @property
+    def tasks(self) -> list[str]:
+        """The task names; a task's id is its position here."""
+        return list(self._table.names)
+
+    @property
+    def num_virtual_tokens(self) -> dict[str, int]:
+        return dict(zip(self._table.names, self._table.virtual))
+
+    @property
+    def _positions_taken(self) -> tuple[int, ...]:
+        """Per task id, the virtual tokens that take positions ahead of the caller's tokens."""
+        return self._table.positions
+
+    @_positions_taken.setter
+    def _positions_taken(self, positions: list[int]) -> None:
+        self._table = replace(self._table, positions=tuple(positions))
 
     def __getattr__(self, name: str):
         if name not in self.VERB_FAMILIES:
@@ -79,14 +115,15 @@ class ServedArtifact:
         return self.tokenizer
 
     def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None
-                 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                 ) -> tuple[np.ndarray, np.ndarray, TaskRows]:
         """The checked request: token ids and mask [batch, seq] as int64, and each row's task id."""
+        table = self._table  # read once: the whole request is served with this task list
         ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
         mask = inputs.as_mask(attention_mask, ids.shape)
-        rows = inputs.task_indices(task, self.tasks, ids.shape[0])
+        rows = inputs.task_indices(task, list(table.names), ids.shape[0])
         tokens = np.full(len(ids), ids.shape[1]) if self.PADDING_TAKES_POSITIONS else mask.sum(axis=1)
-        self._check_length("input", tokens, [self._positions_taken[r] for r in rows])
-        return ids, mask, rows
+        self._check_length("input", tokens, [table.positions[r] for r in rows])
+        return ids, mask, TaskRows(rows, table)
 
     def _check_length(self, what: str, tokens: np.ndarray, virtual: list[int]) -> None:
         """Refuse a batch in which a row's tokens and its task's virtual tokens outnumber the positions."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,9 +22,11 @@ from spexport.artifact.ports import (
     TASK_IDS,
     stack_prefixes,
 )
+from spexport.errors import AdapterError, InputError
 from spexport.runtime import inputs
-from spexport.runtime.base import running
+from spexport.runtime.base import TaskTable, running
 from spexport.runtime.generation import GeneratingModel
+from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.session import check_ports, load_bank, load_tokenizer, open_session
 
 
@@ -35,10 +39,11 @@ class DecoderModel(GeneratingModel):
                  max_batch_size: int = inputs.MAX_BATCH_SIZE):
         super().__init__(folder, manifest, max_batch_size)
         # a baked graph holds the prompt bank itself and picks each row's prefix by task id
-        self._prefixes = None
         if not manifest.baked:
             bank = load_bank(folder, manifest)
-            self._prefixes = [bank[t.tensor] for t in manifest.tasks]
+            self._table = replace(self._table, prompts=tuple(bank[t.tensor] for t in manifest.tasks))
+        self._tasks_lock = threading.Lock()
+        self._providers = providers
         layers = range(self.info.num_layers)
         self._past_names = [n.format(i) for i in layers for n in (PAST_KEY, PAST_VALUE)]
         self._present_names = [n.format(i) for i in layers for n in (PRESENT_KEY, PRESENT_VALUE)]
@@ -52,7 +57,7 @@ class DecoderModel(GeneratingModel):
         """The graph's inputs and outputs as the manifest describes them (None: any size)."""
         info = self.info
         kv = [None, info.num_kv_heads, None, info.head_dim]
-        prefix = {TASK_IDS: [None]} if self._prefixes is None else {
+        prefix = {TASK_IDS: [None]} if self.manifest.baked else {
             KV_PREFIX: [None, info.num_layers, 2, info.num_kv_heads, None, info.head_dim], PREFIX_MASK: [None, None]}
         tokens = dict.fromkeys(["input_ids", "attention_mask", "position_ids"], [None, None])
         return ({**tokens, **prefix, **dict.fromkeys(self._past_names, kv)},
@@ -60,11 +65,16 @@ class DecoderModel(GeneratingModel):
 
     # -- batching -------------------------------------------------------------------------------
 
+    def _rows_table(self, rows: list[int]) -> TaskTable:
+        """The task list `rows` index: the one the request was checked against (TaskRows), else the current one."""
+        return getattr(rows, "table", None) or self._table
+
     def _prefix(self, rows: list[int]) -> dict[str, np.ndarray]:
         """The graph inputs that select each row's prompt."""
-        if self._prefixes is None:
+        prompts = self._rows_table(rows).prompts
+        if prompts is None:
             return {TASK_IDS: np.array(rows, np.int64)}
-        kv, mask = stack_prefixes([self._prefixes[r] for r in rows])
+        kv, mask = stack_prefixes([prompts[r] for r in rows])
         return {KV_PREFIX: kv, PREFIX_MASK: mask}
 
     def _first_step(self, mask: np.ndarray, rows: list[int]):
@@ -76,10 +86,11 @@ class DecoderModel(GeneratingModel):
         and is passed back as it is, so no later step splits, concatenates or slices off the prefix.
         A baked graph holds its prompts, so it is given task ids and an empty past.
         """
-        if self._prefixes is None:
+        prompts = self._rows_table(rows).prompts
+        if prompts is None:
             return self._prefix(rows), self._empty_past(len(rows)), mask, inputs.positions(mask)
         info = self.info
-        kv, prefix_mask = stack_prefixes([self._prefixes[r] for r in rows])
+        kv, prefix_mask = stack_prefixes([prompts[r] for r in rows])
         empty = {KV_PREFIX: np.zeros((len(rows), info.num_layers, 2, info.num_kv_heads, 0, info.head_dim),
                                      np.float32), PREFIX_MASK: np.zeros((len(rows), 0), np.int64)}
         past = [np.ascontiguousarray(kv[:, layer, which]) for layer in range(info.num_layers) for which in (0, 1)]
@@ -94,10 +105,49 @@ class DecoderModel(GeneratingModel):
         return [np.zeros(shape, np.float32) for _ in self._past_names]
 
     def _room(self, ids: np.ndarray, rows: list[int]) -> int:
-        return self.info.max_positions - max(self._positions_taken[r] for r in rows) - ids.shape[1]
+        positions = self._rows_table(rows).positions
+        return self.info.max_positions - max(positions[r] for r in rows) - ids.shape[1]
 
     def _sequence_start(self, ids: np.ndarray) -> np.ndarray:
         return ids
+
+    # -- tasks on a running model ----------------------------------------------------------------
+
+    def add_task(self, name: str, path: str | Path, replace: bool = False) -> list[str]:
+        """Serve the adapter (or tensor file) at `path` as task `name` from now on, as `spexport add` would
+        (a multitask adapter adds NAME/0, NAME/1, ...); returns the names added. The artifact on disk is
+        not changed. Requests already running keep the task list they started with.
+        """
+        added = new_tasks(self.folder, self.manifest, [(name, Path(path))], self._providers)
+        with self._tasks_lock:
+            table = self._table
+            names, prompts, virtual = list(table.names), list(table.prompts), list(table.virtual)
+            for task, kv in added:
+                if task.name in names and not replace:
+                    raise AdapterError(f"the model already serves a task {task.name!r}; pass replace=True to "
+                                       "replace it, or pick another name")
+                if task.name in names:
+                    at = names.index(task.name)
+                    prompts[at], virtual[at] = kv, task.num_virtual_tokens
+                else:
+                    names.append(task.name)
+                    prompts.append(kv)
+                    virtual.append(task.num_virtual_tokens)
+            self._table = TaskTable(tuple(names), tuple(virtual), tuple(virtual), tuple(prompts))
+        return [task.name for task, _ in added]
+
+    def remove_task(self, name: str) -> None:
+        """Stop serving task `name`; later tasks' ids move down by one. Running requests are not affected."""
+        check_editable(self.folder, self.manifest)  # a baked graph's task ids index its own constants
+        with self._tasks_lock:
+            table = self._table
+            if name not in table.names:
+                raise InputError(f"no task {name!r}; this model serves {', '.join(table.names)}")
+            if len(table.names) == 1:
+                raise InputError(f"{name!r} is the model's only task; a model keeps at least one")
+            keep = [i for i, n in enumerate(table.names) if n != name]
+            self._table = TaskTable(*(tuple(column[i] for i in keep) for column in
+                                      (table.names, table.virtual, table.positions, table.prompts)))
 
     # -- public verbs (generate and generate_text: GeneratingModel) ------------------------------
 
