@@ -107,6 +107,58 @@ def _steps(console, expected: int):
         progress.update(bar, completed=max(expected, done + 1), total=max(expected, done + 1))
 
 
+@main.command("add")
+@ARTIFACT
+@ADAPTERS
+@click.option("--replace", is_flag=True, help="Replace tasks of the same names instead of refusing them.")
+@QUIET
+@AS_JSON
+def add_command(folder: Path, adapters, replace: bool, quiet: bool, as_json: bool) -> None:
+    """Add tasks to a decoder artifact in place, without torch (atomic: a failure leaves it unchanged)."""
+    from spexport.tasks import add_tasks
+
+    before = _task_names(folder)
+    with _one_line_errors(), _terminated_as_interrupted():
+        manifest = add_tasks(folder, adapters, replace=replace)
+    _report_tasks(folder, manifest, before, quiet, as_json)
+
+
+@main.command("remove")
+@ARTIFACT
+@click.argument("names", nargs=-1, required=True)
+@QUIET
+@AS_JSON
+def remove_command(folder: Path, names: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+    """Remove tasks NAMES from a decoder artifact in place; later tasks' ids move down."""
+    from spexport.tasks import remove_tasks
+
+    before = _task_names(folder)
+    with _one_line_errors(), _terminated_as_interrupted():
+        manifest = remove_tasks(folder, list(names))
+    _report_tasks(folder, manifest, before, quiet, as_json)
+
+
+def _task_names(folder: Path) -> list[str]:
+    from spexport.artifact.manifest import Manifest
+
+    with _one_line_errors():
+        return [t.name for t in Manifest.read(folder).tasks]
+
+
+def _report_tasks(folder: Path, manifest, before: list[str], quiet: bool, as_json: bool) -> None:
+    from spexport.inspect import summary
+
+    if as_json:
+        _print_json({"output": str(folder), **summary(manifest), "files": manifest.files})
+    elif not quiet:
+        for i, task in enumerate(manifest.tasks):
+            mark = "  " if task.name in before else "+ "
+            click.echo(f"{mark}{i} {task.name}: {task.method}, {task.num_virtual_tokens} virtual tokens")
+        removed = [n for n in before if n not in {t.name for t in manifest.tasks}]
+        click.echo(f"updated {folder} ({len(manifest.tasks)} tasks" + (f"; removed {', '.join(removed)})"
+                                                                       if removed else ")"))
+
+
 @main.command("inspect")
 @ARTIFACT
 @QUIET

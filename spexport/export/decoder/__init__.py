@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from spexport.artifact import ort_adapters, tensorfile
+from spexport.artifact.genai import write_genai_config
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.artifact.ports import stack_prefixes
 from spexport.converters import SoftPrompt
@@ -55,7 +56,10 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
         export_graph(model_dir, info, staging, speed, baked, options.trust_remote_code)
-        extra = {} if options.bake else {"prefix_graph": export_prefix_graph(staging, GRAPH)}
+        extra = {}
+        if not options.bake:  # baked graphs take task_ids, which neither tasks.py nor genai can add to
+            extra["prefix_graph"] = export_prefix_graph(staging, GRAPH)
+            write_genai_config(staging, info, GRAPH, model_dir / "config.json")
         return finish(staging, output, model_dir, family=DECODER.name, model=info, graph=GRAPH,
                       prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake, **extra)
 
