@@ -93,7 +93,7 @@ def test_one_row_first_step_reads_the_bank_without_copying_it(runtime_model):
     request; its mask covers exactly the task's virtual tokens and its positions follow them."""
     row = runtime_model.tasks.index("pt")  # 5 virtual tokens
     _, past, full_mask, positions = runtime_model._first_step(np.ones((1, 3), np.int64), [row])
-    bank = runtime_model._prefixes[row]
+    bank = runtime_model._table.prompts[row]
     assert all(np.shares_memory(p, bank) for p in past)
     np.testing.assert_array_equal(past[1][0], bank[0, 1])  # layer 0's values
     np.testing.assert_array_equal(full_mask, [[1] * 8])
