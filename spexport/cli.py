@@ -114,7 +114,7 @@ def _steps(console, expected: int):
 @QUIET
 @AS_JSON
 def add_command(folder: Path, adapters, replace: bool, quiet: bool, as_json: bool) -> None:
-    """Add tasks to a decoder artifact in place, without torch (atomic: a failure leaves it unchanged)."""
+    """Add tasks to a decoder or seq2seq artifact in place, without torch (atomic: a failure leaves it as it was)."""
     from spexport.tasks import add_tasks
 
     before = _task_names(folder)
@@ -129,7 +129,7 @@ def add_command(folder: Path, adapters, replace: bool, quiet: bool, as_json: boo
 @QUIET
 @AS_JSON
 def remove_command(folder: Path, names: tuple[str, ...], quiet: bool, as_json: bool) -> None:
-    """Remove tasks NAMES from a decoder artifact in place; later tasks' ids move down."""
+    """Remove tasks NAMES from a decoder or seq2seq artifact in place; later tasks' ids move down."""
     from spexport.tasks import remove_tasks
 
     before = _task_names(folder)

@@ -1,4 +1,4 @@
-"""`spexport add` and `spexport remove`: change a decoder artifact's tasks in place, without torch.
+"""`spexport add` and `spexport remove`: change a decoder or seq2seq artifact's tasks in place, without torch.
 
 The updated artifact is built in a staging folder beside it: the graphs, weights, tokenizer and the
 adapter files of unchanged tasks are hard links (copies where the file system has none), the prompt
@@ -20,8 +20,9 @@ from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import inside_folder, sha256
 from spexport.artifact.manifest import MANIFEST, Manifest, Task
 from spexport.errors import AdapterError, InputError, OutputError
+from spexport.families import DECODER
 from spexport.runtime.prefix import check_editable, new_tasks
-from spexport.runtime.session import verify_files
+from spexport.runtime.session import verify_files, vouch_for
 
 
 def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: bool = False,
@@ -45,7 +46,9 @@ def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: boo
         else:
             tasks.append(task)
         bank[task.tensor] = kv
-    return _rewrite(folder, manifest, tasks, bank, written={t.name: kv for t, kv in added})
+    # seq2seq artifacts have no adapter files: their graphs take two kinds of prompt
+    written = {t.name: kv for t, kv in added} if manifest.family == DECODER.name else {}
+    return _rewrite(folder, manifest, tasks, bank, written)
 
 
 def remove_tasks(folder: str | Path, names: list[str]) -> Manifest:
@@ -99,6 +102,7 @@ def _rewrite(folder: Path, manifest: Manifest, tasks: list[Task], bank: dict[str
         if isinstance(e, OSError):
             raise OutputError(f"updating {folder} failed ({e}); the artifact is unchanged") from e
         raise
+    vouch_for(folder, kept)  # verified before they were linked: the next load need not hash them again
     return updated
 
 

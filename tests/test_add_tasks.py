@@ -203,7 +203,7 @@ def test_errors_are_one_line_with_exit_codes(tiny_llama, added, tmp_path):
     assert result.exit_code == 0 and "+ 2 mlp: P_TUNING, 3 virtual tokens" in result.output
 
 
-def test_encoder_and_seq2seq_artifacts_are_refused_in_one_line(tiny_llama, tmp_path):
+def test_encoder_artifacts_are_refused_in_one_line(tiny_llama, tmp_path):
     import dataclasses
 
     from spexport.errors import ArtifactError
@@ -211,6 +211,6 @@ def test_encoder_and_seq2seq_artifacts_are_refused_in_one_line(tiny_llama, tmp_p
 
     manifest = Manifest.read(tiny_llama["artifact"])
     for family, text in [("encoder", "head graphs that only `spexport convert` builds"),
-                         ("seq2seq", "adding or removing tasks is for decoder artifacts")]:
+                         ("other", "adding or removing tasks is for decoder and seq2seq artifacts")]:
         with pytest.raises(ArtifactError, match=text):
             check_editable(tmp_path, dataclasses.replace(manifest, family=family))

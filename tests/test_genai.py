@@ -26,8 +26,9 @@ GENAI_PYTHON = Path(os.environ.get("SPEXPORT_GENAI_PYTHON") or ROOT / ".venv-gen
 @pytest.fixture(scope="module")
 def genai_python():
     if not GENAI_PYTHON.is_file():
-        (pytest.fail if os.environ.get("SPEXPORT_REQUIRE_GENAI") else pytest.skip)(f"no onnxruntime-genai environment at {GENAI_PYTHON}: python3 -m venv .venv-genai && "
-                    ".venv-genai/bin/pip install onnxruntime-genai numpy (or set SPEXPORT_GENAI_PYTHON)")
+        missing = (pytest.fail if os.environ.get("SPEXPORT_REQUIRE_GENAI") else pytest.skip)
+        missing(f"no onnxruntime-genai environment at {GENAI_PYTHON}: python3 -m venv .venv-genai && "
+                ".venv-genai/bin/pip install onnxruntime-genai numpy (or set SPEXPORT_GENAI_PYTHON)")
     return GENAI_PYTHON
 
 

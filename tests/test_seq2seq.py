@@ -293,3 +293,26 @@ def test_clear_errors(built, tmp_path):
         m.logits(_rows()[0], task="pt", decoder_input_ids=[[0], [0]])
     with pytest.raises(InputError, match="classify is for classifier artifacts"):
         m.classify(["text"], task="pt")
+
+
+def test_tasks_added_without_torch_equal_exported_ones(built, tmp_path):
+    """`spexport add` on a seq2seq artifact stores embeddings and prefixes as they are (no model run): a
+    task removed and added again under another name serves exactly as the exported one."""
+    import shutil
+
+    from spexport.artifact import tensorfile
+    from spexport.tasks import add_tasks, remove_tasks
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(built["root"] / "artifact", artifact)
+    remove_tasks(artifact, ["pt", "prefix"])
+    add_tasks(artifact, [("pt2", built["adapters"]["pt"]), ("prefix2", built["adapters"]["prefix"])])
+    m, exported = load(artifact), built["runtime"]
+    assert m.tasks == ["mlp", "lstm", "proj", "pt2", "prefix2"]
+    bank, reference = (tensorfile.load(folder / "prompts.safetensors") for folder in (artifact, built["root"] /
+                                                                                       "artifact"))
+    ids = np.random.default_rng(0).integers(4, 150, size=(1, 7)).astype(np.int64)
+    for new, old in [("pt2", "pt"), ("prefix2", "prefix")]:
+        np.testing.assert_array_equal(bank[new], reference[old])
+        np.testing.assert_array_equal(m.generate(ids, task=new, max_new_tokens=6),
+                                      exported.generate(ids, task=old, max_new_tokens=6))

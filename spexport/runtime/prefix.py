@@ -6,15 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from spexport.artifact.integrity import inside_folder
 from spexport.artifact.manifest import Manifest, Task
 from spexport.artifact.ports import INPUTS_EMBEDS, KV_PREFIX, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE
 from spexport.converters import SoftPrompt, convert_adapter, parse_adapters
 from spexport.errors import AdapterError, ArtifactError
-from spexport.families import DECODER
+from spexport.families import DECODER, SEQ2SEQ
 from spexport.runtime.base import running
-from spexport.runtime.session import open_session
+from spexport.runtime.session import open_session, session_options
 
 
 def check_editable(folder: Path, manifest: Manifest) -> None:
@@ -22,8 +23,8 @@ def check_editable(folder: Path, manifest: Manifest) -> None:
     if manifest.family == "encoder":
         raise ArtifactError(f"{folder}: an encoder artifact's tasks carry head graphs that only `spexport convert` "
                             "builds; export it again with the new --adapter")
-    if manifest.family != DECODER.name:
-        raise ArtifactError(f"{folder}: adding or removing tasks is for decoder artifacts, this one is "
+    if manifest.family not in (DECODER.name, SEQ2SEQ.name):
+        raise ArtifactError(f"{folder}: adding or removing tasks is for decoder and seq2seq artifacts, this one is "
                             f"{manifest.family!r}; export it again with the new --adapter")
     if manifest.baked:
         raise ArtifactError(f"{folder}: the artifact is baked (its prompts are constants inside model.onnx); "
@@ -39,7 +40,11 @@ class PrefixGraph:
                                 "tasks); export it again to add tasks that hold embeddings")
         self.info = manifest.model
         self.path = inside_folder(folder, manifest.prefix_graph)
-        self.session = open_session(self.path, providers or ["CPUExecutionProvider"])
+        # one run over a few tokens: optimizing the graph and prepacking its weights would cost more than they save
+        options = session_options()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        self.session = open_session(self.path, providers or ["CPUExecutionProvider"], options)
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def kv(self, embeddings: np.ndarray) -> np.ndarray:
@@ -60,19 +65,21 @@ class PrefixGraph:
 
 def new_tasks(folder: Path, manifest: Manifest, adapters: list[tuple[str, Path]],
               providers: list[str] | None = None) -> list[tuple[Task, np.ndarray]]:
-    """Each task the adapters yield, as a manifest Task and its KV prefix, in the order given."""
+    """Each task the adapters yield, as a manifest Task and its bank tensor, in the order given: a decoder's
+    KV prefix; a seq2seq task's embeddings or KV prefix as they are (its graphs take both)."""
     check_editable(folder, manifest)
+    family = SEQ2SEQ if manifest.family == SEQ2SEQ.name else DECODER
     prompts: dict[str, SoftPrompt] = {}
     for name, path in parse_adapters(adapters):
-        for task, prompt in convert_adapter(name, path, manifest.model, DECODER).items():
+        for task, prompt in convert_adapter(name, path, manifest.model, family).items():
             if task in prompts:
                 raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
             prompts[task] = prompt
-    graph = PrefixGraph(folder, manifest, providers) if any(p.kind == "embeddings" for p in prompts.values()) \
-        else None
+    run = family is DECODER and any(p.kind == "embeddings" for p in prompts.values())
+    graph = PrefixGraph(folder, manifest, providers) if run else None
     found = []
     for name, prompt in prompts.items():
-        kv = graph.kv(prompt.tensor) if prompt.kind == "embeddings" else np.asarray(prompt.tensor, np.float32)
+        kv = graph.kv(prompt.tensor) if run and prompt.kind == "embeddings" else np.asarray(prompt.tensor, np.float32)
         found.append((Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
                            tensor=name, shape=list(kv.shape), dtype="float32",
                            source={**prompt.source, "kind": prompt.kind}), np.ascontiguousarray(kv)))

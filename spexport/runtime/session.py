@@ -62,6 +62,14 @@ class VerifiedFiles:
             self.changed = True
         return True
 
+    def vouch(self, path: Path, digest: str) -> None:
+        """Remember `path` as intact without hashing it: a hard link just made to a file verified before
+        (linking changes the file's ctime, not its bytes)."""
+        st = path.stat()
+        self.entries.pop(str(path), None)
+        self.entries[str(path)] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, digest]
+        self.changed = True
+
     def save(self) -> None:
         if not (self.changed and self.path):
             return
@@ -97,6 +105,14 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
             raise ArtifactError(f"{folder}: {rel} is missing")
         if state == DAMAGED:
             raise ArtifactError(f"{folder}: {rel} is damaged or was replaced (sha256 differs from the manifest)")
+
+
+def vouch_for(folder: Path, files: dict[str, str]) -> None:
+    """Remember `files` (path -> sha256) of `folder` as verified: hard links to files checked before."""
+    verified = VerifiedFiles()
+    for rel, digest in files.items():
+        verified.vouch(inside_folder(folder, rel), digest)
+    verified.save()
 
 
 def pick_providers(requested: list[str] | None) -> list[str]:
@@ -173,10 +189,10 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def open_session(path: Path, providers: list[str]) -> ort.InferenceSession:
+def open_session(path: Path, providers: list[str], options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     check_external_data(path)
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
+        return ort.InferenceSession(str(path), sess_options=options or session_options(), providers=providers)
     except Exception as e:  # ORT raises its own pybind types for unreadable graphs
         raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({first_line(e)})") from None
 

@@ -48,10 +48,28 @@ def export_prefix_graph(folder: Path, graph: str) -> str:
                                                 ["batch_size", "sequence_length", weights.dims[1]])
     del model.graph.input[:]
     model.graph.input.extend([embeds, *inputs])
-    if not any(weights.name in node.input for node in nodes):  # untied embeddings: only the lookup read them
-        model.graph.initializer.remove(weights)
     presents = [o for o in model.graph.output if o.name.startswith("present.")]
     del model.graph.output[:]
     model.graph.output.extend(presents)
+    _drop_unused(model.graph)
     onnx.save(model, folder / PREFIX_GRAPH)
     return PREFIX_GRAPH
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove the nodes no output needs (the LM head: the logits are not an output) and the initializers
+    only they read, so a session of the prefix graph loads less of the shared weights."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):  # ONNX nodes are in topological order
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:  # names a subgraph reads from the outer scope
+                for sub in [attr.g, *attr.graphs]:
+                    needed.update(name for n in sub.node for name in n.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    unused = [t for t in graph.initializer if t.name not in needed]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
