@@ -56,7 +56,7 @@ def test_raw_tensors_behave_like_the_adapters_holding_them(llama):
     save_file({"prompt": prompt}, root / "prompt.safetensors")
     convert(model_dir, [("pt", pt), ("prefix", prefix)], root / "from-peft")
     peft_artifact = load(root / "from-peft")
-    kv = peft_artifact._prefixes[1]  # the prefix adapter's canonical [layers, 2, kv_heads, n, head_dim]
+    kv = peft_artifact._table.prompts[1]  # the prefix adapter's canonical [layers, 2, kv_heads, n, head_dim]
     save_file({"kv": kv}, root / "kv.safetensors")
     convert(model_dir, [("npy", root / "prompt.npy"), ("st", root / "prompt.safetensors"),
                         ("kv", root / "kv.safetensors")], root / "from-raw")

@@ -60,7 +60,7 @@ def test_attention_scale_moves_to_the_queries_so_no_step_copies_the_key_cache(ti
     options = session_options()
     options.optimized_model_filepath = str(tmp_path / "as-run.onnx")
     ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    as_run = [node.op_type for node in onnx.load(tmp_path / "as-run.onnx").graph.node]
+    as_run = [node.op_type for node in onnx.load(tmp_path / "as-run.onnx", load_external_data=False).graph.node]
     assert as_run.count("FusedMatMul") >= layers
 
 
@@ -132,3 +132,18 @@ def test_cli_convert_passes_the_speed_flags(tiny, tmp_path):
     graph = _graph(tmp_path / "art")
     assert {p.key: p.value for p in graph.metadata_props}[WEIGHTS_KEY] == "int8"
     assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node)
+
+
+@pytest.mark.parametrize("name, options", [("fused", {}), ("plain", {"optimize": False})])
+def test_prefix_graph_gives_the_exported_prefix(tiny, name, options):
+    """The prefix graph is cut from the finished graph, fused or plain (GPT-2's plain graph reshapes
+    input_ids before its lookup): the KV prefix it computes is the one convert stored."""
+    from spexport.artifact import tensorfile
+    from spexport.artifact.manifest import Manifest
+    from spexport.runtime.prefix import PrefixGraph
+
+    folder = _artifact(tiny, name, **options)
+    manifest = Manifest.read(folder)
+    bank = tensorfile.load(folder / "prompts.safetensors")
+    weights = tensorfile.load(dict(tiny[2])["pt"] / "adapter_model.safetensors")["prompt_embeddings"]
+    np.testing.assert_allclose(PrefixGraph(folder, manifest).kv(weights), bank["pt"], rtol=1e-5, atol=1e-6)

@@ -52,6 +52,7 @@ class PrefixGraph:
         info, n = self.info, len(embeddings)
         empty = np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)
         feeds = {INPUTS_EMBEDS: np.ascontiguousarray(embeddings[None], np.float32),
+                 "input_ids": np.zeros((1, n), np.int64),  # where a graph still reads its shape (GPT-2 unfused)
                  "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
                  KV_PREFIX: np.zeros((1, info.num_layers, 2, info.num_kv_heads, 0, info.head_dim), np.float32),
                  PREFIX_MASK: np.zeros((1, 0), np.int64)}

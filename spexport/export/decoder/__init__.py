@@ -58,7 +58,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         export_graph(model_dir, info, staging, speed, baked, options.trust_remote_code)
         extra = {}
         if not options.bake:  # baked graphs take task_ids, which neither tasks.py nor genai can add to
-            extra["prefix_graph"] = export_prefix_graph(staging, GRAPH)
+            extra["prefix_graph"] = export_prefix_graph(staging, GRAPH)  # None: the graph has no token lookup
             write_genai_config(staging, info, GRAPH, model_dir / "config.json")
         return finish(staging, output, model_dir, family=DECODER.name, model=info, graph=GRAPH,
                       prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake, **extra)

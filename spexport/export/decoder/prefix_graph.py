@@ -9,17 +9,18 @@ Run over a task's embeddings with empty past and prefix inputs, it gives exactly
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import onnx
 
 from spexport.artifact.ports import INPUTS_EMBEDS, PREFIX_GRAPH
-from spexport.errors import ModelError
 
 WEIGHTS_SUFFIX = ".data"
+RESHAPES = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast")  # keep each id where it was
 
 
-def export_prefix_graph(folder: Path, graph: str) -> str:
+def export_prefix_graph(folder: Path, graph: str) -> str | None:
     """Write PREFIX_GRAPH beside `folder/graph`, moving the main graph's weights into shared external data."""
     path = folder / graph
     model = onnx.load(path)
@@ -28,14 +29,11 @@ def export_prefix_graph(folder: Path, graph: str) -> str:
     (folder / (graph + WEIGHTS_SUFFIX)).chmod(path.stat().st_mode & 0o777)  # onnx writes it private
     model = onnx.load(path, load_external_data=False)  # the weights stay in the shared file
     nodes = model.graph.node
-    lookups = [n for n in nodes if "input_ids" in n.input]
-    if len(lookups) != 1 or lookups[0].op_type != "Gather" or list(lookups[0].input).index("input_ids") != 1:
-        raise ModelError(f"{path}: input_ids feeds {[n.op_type for n in lookups]}, not one embedding Gather; "
-                         "this model cannot have a prefix graph")
-    lookup = lookups[0]
-    weights = next((t for t in model.graph.initializer if t.name == lookup.input[0]), None)
-    if weights is None or len(weights.dims) != 2:
-        raise ModelError(f"{path}: the embedding Gather reads no [vocab, hidden] initializer")
+    lookup, weights = _embedding_lookup(model.graph)
+    if lookup is None:  # the artifact serves as ever; `spexport add` then refuses tasks that hold embeddings
+        warnings.warn(f"{path}: no Gather of a [vocab, hidden] initializer by input_ids, so the artifact gets no "
+                      "prefix graph", stacklevel=2)
+        return None
     embedded = lookup.output[0]
     nodes.remove(lookup)
     if weights.data_type != onnx.TensorProto.FLOAT:  # fp16 weights: the graph goes on in their type
@@ -43,7 +41,7 @@ def export_prefix_graph(folder: Path, graph: str) -> str:
     else:
         for node in nodes:
             node.input[:] = [INPUTS_EMBEDS if name == embedded else name for name in node.input]
-    inputs = [i for i in model.graph.input if i.name != "input_ids"]
+    inputs = list(model.graph.input)
     embeds = onnx.helper.make_tensor_value_info(INPUTS_EMBEDS, onnx.TensorProto.FLOAT,
                                                 ["batch_size", "sequence_length", weights.dims[1]])
     del model.graph.input[:]
@@ -52,8 +50,24 @@ def export_prefix_graph(folder: Path, graph: str) -> str:
     del model.graph.output[:]
     model.graph.output.extend(presents)
     _drop_unused(model.graph)
+    if not any("input_ids" in node.input for node in nodes):  # GPT-2's unfused graph still reads its shape
+        model.graph.input.remove(next(i for i in model.graph.input if i.name == "input_ids"))
     onnx.save(model, folder / PREFIX_GRAPH)
     return PREFIX_GRAPH
+
+
+def _embedding_lookup(graph: onnx.GraphProto):
+    """The Gather of the token embeddings by `input_ids` (perhaps reshaped first), and the embeddings."""
+    initializers = {t.name: t for t in graph.initializer}
+    derived, found = {"input_ids"}, []
+    for node in graph.node:
+        if node.op_type in RESHAPES and node.input and node.input[0] in derived:
+            derived.update(node.output)
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in derived:
+            table = initializers.get(node.input[0])
+            if table is not None and len(table.dims) == 2:
+                found.append((node, table))
+    return found[0] if len(found) == 1 else (None, None)
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
