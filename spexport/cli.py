@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import click
 
-from spexport.errors import ArtifactError, OptionError, SpexportError
+from spexport.errors import ArtifactError, OptionError, SpexportError, SpexportWarning
 
 
 def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -54,7 +54,8 @@ def main() -> None:
 @MODEL
 @ADAPTERS
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing artifact (only a folder whose spexport.json says it is one).")
 @click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
@@ -72,8 +73,8 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     from spexport.inspect import summary
 
     console = Console(stderr=True, quiet=quiet)
-    with _one_line_errors(), _terminated_as_interrupted(), _steps(console, expected=len(adapters) + 3) as on_step, \
-            _stdout_to_stderr():
+    with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(console), \
+            _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
         from spexport.export import convert as run_convert
 
         manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step, **speed,
@@ -321,6 +322,24 @@ def _terminated_as_interrupted():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(console):
+    """spexport's own warnings as one `warning:` line each (none with --quiet), once the command has
+    succeeded: after an error, its one line says what went wrong. Other warnings show as Python shows them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SpexportWarning)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            for w in caught:
+                if not issubclass(w.category, SpexportWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+                elif succeeded:
+                    console.print(f"warning: {w.message}", markup=False, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

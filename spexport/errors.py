@@ -42,3 +42,8 @@ class OutputError(SpexportError):
     """The output folder cannot be written, or holds something that must not be replaced."""
 
     exit_code = 7
+
+
+class SpexportWarning(UserWarning):
+    """Something that may be a mistake but need not be, such as an adapter that names another base model
+    than the one it is converted with; the CLI prints each as one `warning:` line."""

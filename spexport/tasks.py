@@ -36,7 +36,12 @@ def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: boo
     added = new_tasks(folder, manifest, adapters, providers)
     tasks, bank = list(manifest.tasks), _bank(folder, manifest)
     index = {t.name: i for i, t in enumerate(tasks)}
+    folded = {t.name.lower(): t.name for t in tasks}
     for task, kv in added:
+        other = folded.get(task.name.lower(), task.name)
+        if other != task.name:
+            raise AdapterError(f"task names {other!r} and {task.name!r} differ only in case, so their files would be "
+                               "one on macOS and Windows; rename one")
         if task.name in index and not replace:
             raise AdapterError(f"{folder} already has a task {task.name!r}; pass --replace (replace=True) to "
                                "replace it, or pick another name")

@@ -97,7 +97,7 @@ def _peft_model(model_dir: Path, folder: Path, trust_remote_code: bool):
         raise ModelError(f"{model_dir}: {e}") from None
     if family is not DECODER:
         raise ModelError(f"{model_dir}: a {family.name} model; validate compares decoder-only models with PEFT")
-    base, _ = load_model(model_dir, trust_remote_code)
+    base = load_model(model_dir, trust_remote_code)
     try:
         with quiet_tracing():
             return PeftModel.from_pretrained(base, folder, is_trainable=False).eval()

@@ -61,3 +61,14 @@ def tiny_llama(tmp_path_factory):
                 "prefix": build_adapter(model_dir, "prefix_tuning", root / "prefix", 6, seed=2)}
     convert(model_dir, list(adapters.items()), root / "artifact")
     return {"model": model_dir, "adapters": adapters, "artifact": root / "artifact"}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading any transformers model fails the test: what is checked must be checked before it."""
+    from transformers import PreTrainedModel
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"the frozen model was loaded ({cls.__name__}) before the error")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))

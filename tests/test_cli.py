@@ -66,6 +66,7 @@ def test_existing_output_is_kept_without_overwrite(inputs, converted):
 
 def test_overwrite_replaces_the_output(inputs, tmp_path):
     (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "spexport.json").write_text('{"format": "spexport"}')  # an artifact, if a damaged one
     (tmp_path / "artifact" / "old.txt").write_text("old")
     result = _convert(inputs, tmp_path / "artifact", "--overwrite", "--quiet", tasks=["pt"])
     assert result.exit_code == 0, result.output

@@ -27,7 +27,7 @@ from spexport.cli import main
 from spexport.converters import convert_adapter, methods_for
 from spexport.errors import AdapterError, InputError, ModelError, SpexportError
 from spexport.export import convert
-from spexport.export.decoder import load_model
+from spexport.export.decoder import read_info
 from spexport.families import DECODER
 from spexport.runtime import load
 
@@ -168,7 +168,7 @@ def test_cli_prints_one_line_and_exits_with_the_errors_code(inputs, tmp_path, ca
 
 
 def test_pickled_adapter_converts_like_safetensors(inputs):
-    _, info = load_model(inputs["model"])
+    info = read_info(inputs["model"])
     from_bin, from_safetensors = (convert_adapter("t", inputs[key], info, DECODER)["t"] for key in ["pickled", "pt"])
     assert from_bin.method == from_safetensors.method and from_bin.kind == from_safetensors.kind
     np.testing.assert_array_equal(from_bin.tensor, from_safetensors.tensor)
@@ -235,8 +235,15 @@ def test_overwrite_never_removes_an_input(inputs, tmp_path):
     assert (model / "config.json").is_file()
 
 
+def _old_artifact(folder: Path) -> dict[str, bytes]:
+    """Files in a folder whose spexport.json says it is an artifact (a damaged one): what --overwrite replaces."""
+    _fill(folder)
+    (folder / "spexport.json").write_text('{"format": "spexport"}')
+    return _snapshot(folder)
+
+
 def test_overwrite_replaces_the_old_artifact(inputs, tmp_path):
-    _fill(tmp_path / "artifact")
+    _old_artifact(tmp_path / "artifact")
     convert(inputs["model"], [("pt", inputs["pt"])], tmp_path / "artifact", overwrite=True)
     assert not (tmp_path / "artifact" / "keep.txt").exists()
     assert load(tmp_path / "artifact").tasks == ["pt"]
@@ -250,7 +257,7 @@ def test_failed_convert_leaves_the_old_output_as_it_was(inputs, tmp_path, monkey
         raise failure
 
     monkeypatch.setattr(spexport.export.decoder, "export_graph", export_fails)
-    before = _fill(tmp_path / "artifact")
+    before = _old_artifact(tmp_path / "artifact")
     with pytest.raises(raised) as e:
         convert(inputs["model"], [("pt", inputs["pt"])], tmp_path / "artifact", overwrite=True)
     _assert_one_line(str(e.value))

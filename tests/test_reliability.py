@@ -426,7 +426,7 @@ def test_keyboard_interrupt_leaves_one_whole_artifact(tiny_llama, tmp_path, monk
         raise KeyboardInterrupt
 
     def interrupt_removing_the_old(path, *args, **kwargs):
-        if ".old-" in str(path) and not interrupt_removing_the_old.done:
+        if str(path).endswith(".partial") and not interrupt_removing_the_old.done:  # the old, exchanged out
             interrupt_removing_the_old.done = True
             raise KeyboardInterrupt
         real_rmtree(path, *args, **kwargs)

@@ -120,6 +120,19 @@ class Manifest:
         return manifest
 
 
+def is_artifact(folder: Path) -> bool:
+    """Whether `folder` holds a spexport.json that says it is a spexport manifest, damaged or not: the
+    only kind of folder `convert --overwrite` may replace."""
+    path = Path(folder) / MANIFEST
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
+
+
 def seal(document: dict) -> dict:
     """`document` with its SEAL: the sha256 of its other fields as canonical JSON. The manifest cannot
     list its own hash among `files`, so it carries this one; any changed byte that still parses

@@ -53,6 +53,9 @@ def write_adapters(bank: dict[str, np.ndarray], folder: Path) -> list[str]:
         arrays = adapter_parameters(kv)  # OrtValues borrow these buffers on the CPU: keep them alive
         adapter = ort.AdapterFormat()
         adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()})
-        adapter.export_adapter(str(Path(folder) / rel))
+        try:
+            adapter.export_adapter(str(Path(folder) / rel))
+        except RuntimeError as e:  # ONNX Runtime's writer reports a full disk or a refused path this way
+            raise OSError(f"ONNX Runtime could not write {rel} ({str(e).strip().splitlines()[-1][-200:]})") from None
         written.append(rel)
     return written

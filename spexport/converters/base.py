@@ -92,11 +92,29 @@ class PrefixConfig(PromptConfig):
             self.check(name, _count, "a whole number > 0")
 
 
+def float_tensor(name: str, value) -> np.ndarray:
+    """`value` as float32, refusing what a cast would silently change or what no prompt can hold:
+    complex, integer, boolean or text values, and NaN or Inf (a diverged training run, a damaged file)."""
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise AdapterError(f"{name} holds {array.dtype} values; a soft prompt is a floating-point tensor "
+                           "(save it as float32)")
+    if not np.isfinite(array).all():
+        where = [int(i) for i in np.argwhere(~np.isfinite(array))[0]]
+        raise AdapterError(f"{name} holds NaN or Inf (first at {where}); the training diverged or the file is "
+                           "damaged: retrain or restore it")
+    single = array.astype(np.float32)
+    if not np.isfinite(single).all():
+        raise AdapterError(f"{name} holds values too large for float32 (up to {float(np.abs(array).max()):.3g}); "
+                           "rescale or retrain it")
+    return single
+
+
 def prompt_weights(config: PromptConfig, weights: dict[str, np.ndarray]) -> np.ndarray:
     """The saved `prompt_embeddings` (PEFT stores the prompt encoder's output, not its weights)."""
     if "prompt_embeddings" not in weights:
         raise AdapterError(f"no 'prompt_embeddings' tensor (found {sorted(weights)[:5]})")
-    tensor = np.asarray(weights["prompt_embeddings"], dtype=np.float32)
+    tensor = float_tensor("prompt_embeddings", weights["prompt_embeddings"])
     n_virtual = config.num_virtual_tokens
     if tensor.ndim != 2 or tensor.shape[0] != n_virtual * config.submodules:
         raise AdapterError(f"prompt_embeddings has shape {list(tensor.shape)}, expected "

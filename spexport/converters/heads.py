@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spexport.converters.base import float_tensor
 from spexport.errors import AdapterError
 
 KINDS = {"SEQ_CLS": "sequence", "TOKEN_CLS": "token"}  # PEFT task_type -> what the head classifies
@@ -34,8 +35,11 @@ def read_head(folder: Path, config: dict, weights: dict[str, np.ndarray]) -> Hea
     if task_type not in KINDS:
         raise AdapterError(f"{folder}: task_type {task_type!r} has no classifier; an encoder artifact serves "
                            f"adapters trained with task_type {' or '.join(KINDS)}")
-    head = {name[len(SAVED_UNDER):]: np.asarray(tensor, np.float32) for name, tensor in weights.items()
-            if name.startswith(SAVED_UNDER)}
+    try:
+        head = {name[len(SAVED_UNDER):]: float_tensor(name, tensor) for name, tensor in weights.items()
+                if name.startswith(SAVED_UNDER)}
+    except AdapterError as e:
+        raise AdapterError(f"{folder}: {e}") from None
     return Head(KINDS[task_type], head, _labels(folder))
 
 
@@ -47,5 +51,5 @@ def _labels(folder: Path) -> list[str] | None:
     try:
         id2label = json.loads(path.read_text()).get("id2label")
         return [str(id2label[str(i)]) for i in range(len(id2label))] if id2label else None
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, RecursionError) as e:
         raise AdapterError(f"{path}: id2label is unreadable ({e}); it must map 0, 1, ... to label names") from None

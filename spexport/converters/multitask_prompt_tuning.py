@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.converters.base import PromptConfig, SoftPrompt, check_fits, prompt_weights
+from spexport.converters.base import PromptConfig, SoftPrompt, check_fits, float_tensor, prompt_weights
 from spexport.converters.registry import register_method
 from spexport.errors import AdapterError
 
@@ -18,11 +18,12 @@ def convert(config: PromptConfig, weights: dict[str, np.ndarray], model: ModelIn
     shared = prompt_weights(config, weights)
     check_fits("hidden size", shared.shape[1], model.hidden_size)
     try:
-        cols = np.asarray(weights["prefix_task_cols"], np.float32)  # [tasks, n, rank]
-        rows = np.asarray(weights["prefix_task_rows"], np.float32)  # [tasks, rank, hidden]
+        cols = float_tensor("prefix_task_cols", weights["prefix_task_cols"])  # [tasks, n, rank]
+        rows = float_tensor("prefix_task_rows", weights["prefix_task_rows"])  # [tasks, rank, hidden]
     except KeyError as e:
         raise AdapterError(f"multitask prompt tuning checkpoint lacks {e.args[0]}") from None
-    if cols.shape[0] != rows.shape[0] or cols.shape[1] != shared.shape[0] or rows.shape[2] != shared.shape[1]:
+    fits = cols.ndim == rows.ndim == 3 and cols.shape[0] == rows.shape[0] and cols.shape[2] == rows.shape[1]
+    if not fits or cols.shape[1] != shared.shape[0] or rows.shape[2] != shared.shape[1]:
         raise AdapterError(f"task factors {list(cols.shape)} x {list(rows.shape)} do not fit the shared prompt "
                            f"{list(shared.shape)}")
     return {str(i): SoftPrompt(config.peft_type, "embeddings", shared * (cols[i] @ rows[i]))

@@ -11,34 +11,48 @@ from pathlib import Path
 import numpy as np
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.converters.base import SoftPrompt, check_fits, read_safetensors
+from spexport.converters.base import SoftPrompt, check_fits, float_tensor, read_safetensors
 from spexport.errors import AdapterError
 
 SUFFIXES = {".npy", ".safetensors"}
 
 
-def read(path: Path) -> np.ndarray:
+def read(path: Path) -> tuple[str, np.ndarray]:
+    """The file's prompt tensor, and what to call it in a message."""
     if path.suffix == ".npy":
         try:
-            return np.load(path, allow_pickle=False)  # a pickled object array would run code
-        except (ValueError, OSError) as e:
+            return "its tensor", np.load(path, allow_pickle=False)  # a pickled object array would run code
+        except (ValueError, OSError, EOFError) as e:
             raise AdapterError(f"{path}: not a plain .npy tensor ({e})") from None
     tensors = read_safetensors(path)
-    if len(tensors) != 1 and "prompt_embeddings" not in tensors:
+    if "prompt_embeddings" in tensors:
+        return "prompt_embeddings", tensors["prompt_embeddings"]
+    if len(tensors) != 1:
         raise AdapterError(f"{path}: holds {len(tensors)} tensors; expected one prompt tensor")
-    return tensors.get("prompt_embeddings", next(iter(tensors.values())))
+    return next(iter(tensors.items()))
 
 
 def convert(path: Path, model: ModelInfo) -> SoftPrompt:
-    tensor = np.asarray(read(path), np.float32)
+    name, value = read(path)
+    try:
+        return _prompt(float_tensor(name, value), model)
+    except AdapterError as e:
+        raise AdapterError(f"{path}: {e}") from None
+
+
+def _prompt(tensor: np.ndarray, model: ModelInfo) -> SoftPrompt:
     if tensor.ndim == 2:
         check_fits("prompt width (hidden size)", tensor.shape[1], model.hidden_size)
-        return SoftPrompt("PROMPT_TUNING", "embeddings", tensor)
-    if tensor.ndim == 5:
+        prompt = SoftPrompt("PROMPT_TUNING", "embeddings", tensor)
+    elif tensor.ndim == 5:
         expected = [model.num_layers, 2, model.num_kv_heads, tensor.shape[3], model.head_dim]
         if list(tensor.shape) != expected:
             raise AdapterError(f"KV prefix shape {list(tensor.shape)} does not fit the model: expected "
                                f"[layers, 2, kv_heads, n, head_dim] = {expected}")
-        return SoftPrompt("KV_PREFIX", "kv", tensor)
-    raise AdapterError(f"{path}: tensor of shape {list(tensor.shape)} is neither a prompt [n_virtual, hidden] "
-                       f"nor a KV prefix [layers, 2, kv_heads, n_virtual, head_dim]")
+        prompt = SoftPrompt("KV_PREFIX", "kv", tensor)
+    else:
+        raise AdapterError(f"tensor of shape {list(tensor.shape)} is neither a prompt [n_virtual, hidden] "
+                           f"nor a KV prefix [layers, 2, kv_heads, n_virtual, head_dim]")
+    if prompt.num_virtual_tokens < 1:
+        raise AdapterError(f"tensor of shape {list(tensor.shape)} holds no virtual tokens")
+    return prompt

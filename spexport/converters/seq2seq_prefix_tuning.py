@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.converters.base import PrefixConfig, SoftPrompt, check_fits
+from spexport.converters.base import PrefixConfig, SoftPrompt, check_fits, float_tensor
 from spexport.converters.registry import register_method
 from spexport.errors import AdapterError
 
@@ -26,7 +26,7 @@ def convert(config: PrefixConfig, weights: dict[str, np.ndarray], model: ModelIn
                            "(num_transformer_submodules=1); train it with task_type SEQ_2_SEQ_LM")
     if "prompt_embeddings" not in weights:
         raise AdapterError(f"no 'prompt_embeddings' tensor (found {sorted(weights)[:5]})")
-    flat = np.asarray(weights["prompt_embeddings"], dtype=np.float32)
+    flat = float_tensor("prompt_embeddings", weights["prompt_embeddings"])
     n_virtual, layers = config.num_virtual_tokens, config.num_layers
     heads, token_dim = config.num_attention_heads, config.token_dim
     if flat.ndim != 2 or flat.shape[0] != n_virtual:

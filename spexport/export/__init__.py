@@ -50,7 +50,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
         raise ModelError(f"{model_dir}: {e}") from None
     family.check(bake, quantize, dtype)
     adapters = parse_adapters(adapters)
-    check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
+    output = check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     options = ExportOptions(bake=bake, optimize=optimize, quantize=quantize, dtype=dtype,
                             trust_remote_code=trust_remote_code, on_step=on_step)
     return EXPORTERS[family.name](model_dir, adapters, output, options)

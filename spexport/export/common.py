@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -16,9 +17,9 @@ from typing import Callable
 from spexport import __version__
 from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import sha256
-from spexport.artifact.manifest import Manifest, ModelInfo
-from spexport.converters import SoftPrompt, convert_adapter, parse_adapters  # noqa: F401  (convert's)
-from spexport.errors import AdapterError, ModelError, OutputError
+from spexport.artifact.manifest import Manifest, ModelInfo, is_artifact
+from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
+from spexport.errors import AdapterError, ModelError, OutputError, SpexportWarning
 from spexport.families import Family
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -100,7 +101,7 @@ def within_vocab(info: ModelInfo) -> ModelInfo:
 
 def read_model_type(model_dir: Path) -> tuple[str, dict]:
     """The config's model_type and auto_map (empty unless the folder ships its own code)."""
-    if not model_dir.exists():
+    if not exists(model_dir):
         raise ModelError(f"{model_dir}: no such model folder")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -134,25 +135,78 @@ def quiet_tracing():
         hf_logging.set_verbosity(level)
 
 
-def convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo, family: Family) -> dict[str, SoftPrompt]:
-    """Every task that the adapters yield, by name; a name given twice is refused."""
-    prompts: dict[str, SoftPrompt] = {}
+def convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo, family: Family,
+                     model_dir: Path) -> dict[str, SoftPrompt]:
+    """Every task that the adapters yield, by name (see `adapter_tasks`)."""
+    return {task: prompt for _, tasks in adapter_tasks(adapters, info, family, model_dir)
+            for task, prompt in tasks.items()}
+
+
+def adapter_tasks(adapters: list[tuple[str, Path]], info: ModelInfo, family: Family,
+                  model_dir: Path) -> list[tuple[str, dict[str, SoftPrompt]]]:
+    """Each adapter's name and the tasks it yields, all checked (their names too) before any model loads.
+    A task name given twice is refused; an adapter that names another base model than `model_dir` is
+    converted with a SpexportWarning naming both, since its shapes fit."""
+    found, names = [], []
     for name, path in adapters:
-        for task, prompt in convert_adapter(name, path, info, family).items():
-            if task in prompts:
+        tasks = convert_adapter(name, path, info, family)
+        for task in tasks:
+            if task in names:
                 raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
-            prompts[task] = prompt
-    return prompts
+            names.append(task)
+        check_task_names(names)
+        base = next(iter(tasks.values())).source.get("base_model")
+        if base and not same_model(base, model_dir):
+            warnings.warn(f"adapter {name} was trained on {base}, not on {model_dir.resolve().name} (by name; its "
+                          "shapes fit): if that is another model, its prompt means something else here",
+                          SpexportWarning, stacklevel=2)
+        found.append((name, tasks))
+    return found
 
 
-def check_output(output: Path, sources: list[Path], overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
+def same_model(base: str, model_dir: Path) -> bool:
+    """Whether the base model an adapter names is `model_dir`, by name: the folder's, or the one its
+    config.json records (`_name_or_path`)."""
+    names = {model_dir.resolve().name.lower()}
+    try:
+        recorded = json.loads((model_dir / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        names.add(Path(recorded).name.lower())
+    return Path(base).name.lower() in names
+
+
+def check_output(output: Path, sources: list[Path], overwrite: bool) -> Path:
+    """Refuse an output folder that convert must not write or replace; return it as an absolute path
+    ('..' resolved by name, as a shell would)."""
+    folder = Path(os.path.abspath(output))
+    try:
+        _check_output_folder(output, folder, sources, overwrite)
+    except OSError as e:  # a name too long for the file system, a folder it may not enter
+        raise OutputError(f"--output {output}: cannot be written ({e.strerror})") from None
+    return folder
+
+
+def _check_output_folder(output: Path, folder: Path, sources: list[Path], overwrite: bool) -> None:
+    cwd = Path.cwd()
+    if folder == cwd or folder in cwd.parents:
+        raise OutputError(f"--output {output} is the current folder or holds it; name a folder for the artifact, "
+                          f"such as --output {os.path.join(output, 'artifact')}")
+    if folder.is_symlink():
+        raise OutputError(f"--output {output} is a symbolic link; name the folder it points to, or another")
+    if folder.exists() and not folder.is_dir():
         raise OutputError(f"{output} is a file; --output must be a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputError(f"{output} exists and is not empty; pass --overwrite to replace it")
     for source in sources:
-        if output.resolve() in [source.resolve(), *source.resolve().parents]:
+        if folder.resolve() in [source.resolve(), *source.resolve().parents]:
             raise OutputError(f"{output} holds the input {source}; write the artifact to another folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{output} exists and is not empty; pass --overwrite to replace it")
+        if not is_artifact(folder):
+            raise OutputError(f"{output} is not a spexport artifact (its spexport.json does not say so) and is not "
+                              "empty; --overwrite replaces only an artifact, so move its files or pick another "
+                              "--output")
 
 
 @contextlib.contextmanager

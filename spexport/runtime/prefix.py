@@ -11,7 +11,7 @@ import onnxruntime as ort
 from spexport.artifact.integrity import inside_folder
 from spexport.artifact.manifest import Manifest, Task
 from spexport.artifact.ports import INPUTS_EMBEDS, KV_PREFIX, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE
-from spexport.converters import SoftPrompt, convert_adapter, parse_adapters
+from spexport.converters import SoftPrompt, check_task_names, convert_adapter, parse_adapters
 from spexport.errors import AdapterError, ArtifactError
 from spexport.families import DECODER, SEQ2SEQ
 from spexport.runtime.base import running
@@ -76,11 +76,15 @@ def new_tasks(folder: Path, manifest: Manifest, adapters: list[tuple[str, Path]]
             if task in prompts:
                 raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
             prompts[task] = prompt
+    check_task_names(list(prompts))
     run = family is DECODER and any(p.kind == "embeddings" for p in prompts.values())
     graph = PrefixGraph(folder, manifest, providers) if run else None
     found = []
     for name, prompt in prompts.items():
         kv = graph.kv(prompt.tensor) if run and prompt.kind == "embeddings" else np.asarray(prompt.tensor, np.float32)
+        if not np.isfinite(kv).all():
+            raise AdapterError(f"task {name!r}: the KV prefix that the frozen model computes from its prompt holds "
+                               "NaN or Inf; the prompt's values are too large for the model")
         found.append((Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
                            tensor=name, shape=list(kv.shape), dtype="float32",
                            source={**prompt.source, "kind": prompt.kind}), np.ascontiguousarray(kv)))

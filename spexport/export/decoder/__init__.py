@@ -18,6 +18,7 @@ from spexport.artifact.genai import write_genai_config
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.artifact.ports import stack_prefixes
 from spexport.converters import SoftPrompt
+from spexport.errors import AdapterError
 from spexport.export.common import (
     BANK,
     GRAPH,
@@ -38,15 +39,16 @@ from spexport.families import DECODER, model_info
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:
     """Export a decoder-only model with every adapter into one artifact at `output`, atomically."""
     speed = Speed(options.optimize, options.quantize, options.dtype)
-    options.on_step("loading the frozen model")
-    model, info = load_model(model_dir, options.trust_remote_code)
+    info = read_info(model_dir, options.trust_remote_code)
     options.on_step("converting adapters")
-    prompts = convert_adapters(adapters, info, DECODER)
+    prompts = convert_adapters(adapters, info, DECODER, model_dir)  # every check before the model loads
     with building(output) as staging:
+        options.on_step("loading the frozen model")
+        model = load_model(model_dir, options.trust_remote_code)
         bank, tasks = {}, []
         for name, prompt in prompts.items():
             options.on_step(f"computing the KV prefix of {name}")
-            bank[name] = kv_prefix(model, prompt)
+            bank[name] = kv_prefix(name, model, prompt)
             tasks.append(Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
                               tensor=name, shape=list(bank[name].shape), dtype="float32",
                               source={**prompt.source, "kind": prompt.kind}))
@@ -64,13 +66,16 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
                       prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake, **extra)
 
 
+def read_info(model_dir: Path, trust_remote_code: bool = False) -> ModelInfo:
+    """The frozen model's ModelInfo, from its config files alone (no weights are read)."""
+    return within_vocab(model_info(*read_configs(model_dir, trust_remote_code)))
+
+
 def load_model(model_dir: Path, trust_remote_code: bool = False):
-    """The frozen causal LM in float32, and its ModelInfo."""
+    """The frozen causal LM in float32."""
     from transformers import AutoModelForCausalLM
 
-    config, generation_config = read_configs(model_dir, trust_remote_code)
-    model = pretrained(AutoModelForCausalLM, model_dir, trust_remote_code)
-    return model, within_vocab(model_info(config, generation_config))
+    return pretrained(AutoModelForCausalLM, model_dir, trust_remote_code)
 
 
 def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
@@ -88,8 +93,15 @@ def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
     return np.stack([np.stack([k[0].numpy(), v[0].numpy()]) for k, v in layers]).astype(np.float32)
 
 
-def kv_prefix(model, prompt: SoftPrompt) -> np.ndarray:
-    return embeddings_to_kv(model, prompt.tensor) if prompt.kind == "embeddings" else prompt.tensor
+def kv_prefix(name: str, model, prompt: SoftPrompt) -> np.ndarray:
+    """Task `name`'s KV prefix; one the model computes as NaN or Inf (its weights hold some) is refused."""
+    if prompt.kind != "embeddings":
+        return prompt.tensor
+    kv = embeddings_to_kv(model, prompt.tensor)
+    if not np.isfinite(kv).all():
+        raise AdapterError(f"task {name!r}: the KV prefix that the frozen model computes from its prompt holds NaN or "
+                           "Inf; the model's weights hold NaN or Inf, or the prompt's values are too large for it")
+    return kv
 
 
 def export_graph(model_dir: Path, info: ModelInfo, out: Path, speed: Speed, bank=None,

@@ -12,14 +12,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from spexport.artifact import tensorfile
-from spexport.artifact.manifest import Manifest, Task
-from spexport.converters import SoftPrompt, convert_adapter, read_peft_adapter
+from spexport.artifact.manifest import Manifest, ModelInfo, Task
+from spexport.converters import SoftPrompt, read_peft_adapter
 from spexport.converters.heads import Head, read_head
 from spexport.errors import AdapterError, ModelError
 from spexport.export.common import (
     BANK,
     GRAPH,
     ExportOptions,
+    adapter_tasks,
     building,
     finish,
     first_line,
@@ -36,23 +37,22 @@ HEADS = "heads"
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:
     """Export an encoder with every adapter into one artifact at `output`, atomically."""
     on_step = options.on_step
-    on_step("loading the frozen model")
+    on_step("converting adapters")  # every check before the model loads
     heads = {name: _read_head(name, Path(path)) for name, path in adapters}
-    models, info = _load_encoder(model_dir, {h.kind for h in heads.values()}, options.trust_remote_code)
-    model = models["sequence"][0] if "sequence" in models else models["token"][0]  # BERT's pooler is in the first
-    body = model.base_model
-    on_step("converting adapters")
-    prompts: dict[str, tuple[SoftPrompt, Head]] = {}
-    for name, path in adapters:
-        for task, prompt in convert_adapter(name, path, info, ENCODER).items():
-            if task in prompts:
-                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
+    info = _read_info(model_dir, options.trust_remote_code)
+    prompts: dict[str, tuple[SoftPrompt, Head]] = {
+        task: (prompt, heads[name])
+        for name, tasks in adapter_tasks(adapters, info, ENCODER, model_dir) for task, prompt in tasks.items()}
+    with building(output) as staging:
+        on_step("loading the frozen model")
+        models = _load_encoder(model_dir, {h.kind for h in heads.values()}, options.trust_remote_code)
+        model = models["sequence"][0] if "sequence" in models else models["token"][0]  # BERT's pooler is in the first
+        body = model.base_model
+        for task, (prompt, _) in prompts.items():
             if prompt.kind == "kv" and "past_key_values" not in parameters(body):
-                raise AdapterError(f"{path}: prefix tuning needs a model that takes past_key_values, and "
+                raise AdapterError(f"task {task!r}: prefix tuning needs a model that takes past_key_values, and "
                                    f"{type(body).__name__} does not (PEFT cannot run it either); use prompt "
                                    "tuning or P-tuning")
-            prompts[task] = (prompt, heads[name])
-    with building(output) as staging:
         tasks = []
         (staging / HEADS).mkdir()
         for name, (prompt, head) in prompts.items():
@@ -86,11 +86,19 @@ def _read_head(name: str, path: Path) -> Head:
     return read_head(path, config, weights)
 
 
-def _load_encoder(model_dir: Path, kinds: set[str], trust_remote_code: bool):
-    """The model as a classifier of each kind (sequence, token) that the tasks need, with the names of
-    its parameters that the checkpoint really holds; and its ModelInfo."""
+def _read_info(model_dir: Path, trust_remote_code: bool) -> ModelInfo:
+    """The encoder's ModelInfo from its config alone: the positions left after its position offset."""
     model_type, _ = read_model_type(model_dir)
     config, _ = read_configs(model_dir, trust_remote_code)
+    info = model_info(config, None)
+    offset = config.pad_token_id + 1 if model_type in ENCODER.positions_after_pad else 0
+    return replace(info, max_positions=info.max_positions - offset, eos_token_ids=[])
+
+
+def _load_encoder(model_dir: Path, kinds: set[str], trust_remote_code: bool):
+    """The model as a classifier of each kind (sequence, token) that the tasks need, with the names of
+    its parameters that the checkpoint really holds."""
+    model_type, _ = read_model_type(model_dir)
     models = {}
     for kind in sorted(kinds):
         try:
@@ -108,9 +116,7 @@ def _load_encoder(model_dir: Path, kinds: set[str], trust_remote_code: bool):
             raise ModelError(f"{model_dir}: the checkpoint lacks {untrained[0]} of the frozen model (it would be "
                              "random); export a model folder saved with all of its weights")
         models[kind] = (model.eval(), {k for k in model.state_dict() if k not in missing})
-    info = model_info(config, None)
-    offset = _position_offset(next(iter(models.values()))[0]) or 0
-    return models, replace(info, max_positions=info.max_positions - offset, eos_token_ids=[])
+    return models
 
 
 def _auto(kind: str):

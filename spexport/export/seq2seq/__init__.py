@@ -52,11 +52,17 @@ assert set(LAYOUTS) == SEQ2SEQ.model_types
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:
     """Export an encoder-decoder model with every adapter into one artifact at `output`, atomically."""
-    options.on_step("loading the frozen model")
-    model, info, layout = _load_seq2seq(model_dir, options.trust_remote_code)
+    from transformers import AutoModelForSeq2SeqLM
+
+    model_type, _ = read_model_type(model_dir)
+    layout = LAYOUTS[model_type]
+    info = seq2seq_info(model_dir, *read_configs(model_dir, options.trust_remote_code), layout)
     options.on_step("converting adapters")
-    prompts = convert_adapters(adapters, info, SEQ2SEQ)
+    prompts = convert_adapters(adapters, info, SEQ2SEQ, model_dir)  # every check before the model loads
     with building(output) as staging:
+        options.on_step("loading the frozen model")
+        # eager attention: it traces without data-dependent shortcuts
+        model = pretrained(AutoModelForSeq2SeqLM, model_dir, options.trust_remote_code, attn_implementation="eager")
         tasks = [Task(name=name, method=p.method, num_virtual_tokens=p.num_virtual_tokens, tensor=name,
                       shape=list(p.tensor.shape), dtype="float32", source={**p.source, "kind": p.kind})
                  for name, p in prompts.items()]
@@ -66,18 +72,6 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             export_graphs(model, info.num_layers, info.num_kv_heads, info.head_dim, layout.decoder_positions, staging)
         return finish(staging, output, model_dir, family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH,
                       encoder_graph=ENCODER_GRAPH, prompt_bank=BANK, tasks=tasks)
-
-
-def _load_seq2seq(model_dir: Path, trust_remote_code: bool):
-    """The frozen model (eager attention: it traces without data-dependent shortcuts), its ModelInfo
-    and its layout."""
-    from transformers import AutoModelForSeq2SeqLM
-
-    model_type, _ = read_model_type(model_dir)
-    config, generation_config = read_configs(model_dir, trust_remote_code)
-    model = pretrained(AutoModelForSeq2SeqLM, model_dir, trust_remote_code, attn_implementation="eager")
-    layout = LAYOUTS[model_type]
-    return model, seq2seq_info(model_dir, config, generation_config, layout), layout
 
 
 def seq2seq_info(model_dir: Path, config, generation_config, layout: Layout) -> ModelInfo:
