@@ -81,3 +81,17 @@ def test_baked_mixed_batch_equals_rows_alone_and_unbaked(baked, tmp_path):
         assert max_abs_diff(alone, unbaked.logits(row[None], task=task)) <= 1e-5
         alone_tokens = model.generate(row[None], task=task, max_new_tokens=10)[0]
         np.testing.assert_array_equal(tokens[i, width - len(row):][:alone_tokens.size], alone_tokens)
+
+
+def test_baked_rows_padded_anywhere_generate_as_alone(baked):
+    """A baked graph's first step reads each row's last real token too (right padding, gaps)."""
+    _, _, artifact = baked
+    model = load(artifact)
+    rows, tasks = [IDS[0, :5], IDS[0, 2:5], IDS[0, 1:4]], ["mpt/2", "pt", "prefix"]
+    ids, mask = np.zeros((3, 8), np.int64), np.zeros((3, 8), np.int64)
+    for i, slots in enumerate([range(5), [0, 3, 4], [2, 3, 6]]):  # right-padded, a gap, padding on every side
+        ids[i, list(slots)], mask[i, list(slots)] = rows[i], 1
+    tokens = model.generate(ids, mask, task=tasks, max_new_tokens=6)
+    for i, (row, task) in enumerate(zip(rows, tasks)):
+        alone = model.generate(row[None], task=task, max_new_tokens=6)[0, len(row):]
+        np.testing.assert_array_equal(tokens[i, 8:8 + alone.size], alone)

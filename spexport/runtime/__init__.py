@@ -9,14 +9,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from spexport.artifact.manifest import Manifest
-from spexport.errors import ArtifactError
+from spexport.errors import ArtifactError, InputError
 from spexport.runtime.base import ServedArtifact
 from spexport.runtime.decoder import DecoderModel
 from spexport.runtime.encoder import EncoderModel
-from spexport.runtime.inputs import MAX_BATCH_SIZE
+from spexport.runtime.inputs import MAX_BATCH_SIZE, is_whole
 from spexport.runtime.seq2seq import Seq2SeqModel
 from spexport.runtime.session import pick_providers, release_freed_memory, verify_files
 
@@ -33,6 +34,14 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
     verified before and not written since is not read again). max_batch_size: the most rows one
     call may send; a larger batch is refused before anything is allocated for it.
     """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InputError(f"folder must be the path of an artifact folder, got {folder!r}")
+    if not is_whole(max_batch_size) or max_batch_size < 1:
+        raise InputError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
+    if providers is not None and (isinstance(providers, str) or not isinstance(providers, (list, tuple))
+                                  or not all(isinstance(p, str) for p in providers)):
+        raise InputError(f"providers must be a list of provider names such as ['CUDAExecutionProvider'], got "
+                         f"{providers!r}")
     folder = Path(folder)
     manifest = Manifest.read(folder)
     runtime = RUNTIMES.get(manifest.family)

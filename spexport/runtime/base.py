@@ -28,6 +28,18 @@ def running(graph: Path) -> Iterator[None]:
         raise ArtifactError(f"{graph}: ONNX Runtime failed running it ({first_line(e)})") from e
 
 
+def finite_logits(logits: np.ndarray, graph: Path, real: np.ndarray | None = None) -> np.ndarray:
+    """`logits`, or an ArtifactError where they hold NaN or Inf and mean something (`real`: a mask over their
+    leading axes, such as the caller's attention mask; padding slots may hold anything). One sum finds
+    finite logits, the usual case; only a sum that is not finite looks further."""
+    if np.isfinite(logits.sum()):
+        return logits
+    if np.isfinite(logits[real.astype(bool)] if real is not None else logits).all():
+        return logits  # the sum overflowed, or only padding slots are not finite
+    raise ArtifactError(f"{graph}: the model computed NaN or Inf logits, so no token can be chosen; its weights hold "
+                        "NaN or Inf, or a float16 graph overflowed (export it in float32)")
+
+
 def prompt_kind(folder: Path, task: Task) -> str:
     """EMBEDDINGS or KV: what `task`'s bank tensor is, as its exporter recorded in `source.kind`."""
     kind = task.source.get("kind")

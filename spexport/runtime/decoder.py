@@ -24,7 +24,7 @@ from spexport.artifact.ports import (
 )
 from spexport.errors import AdapterError, InputError
 from spexport.runtime import inputs
-from spexport.runtime.base import TaskTable, running
+from spexport.runtime.base import TaskTable, finite_logits, running
 from spexport.runtime.generation import GeneratingModel
 from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.session import check_ports, load_bank, load_tokenizer, open_session
@@ -98,7 +98,7 @@ class DecoderModel(GeneratingModel):
         return empty, past, np.concatenate([prefix_mask, mask], axis=1), positions
 
     def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> _BoundSteps:
-        return _BoundSteps(self, ids, *self._first_step(mask, rows))
+        return _BoundSteps(self, ids, inputs.last_real(mask), *self._first_step(mask, rows))
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)
@@ -156,7 +156,7 @@ class DecoderModel(GeneratingModel):
         ids, mask, rows = self._prepare(input_ids, attention_mask, task)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": inputs.positions(mask),
                  **self._prefix(rows), **dict(zip(self._past_names, self._empty_past(len(ids))))}
-        return self._run(self.session, self._graph, ["logits"], feeds)[0]
+        return finite_logits(self._run(self.session, self._graph, ["logits"], feeds)[0], self._graph, mask)
 
 
 class _BoundSteps:
@@ -170,8 +170,8 @@ class _BoundSteps:
 
     DEVICES = {"CUDAExecutionProvider": "cuda"}  # where present.* live; anything else: the CPU
 
-    def __init__(self, model: DecoderModel, ids: np.ndarray, prefix: dict[str, np.ndarray], past: list[np.ndarray],
-                 mask: np.ndarray, position_ids: np.ndarray):
+    def __init__(self, model: DecoderModel, ids: np.ndarray, last: np.ndarray, prefix: dict[str, np.ndarray],
+                 past: list[np.ndarray], mask: np.ndarray, position_ids: np.ndarray):
         self.session, self.graph = model.session, model._graph
         self.binding = model.session.io_binding()
         self.device = self.DEVICES.get(model.providers[0], "cpu")
@@ -180,18 +180,19 @@ class _BoundSteps:
         self.logits: dict[tuple[int, int], np.ndarray] = {}
         for name, value in [*prefix.items(), *zip(self.past_names, past)]:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
-        self.ids, self.mask, self.position_ids = ids, mask, position_ids
+        self.ids, self.last, self.mask, self.position_ids = ids, last, mask, position_ids
 
     def first(self) -> np.ndarray:
-        return self.run(self.ids, self.mask, self.position_ids)
+        return self.run(self.ids, self.mask, self.position_ids)[np.arange(len(self.ids)), self.last]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
+        # positions count real tokens, so a row's padding (right or in gaps) takes none
         position_ids = self.mask.sum(axis=1, keepdims=True)
         self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-        return self.run(tokens[:, None], self.mask, position_ids)
+        return self.run(tokens[:, None], self.mask, position_ids)[:, -1]
 
     def run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Run one step; the logits of each row's last position [batch, vocab]."""
+        """Run one step; its logits [batch, seq, vocab], in a buffer that the next step of this shape reuses."""
         binding = self.binding
         for name, value in [("input_ids", ids), ("attention_mask", mask), ("position_ids", position_ids)]:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -205,4 +206,4 @@ class _BoundSteps:
             self.session.run_with_iobinding(binding)
         for name, value in zip(self.past_names, binding.get_outputs()[1:]):
             binding.bind_ortvalue_input(name, value)
-        return logits[:, -1]
+        return logits

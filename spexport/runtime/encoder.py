@@ -12,7 +12,7 @@ from spexport.artifact.manifest import Manifest
 from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK, PROMPT_EMBEDS, PROMPT_MASK, stack_prefixes
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime import inputs
-from spexport.runtime.base import EMBEDDINGS, KV, ServedArtifact, prompt_kind
+from spexport.runtime.base import EMBEDDINGS, KV, ServedArtifact, finite_logits, prompt_kind
 from spexport.runtime.session import load_bank, load_tokenizer, open_session
 
 SEQUENCE, TOKEN = "sequence", "token"
@@ -88,7 +88,8 @@ class EncoderModel(ServedArtifact):
             head = self._heads[task_id]
             feeds = {i.name: body[i.name][picked] for i in head.get_inputs()}
             logits = self._run(head, self._head_graphs[task_id], None, feeds)[0]
-            out[picked, ..., :logits.shape[-1]] = logits
+            real = mask[picked] if logits.ndim == 3 else None  # token logits: the caller's padding may hold anything
+            out[picked, ..., :logits.shape[-1]] = finite_logits(logits, self._head_graphs[task_id], real)
         return out
 
     def classify(self, texts: str | Sequence[str], task: str | Sequence[str] = None) -> list:

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from spexport.runtime import inputs, sampling
-from spexport.runtime.base import ServedArtifact
+from spexport.runtime.base import ServedArtifact, finite_logits
 
 
 class Steps(Protocol):
-    """A generation's model calls, each returning the logits of every row's last position [batch, vocab]."""
+    """A generation's model calls on its `graph`, each returning every row's next-token logits [batch, vocab]."""
+
+    graph: Path
 
     def first(self) -> np.ndarray:
-        """Run the prompt."""
+        """Run the prompt; the logits at each row's last real token, wherever its padding is."""
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
         """Feed each row's newest token [batch]."""
@@ -56,7 +59,7 @@ def token_columns(steps: Steps, config: GenerationConfig, room: int, eos_token_i
     count = min(config.max_new_tokens, room)
     if count <= 0:
         return
-    logits = steps.first()
+    logits = finite_logits(steps.first(), steps.graph)
     unfinished = np.ones(len(logits), bool)
     for step in range(count):
         chosen = sampling.next_tokens(logits, config.do_sample, config.temperature, config.top_k, config.top_p, rng)
@@ -66,7 +69,7 @@ def token_columns(steps: Steps, config: GenerationConfig, room: int, eos_token_i
         unfinished &= ~np.isin(chosen, eos)
         if not unfinished.any() or step == count - 1:
             return
-        logits = steps.next(chosen)
+        logits = finite_logits(steps.next(chosen), steps.graph)
 
 
 class GeneratingModel(ServedArtifact):
@@ -115,8 +118,8 @@ class GeneratingModel(ServedArtifact):
         """Token ids as transformers' `generate` returns them: for a decoder-only model the input followed
         by the new tokens; for an encoder-decoder model the decoder start token followed by them.
 
-        Rows may be padded on the left (and an encoder-decoder model's also on the right); mark padding
-        with attention_mask. Rows stop at the model's EOS (later slots hold the pad token), at
+        Rows may be padded anywhere (left, right, or in gaps); mark padding with attention_mask, and each
+        row gets what it gets alone. Rows stop at the model's EOS (later slots hold the pad token), at
         max_new_tokens, or where the model's positions run out. An encoder-decoder model's
         forced_bos_token_id and forced_eos_token_id apply as in transformers: the first new token, and
         the last one max_new_tokens allows.

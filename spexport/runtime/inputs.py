@@ -79,6 +79,11 @@ def tokenize(tokenizer, texts: str | Sequence[str], pad_token_id: int | None, le
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(f"texts[{i}] is of type {type(text).__name__}, not str; pass only strings")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: how Python keeps bytes that were not UTF-8
+            raise InputError(f"texts[{i}] is not valid UTF-8 text (character {e.start} is an undecodable byte); "
+                             "pass UTF-8 text") from None
     encoded = [tokenizer.encode(t) for t in texts]
     if not all(e.ids for e in encoded):
         raise InputError("a text encodes to no tokens")
@@ -93,27 +98,33 @@ def tokenize(tokenizer, texts: str | Sequence[str], pad_token_id: int | None, le
 
 def check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> None:
     """Refuse generation settings that would fail, or silently mean something else, deep in the loop."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_whole(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_whole(seed) or seed < 0):
         raise InputError(f"seed must be a whole number >= 0 or None, got {seed!r}")
     if not do_sample:
         return
     if not _is_real(temperature) or not temperature > 0:
         raise InputError(f"temperature must be a number > 0, got {temperature!r}")
-    if not _is_int(top_k) or top_k < 0:
+    if not is_whole(top_k) or top_k < 0:
         raise InputError(f"top_k must be a whole number >= 0 (0 keeps every token), got {top_k!r}")
     if not _is_real(top_p) or not 0 < top_p <= 1:
         raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
-def _is_int(value) -> bool:
+def is_whole(value) -> bool:
+    """An integer (numpy's too), not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
         and math.isfinite(value)
+
+
+def last_real(mask: np.ndarray) -> np.ndarray:
+    """Each row's last real token [batch], wherever its padding is."""
+    return mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
 
 
 def positions(mask: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from spexport.artifact.ports import (
 )
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime import inputs
-from spexport.runtime.base import EMBEDDINGS, KV, prompt_kind
+from spexport.runtime.base import EMBEDDINGS, KV, finite_logits, prompt_kind
 from spexport.runtime.generation import GeneratingModel, GenerationConfig
 from spexport.runtime.session import check_ports, load_bank, load_tokenizer, open_session
 
@@ -145,7 +145,7 @@ class Seq2SeqModel(GeneratingModel):
         self._check_length("decoder_input_ids", np.full(len(ids), decoder_ids.shape[1]),
                            [self._kv[r].shape[3] for r in rows])
         logits, _ = self._decode(decoder_ids, self._encode(ids, mask, rows), self._prefix(rows), None)
-        return logits
+        return finite_logits(logits, self._decoder_graph)
 
 
 class _CachedSteps:
@@ -154,7 +154,7 @@ class _CachedSteps:
     def __init__(self, model: Seq2SeqModel, encoded: tuple[np.ndarray, np.ndarray], prefix: dict[str, np.ndarray],
                  start: np.ndarray):
         self.model, self.encoded, self.prefix, self.start = model, encoded, prefix, start
-        self.cache = None
+        self.graph, self.cache = model._decoder_graph, None
 
     def first(self) -> np.ndarray:
         logits, self.cache = self.model._decode(self.start, self.encoded, self.prefix, None)

@@ -228,6 +228,9 @@ def load_bank(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:
         tensor = bank.get(task.tensor)
         if tensor is None or list(tensor.shape) != task.shape or tensor.dtype != np.dtype(task.dtype):
             raise ArtifactError(f"{folder}: prompt bank entry for task {task.name!r} is missing or misshapen")
+        if not np.isfinite(tensor).all():
+            raise ArtifactError(f"{folder}: prompt bank entry for task {task.name!r} holds NaN or Inf, so every "
+                                "answer of the task would be garbage; export the artifact again")
     return bank
 
 
