@@ -291,6 +291,23 @@ def serve_command(folder: Path, host: str, port: int, max_batch_size: int, use_r
             serve(folder, host, port, max_batch_size)
 
 
+@main.command("reseal")
+@ARTIFACT
+def reseal_command(folder: Path) -> None:
+    """Seal an artifact whose spexport.json has no manifest_sha256 (written before spexport sealed its
+    manifests), trusting the manifest as it stands once every file it lists matches its sha256."""
+    from spexport.artifact.manifest import reseal
+
+    with _one_line_errors():
+        manifest, added = reseal(folder)
+    if not added:
+        click.echo(f"{folder}: already sealed; nothing to do")
+        return
+    click.echo(f"{folder}: sealed, trusting spexport.json as it stands: {len(manifest.tasks)} tasks "
+               f"({', '.join(t.name for t in manifest.tasks)}), {len(manifest.files)} files, each checked against "
+               "its sha256")
+
+
 def _print_table(rows: list[list]) -> None:
     if not rows:
         return

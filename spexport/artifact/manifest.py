@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from spexport.artifact.integrity import inside_folder
+from spexport.artifact.integrity import MISSING, OK, file_status, inside_folder
 from spexport.errors import ArtifactError
 
 MANIFEST = "spexport.json"
@@ -90,12 +90,18 @@ class Manifest:
         (Path(folder) / MANIFEST).write_text(text + "\n")
 
     @classmethod
-    def read(cls, folder: Path) -> Manifest:
-        """Read and check `folder`'s manifest; anything malformed raises ArtifactError naming the field."""
+    def read(cls, folder: Path, sealed: bool = True) -> Manifest:
+        """Read and check `folder`'s manifest; anything malformed raises ArtifactError naming the field.
+
+        The SEAL is required; sealed=False lets a manifest without one through (for `reseal` alone). A
+        SEAL that is there must match either way."""
         path = Path(folder) / MANIFEST
-        if not path.is_file():
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except OSError as e:  # a name too long for the file system, a folder it may not enter
+            raise ArtifactError(f"{folder}: cannot be read ({e.strerror})") from None
+        if size is None:
             raise ArtifactError(f"{folder}: not a spexport artifact (no {MANIFEST}); run `spexport convert` first")
-        size = path.stat().st_size
         if size > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{path}: {size} bytes is too large for a manifest; it is damaged")
         try:
@@ -109,15 +115,41 @@ class Manifest:
             raise ArtifactError(f"{path}: artifact format {version!r} is newer than this spexport "
                                 f"understands ({FORMAT_VERSION}); upgrade spexport")
         try:
-            sealed = SEAL not in raw or raw[SEAL] == seal(raw)[SEAL]
+            intact = SEAL not in raw or raw[SEAL] == seal(raw)[SEAL]
         except RecursionError:
-            sealed = False
-        if not sealed:
+            intact = False
+        if not intact:
             raise ArtifactError(f"{path}: damaged manifest (its content does not match the {SEAL} it records)")
-        manifest = _checked(raw, path)
+        manifest = _checked(raw, path)  # first: a malformed field is named even in a manifest without a seal
+        if sealed and SEAL not in raw:
+            raise ArtifactError(f"{path} has no {SEAL}, so edits to it cannot be detected; if you trust the artifact "
+                                f"as it stands, run `spexport reseal {folder}`")
         for rel in manifest.files:  # the graph, the bank and the tokenizer files are among them
             inside_folder(folder, rel)
         return manifest
+
+
+def reseal(folder: Path) -> tuple[Manifest, bool]:
+    """Add the SEAL to a manifest written without one, trusting its content as it stands once every file
+    it lists matches its sha256. Returns the manifest and whether a seal was added (False: it had one,
+    and it matched). A seal that does not match is refused, never replaced."""
+    manifest = Manifest.read(folder, sealed=False)
+    path = Path(folder) / MANIFEST
+    raw = json.loads(path.read_bytes())
+    if SEAL in raw:
+        return manifest, False
+    for rel, status in file_status(folder, manifest.files).items():
+        if status != OK:
+            raise ArtifactError(f"{folder}: {rel} is {'missing' if status == MISSING else 'damaged or was replaced'}; "
+                                "reseal trusts the manifest only when every file it lists is intact")
+    temporary = path.with_name(f".{MANIFEST}.reseal")
+    try:
+        temporary.write_text(json.dumps(seal(raw), indent=2) + "\n")
+        temporary.replace(path)  # atomic: a reader sees the old manifest or the sealed one
+    except OSError as e:
+        temporary.unlink(missing_ok=True)
+        raise ArtifactError(f"{path}: cannot write the sealed manifest ({e.strerror})") from None
+    return manifest, True
 
 
 def is_artifact(folder: Path) -> bool:
@@ -136,7 +168,8 @@ def is_artifact(folder: Path) -> bool:
 def seal(document: dict) -> dict:
     """`document` with its SEAL: the sha256 of its other fields as canonical JSON. The manifest cannot
     list its own hash among `files`, so it carries this one; any changed byte that still parses
-    (a letter of a task name, a digit of a shape) breaks it. Manifests written before it have none."""
+    (a letter of a task name, a digit of a shape) breaks it. `Manifest.read` requires it; manifests
+    written before it are sealed by `reseal`."""
     content = {key: value for key, value in document.items() if key != SEAL}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return {**content, SEAL: hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()}
