@@ -31,6 +31,12 @@ def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]
     return specs
 
 
+def _tolerance(ctx, param, value: float) -> float:
+    if not 0 <= value < float("inf"):  # NaN fails every comparison
+        raise click.BadParameter(f"{value} is not a tolerance; give a number >= 0, such as 1e-4")
+    return value
+
+
 ARTIFACT = click.argument("folder", type=click.Path(path_type=Path))
 QUIET = click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
@@ -204,8 +210,9 @@ def _print_report(report) -> None:
 @ARTIFACT
 @MODEL
 @ADAPTERS
-@click.option("--atol", default=1e-4, show_default=True, help="Largest allowed |Δlogits|.")
-@click.option("--new-tokens", default=12, show_default=True, help="Greedy tokens to generate and compare.")
+@click.option("--atol", default=1e-4, show_default=True, callback=_tolerance, help="Largest allowed |Δlogits|.")
+@click.option("--new-tokens", default=12, show_default=True, type=click.IntRange(min=0),
+              help="Greedy tokens to generate and compare.")
 @TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
@@ -237,10 +244,10 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
 @ARTIFACT
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--task", help="Task name (may be left out when the artifact has one task).")
-@click.option("--max-new-tokens", default=20, show_default=True)
+@click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True, help="0 keeps every token.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps every token.")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, help="Seed for --sample, for repeatable output.")
 @click.option("--quiet", is_flag=True, help="Print the generated text only, no warnings.")

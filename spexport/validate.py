@@ -9,18 +9,19 @@ Needs the `[export]` extra (torch, transformers, peft).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from spexport.artifact.manifest import Manifest
+from spexport.converters import read_peft_adapter
 from spexport.errors import AdapterError, InputError, ModelError
 from spexport.export.common import parse_adapters, quiet_tracing, read_model_type
 from spexport.export.decoder import load_model
 from spexport.families import DECODER, family_for
 from spexport.runtime import load
+from spexport.runtime.inputs import is_whole
 
 MULTITASK = "MULTITASK_PROMPT_TUNING"
 
@@ -49,6 +50,10 @@ def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[s
     task_ids=[i]. A task passes when max |Δlogits| <= atol and every greedy token agrees.
     trust_remote_code: run Python code that the model folder ships, as `convert` does.
     """
+    if not is_whole(new_tokens) or new_tokens < 0:
+        raise InputError(f"new_tokens must be a whole number >= 0, got {new_tokens!r}")
+    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not 0 <= atol < float("inf"):
+        raise InputError(f"atol must be a number >= 0, got {atol!r}")
     family = Manifest.read(Path(artifact)).family
     if family != DECODER.name:
         raise InputError(f"{artifact}: a {family} artifact; spexport validate compares decoder-only artifacts with "
@@ -56,8 +61,10 @@ def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[s
     runtime = load(artifact)
     ids = sample_ids(runtime.info.vocab_size, rows, length, seed)
     checks = []
-    for name, folder in parse_adapters(adapters):
-        tasks = _artifact_tasks(name, Path(folder), runtime.tasks)
+    # every adapter is checked against the artifact before PEFT loads the model for the first
+    planned = [(folder, _artifact_tasks(name, Path(folder), runtime.tasks))
+               for name, folder in parse_adapters(adapters)]
+    for folder, tasks in planned:
         reference = _peft_model(Path(model_dir), Path(folder), trust_remote_code)
         for task, task_id in tasks:
             expected_logits, expected_tokens = _peft_outputs(reference, ids, task_id, new_tokens)
@@ -71,13 +78,15 @@ def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[s
 
 def _artifact_tasks(name: str, folder: Path, tasks: list[str]) -> list[tuple[str, int | None]]:
     """(artifact task, PEFT task id) pairs for one adapter; the task id is None unless multitask."""
-    config_path = folder / "adapter_config.json"
-    if not config_path.is_file():
+    if not (folder / "adapter_config.json").is_file():
         raise AdapterError(f"{folder}: validate compares with PEFT and needs a PEFT adapter folder "
                            "(with adapter_config.json)")
-    config = json.loads(config_path.read_text())
+    config, _ = read_peft_adapter(folder)
     if config.get("peft_type") == MULTITASK:
-        wanted = [(f"{name}/{i}", i) for i in range(config["num_tasks"])]
+        count = config.get("num_tasks")
+        if not is_whole(count) or count < 1:
+            raise AdapterError(f"{folder}: adapter_config.json: num_tasks must be a whole number > 0, got {count!r}")
+        wanted = [(f"{name}/{i}", i) for i in range(count)]
     else:
         wanted = [(name, None)]
     for task, _ in wanted:

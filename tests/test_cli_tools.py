@@ -206,3 +206,25 @@ def test_run_json_with_seeded_sampling(built):
 def test_run_unknown_task_is_one_line(built):
     _assert_one_line_error(_invoke("run", built["artifact"], "--task", "nope", "the cat"), InputError.exit_code,
                            "unknown task 'nope'")
+
+
+@pytest.mark.parametrize("args", [["--new-tokens", "-5"], ["--atol", "-1"], ["--atol", "nan"], ["--atol", "inf"]])
+def test_validate_refuses_bad_numbers_before_any_work(built, no_model_load, args):
+    """Before: --new-tokens -5 reached PEFT's generate after the model had loaded, and ended in its traceback."""
+    result = _validate(built, built["artifact"], *args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"Invalid value for '{args[0]}'" in result.stderr, result.stderr
+
+
+def test_validate_refuses_bad_numbers_from_python_too(built, no_model_load):
+    from spexport.validate import validate
+
+    for kwargs in ({"new_tokens": -5}, {"new_tokens": 2.5}, {"atol": float("nan")}, {"atol": "1e-4"}):
+        with pytest.raises(InputError, match=rf"{next(iter(kwargs))} must be"):
+            validate(built["artifact"], built["model"], [("pt", built["adapters"]["pt"])], **kwargs)
+
+
+@pytest.mark.parametrize("args", [["--max-new-tokens", "-1"], ["--top-k", "-3"]])
+def test_run_refuses_negative_counts_as_usage_errors(built, args):
+    result = _invoke("run", built["artifact"], "--task", "pt", "the cat", *args)
+    assert result.exit_code == 2 and f"Invalid value for '{args[0]}'" in result.stderr, result.output
