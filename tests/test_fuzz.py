@@ -30,7 +30,7 @@ def fuzz(examples: int) -> settings:
 VOCAB = 160
 
 
-def _works_or_says_why(call):
+def works_or_says_why(call):
     """The result of `call`, or None when it raised a SpexportError with a one-line message."""
     try:
         return call()
@@ -51,15 +51,15 @@ JSON_VALUES = st.recursive(
     max_leaves=12)
 
 
-def _paths(value, prefix=()) -> list[tuple]:
+def json_paths(value, prefix=()) -> list[tuple]:
     """Every path (of keys and indices) into a JSON value."""
     found = [prefix]
     if isinstance(value, dict):
         for key, child in value.items():
-            found += _paths(child, prefix + (key,))
+            found += json_paths(child, prefix + (key,))
     elif isinstance(value, list):
         for i, child in enumerate(value):
-            found += _paths(child, prefix + (i,))
+            found += json_paths(child, prefix + (i,))
     return found
 
 
@@ -68,7 +68,7 @@ def mutated_manifests(draw, manifest: dict) -> dict:
     """The manifest with one to three fields deleted, replaced, renamed or duplicated."""
     manifest = json.loads(json.dumps(manifest))
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(_paths(manifest)))
+        path = draw(st.sampled_from(json_paths(manifest)))
         if not path:
             continue
         parent = manifest
@@ -102,9 +102,9 @@ def test_mutated_manifests_load_or_are_refused(fuzzed_folder):
     def check(data):
         manifest = data.draw(mutated_manifests(original))
         (folder / MANIFEST).write_text(json.dumps(seal(manifest)))
-        model = _works_or_says_why(lambda: load(folder))
+        model = works_or_says_why(lambda: load(folder))
         if model is not None:
-            logits = _works_or_says_why(lambda: model.logits(np.array([[5, 6, 7]]), task=model.tasks[0]))
+            logits = works_or_says_why(lambda: model.logits(np.array([[5, 6, 7]]), task=model.tasks[0]))
             assert logits is None or logits.shape == (1, 3, model.info.vocab_size)
 
     try:
@@ -179,7 +179,7 @@ def served(tiny_llama):
 def test_runtime_inputs_work_or_are_refused(served, call):
     call = dict(call)
     verb = call.pop("verb")
-    out = _works_or_says_why(lambda: getattr(served, verb)(**call))
+    out = works_or_says_why(lambda: getattr(served, verb)(**call))
     if out is None:
         return
     ids = np.atleast_2d(np.asarray(call["input_ids"]))
@@ -191,9 +191,26 @@ def test_runtime_inputs_work_or_are_refused(served, call):
         assert out.min() >= 0 and out.max() < VOCAB
 
 
+# lone surrogates are how Python hands over bytes that are not UTF-8 (a shell's argv, say)
+TEXTS = st.sampled_from(["the cat sat", "abc\udcff", "\udc80 x"]) | st.text(
+    st.characters() | st.characters(categories=["Cs"]), max_size=20)
+
+
 @fuzz(40)
-@given(texts=st.one_of(st.text(max_size=40), st.lists(st.text(max_size=20), max_size=3), st.sampled_from([None, 5])),
-       task=TASKS)
+@given(texts=st.one_of(TEXTS, st.lists(TEXTS, max_size=3), st.sampled_from([None, 5])), task=TASKS)
 def test_text_generation_works_or_is_refused(served, texts, task):
-    out = _works_or_says_why(lambda: served.generate_text(texts, task=task, max_new_tokens=2))
+    out = works_or_says_why(lambda: served.generate_text(texts, task=task, max_new_tokens=2))
     assert out is None or (isinstance(out, list) and all(isinstance(t, str) for t in out))
+
+
+ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 5000), st.floats(allow_nan=True), st.text(max_size=4),
+                st.sampled_from(["10", [1], ["CPUExecutionProvider"], "CPUExecutionProvider", [None], (), 2 ** 70]))
+
+
+@fuzz(40)
+@given(folder=st.sampled_from(["artifact"] * 3) | ANY, providers=ANY, verify=ANY, max_batch_size=ANY)
+def test_load_arguments_work_or_are_refused(tiny_llama, folder, providers, verify, max_batch_size):
+    folder = tiny_llama["artifact"] if folder == "artifact" else folder
+    model = works_or_says_why(lambda: load(folder, providers=providers, verify=verify, max_batch_size=max_batch_size))
+    if model is not None:
+        works_or_says_why(lambda: model.logits(np.array([[5, 6, 7]] * 3), task="pt"))
