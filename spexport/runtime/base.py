@@ -36,8 +36,12 @@ def finite_logits(logits: np.ndarray, graph: Path, real: np.ndarray | None = Non
         return logits
     if np.isfinite(logits[real.astype(bool)] if real is not None else logits).all():
         return logits  # the sum overflowed, or only padding slots are not finite
-    raise ArtifactError(f"{graph}: the model computed NaN or Inf logits, so no token can be chosen; its weights hold "
-                        "NaN or Inf, or a float16 graph overflowed (export it in float32)")
+    raise non_finite_logits(graph)
+
+
+def non_finite_logits(graph: Path) -> ArtifactError:
+    return ArtifactError(f"{graph}: the model computed NaN or Inf logits, so no token can be chosen; its weights "
+                         "hold NaN or Inf, or a float16 graph overflowed (export it in float32)")
 
 
 def prompt_kind(folder: Path, task: Task) -> str:

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from spexport.runtime import inputs, sampling
-from spexport.runtime.base import ServedArtifact, finite_logits
+from spexport.runtime.base import ServedArtifact, non_finite_logits
 
 
 class Steps(Protocol):
@@ -59,17 +59,21 @@ def token_columns(steps: Steps, config: GenerationConfig, room: int, eos_token_i
     count = min(config.max_new_tokens, room)
     if count <= 0:
         return
-    logits = finite_logits(steps.first(), steps.graph)
+    logits = steps.first()
     unfinished = np.ones(len(logits), bool)
     for step in range(count):
-        chosen = sampling.next_tokens(logits, config.do_sample, config.temperature, config.top_k, config.top_p, rng)
+        try:
+            chosen = sampling.next_tokens(logits, config.do_sample, config.temperature, config.top_k, config.top_p,
+                                          rng)
+        except FloatingPointError:
+            raise non_finite_logits(steps.graph) from None
         token = forced(step)
         chosen = np.where(unfinished, chosen if token is None else token, pad_token_id).astype(np.int64)
         yield chosen
         unfinished &= ~np.isin(chosen, eos)
         if not unfinished.any() or step == count - 1:
             return
-        logits = finite_logits(steps.next(chosen), steps.graph)
+        logits = steps.next(chosen)
 
 
 class GeneratingModel(ServedArtifact):

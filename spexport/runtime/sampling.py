@@ -7,10 +7,17 @@ import numpy as np
 
 def next_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float,
                 rng: np.random.Generator) -> np.ndarray:
-    """logits [batch, vocab] -> token ids [batch]."""
+    """logits [batch, vocab] -> token ids [batch].
+
+    Raises FloatingPointError when a row's largest logit is NaN or Inf, so that no token can be chosen
+    from it. argmax and max count NaN as the largest value, so checking the one value each row is
+    chosen by costs nothing per vocabulary entry."""
     if not do_sample:
-        return logits.argmax(axis=-1)
+        chosen = logits.argmax(axis=-1)
+        _check_finite(logits[np.arange(len(logits)), chosen])
+        return chosen
     scores = logits.astype(np.float64) / max(temperature, 1e-6)
+    _check_finite(scores.max(axis=-1))
     if top_k and top_k < scores.shape[-1]:
         kth = np.sort(scores, axis=-1)[:, -top_k][:, None]
         scores = np.where(scores < kth, -np.inf, scores)
@@ -26,3 +33,8 @@ def next_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_k: 
         probs = np.where(drop, 0.0, probs)
         probs /= probs.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+def _check_finite(best: np.ndarray) -> None:
+    if not np.isfinite(best).all():
+        raise FloatingPointError("NaN or Inf logits")
