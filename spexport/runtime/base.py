@@ -82,7 +82,7 @@ class ServedArtifact:
         self.info = manifest.model
         virtual = tuple(t.num_virtual_tokens for t in manifest.tasks)
         self._table = TaskTable(tuple(t.name for t in manifest.tasks), virtual, virtual)
-        self._text = TextCodec.load(folder, manifest)
+        self._text = TextCodec.load(folder, manifest.tokenizer_files)
         # the tokenizers library's Tokenizer, its own padding and truncation turned off
         self.tokenizer = None if self._text is None else self._text.tokenizer
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from tokenizers import Encoding, Tokenizer
 
 from spexport.artifact.integrity import inside_folder
-from spexport.artifact.manifest import CHAT_TEMPLATE, Manifest
+from spexport.artifact.manifest import CHAT_TEMPLATE
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime.chat import ChatTemplate
-from spexport.runtime.session import load_tokenizer
+from spexport.runtime.session import first_line
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
@@ -42,12 +42,14 @@ class TextCodec:
         self._truncating: dict[int, Tokenizer] = {}
 
     @classmethod
-    def load(cls, folder: Path, manifest: Manifest) -> TextCodec | None:
-        """The artifact's text codec; None when it has no tokenizer.json."""
-        tokenizer = load_tokenizer(folder, manifest)
-        if tokenizer is None:
+    def load(cls, folder: Path, files: list[str]) -> TextCodec | None:
+        """The text codec of an artifact whose tokenizer files are `files`; None without a tokenizer.json."""
+        if "tokenizer.json" not in files:
             return None
-        files = manifest.tokenizer_files
+        try:
+            tokenizer = Tokenizer.from_file(str(inside_folder(folder, "tokenizer.json")))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            raise ArtifactError(f"{folder}: tokenizer.json is not readable ({first_line(e)})") from None
         config = _json(folder, TOKENIZER_CONFIG) if TOKENIZER_CONFIG in files else {}
         special = {}
         # special_tokens_map.json wins over tokenizer_config.json, as in transformers
