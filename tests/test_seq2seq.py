@@ -161,6 +161,18 @@ def test_logits_and_greedy_match_peft(built, task):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_repetition_penalty_is_transformers(built):
+    """transformers penalizes the decoder's own tokens (its start token too), not the encoder's input."""
+    m, reference = built["runtime"], peft_model(built, "pt")
+    ids = torch.from_numpy(np.random.default_rng(0).integers(4, 150, size=(2, 9)).astype(np.int64))
+    with torch.no_grad():
+        want = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                  do_sample=False, repetition_penalty=1.5).numpy()
+    np.testing.assert_array_equal(m.generate(ids.numpy(), task="pt", max_new_tokens=NEW_TOKENS,
+                                             repetition_penalty=1.5), want)
+    assert not np.array_equal(m.generate(ids.numpy(), task="pt", max_new_tokens=NEW_TOKENS), want)
+
+
 def test_peft_generate_differs_from_its_forward_for_prefix_tuning(built):
     """If PEFT's generate comes to agree with its forward, test prefix tuning against generate too.
     Compared on scores: on the tiny BART the greedy tokens happen to agree all the same."""
