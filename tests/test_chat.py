@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from parity import assert_chat_is_transformers
 from transformers import AutoTokenizer
 
 from spexport.artifact.manifest import CHAT_TEMPLATE
@@ -59,13 +60,7 @@ def test_named_templates_give_the_default_one(tiny_llama, tmp_path):
 
 
 def test_conversations_render_to_transformers_ids(chat_model):
-    runtime, hf = chat_model["runtime"], AutoTokenizer.from_pretrained(chat_model["model"])
-    for chat in CHATS:
-        for prompt in (True, False):
-            assert runtime.apply_chat_template(chat, add_generation_prompt=prompt) == \
-                hf.apply_chat_template(chat, add_generation_prompt=prompt)
-        assert runtime.apply_chat_template(chat, tokenize=False) == \
-            hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert_chat_is_transformers(chat_model["runtime"], AutoTokenizer.from_pretrained(chat_model["model"]), CHATS)
 
 
 def test_chat_replies_as_generate_on_the_template_ids_and_rows_are_independent(chat_model):

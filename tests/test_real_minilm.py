@@ -14,7 +14,7 @@ from spexport.errors import InputError
 from spexport.export import convert
 from spexport.runtime import load
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 
 N_VIRTUAL = 10
 TRAIN = [("I loved every minute of this film.", 1), ("The service was slow and the food was cold.", 0),
@@ -25,15 +25,6 @@ TEXTS = ["The battery life of this phone is wonderful.", "I would not recommend 
          "An okay film, though a little long.", "Ünïcödé, emoji 🎉 and  extra   spaces\tdo not matter."]
 PAIRS = [("The cat sat on the mat.", "A cat was sitting on a mat."),
          ("Is it going to rain today?", "The forecast says sunshine all week, with warm afternoons.")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a machine whose cores are busy, torch's waiting threads made training several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

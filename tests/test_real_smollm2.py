@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from builders import build_chat_adapters
-from parity import peft_logits, peft_model
+from parity import assert_chat_is_transformers, peft_logits, peft_model
 from transformers import AutoTokenizer
 
 from spexport.export import convert
 from spexport.runtime import load
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 
 RELATIVE_BOUND = 1e-4  # max|Δlogits| <= RELATIVE_BOUND * max|logits|
 GREEDY_TOKENS = 32
@@ -27,15 +27,6 @@ LONG_CHATS = [[{"role": "user", "content": "Write a short poem about the sea."}]
 CHATS = LONG_CHATS + [[{"role": "user", "content": "What is the capital of France?"}],
                       [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
                        {"role": "user", "content": "Translate 'thank you' into Japanese: ありがとう?"}]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a machine whose cores are busy, torch's waiting threads made PeftModel.generate several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +56,7 @@ def _peft_greedy(peft, ids: np.ndarray, max_new_tokens: int, **kwargs) -> np.nda
 
 def test_chat_ids_and_text_are_transformers(smol):
     runtime, tokenizer = smol["runtime"], smol["tokenizer"]
-    for chat in CHATS:
-        for prompt in (True, False):
-            assert runtime.apply_chat_template(chat, add_generation_prompt=prompt) == \
-                tokenizer.apply_chat_template(chat, add_generation_prompt=prompt)
-        assert runtime.apply_chat_template(chat, tokenize=False) == \
-            tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    assert runtime.apply_chat_template(CHATS) == [tokenizer.apply_chat_template(c, add_generation_prompt=True)
-                                                  for c in CHATS]
+    assert_chat_is_transformers(runtime, tokenizer, CHATS)
     text = "The capital of France is Paris. ありがとう 🎉"
     assert runtime.tokenizer.encode(text).ids == tokenizer(text)["input_ids"]
 

@@ -70,13 +70,8 @@ PREFIX_TASKS = {"prefix", "proj"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Models this small gain nothing from threads, and on a busy machine torch's waiting threads
-    made the PEFT references several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Models this small gain nothing from threads (conftest's one_torch_thread)."""
 
 
 def build_adapter(model_dir, config, folder, seed: int):
