@@ -125,7 +125,8 @@ class ServedArtifact:
         truncation=True."""
         codec = self._require_text()
         rows = inputs.text_rows(texts, pairs)
-        taken = np.array([self._positions_taken[r] for r in inputs.task_indices(task, self.tasks, len(rows))])
+        table = self._table
+        taken = np.array([table.positions[r] for r in inputs.task_indices(task, list(table.names), len(rows))])
         if self.PADDING_TAKES_POSITIONS:  # every row is padded to the widest, so the widest prompt bounds all
             taken[:] = taken.max()
         encoded = codec.encode(rows, (self.info.max_positions - taken).tolist(), truncation, add_special_tokens)
