@@ -244,6 +244,9 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
 @ARTIFACT
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--task", help="Task name (may be left out when the artifact has one task).")
+@click.option("--chat", "as_chat", is_flag=True,
+              help="Send each text as a user message in the model's chat template, and print the reply.")
+@click.option("--stop", multiple=True, help="End the output where this string first appears (left out); repeatable.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", default=1.0, show_default=True)
@@ -252,25 +255,31 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
 @click.option("--seed", type=int, help="Seed for --sample, for repeatable output.")
 @click.option("--quiet", is_flag=True, help="Print the generated text only, no warnings.")
 @AS_JSON
-def run_command(folder: Path, texts: tuple[str, ...], task: str | None, max_new_tokens: int, sample: bool,
-                temperature: float, top_k: int, top_p: float, seed: int | None, quiet: bool, as_json: bool) -> None:
-    """Generate from TEXTS with a task of a decoder-only or encoder-decoder artifact; print each output on a line.
+def run_command(folder: Path, texts: tuple[str, ...], task: str | None, as_chat: bool, stop: tuple[str, ...],
+                max_new_tokens: int, sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None,
+                quiet: bool, as_json: bool) -> None:
+    """Generate from TEXTS with a task of a decoder-only or encoder-decoder artifact, streaming each output to
+    its own line as it is generated (with --json, printed when all are done).
 
     --quiet silences the runtime's warnings (such as a provider fallback), never the text."""
     from spexport.runtime import load
 
+    settings = dict(task=task, max_new_tokens=max_new_tokens, stop=list(stop) or None, do_sample=sample,
+                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    prompts = [[{"role": "user", "content": text}] if as_chat else text for text in texts]
     with _one_line_errors(), warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore")
         model = load(folder)
-        outputs = model.generate_text(list(texts), task=task, max_new_tokens=max_new_tokens, do_sample=sample,
-                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    if as_json:
-        _print_json({"task": task or model.tasks[0], "outputs": [{"prompt": p, "text": t}
-                                                                 for p, t in zip(texts, outputs)]})
-    else:
-        for text in outputs:
-            click.echo(text)
+        if as_json:
+            outputs = model.chat(prompts, **settings) if as_chat else model.generate_text(prompts, **settings)
+            _print_json({"task": task or model.tasks[0], "outputs": [{"prompt": p, "text": t}
+                                                                     for p, t in zip(texts, outputs)]})
+            return
+        for prompt in prompts:
+            for piece in model.stream(prompt, **settings):
+                click.echo(piece, nl=False)
+            click.echo()
 
 
 @main.command("serve")

@@ -1,4 +1,5 @@
-"""Tiny random models, tokenizers and adapters, built locally with fixed seeds (no downloads)."""
+"""Tiny random models, tokenizers and adapters, built locally with fixed seeds (no downloads), and adapters
+for the real checkpoints that tests/checkpoints.py fetches."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from peft import (
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
+    PromptTuningInit,
     TaskType,
     get_peft_model,
 )
@@ -100,3 +102,39 @@ def save_adapter(model_dir: Path, config, folder: Path, seed: int, auto_class=Au
         torch.nn.init.normal_(param, std=0.5)
     peft_model.save_pretrained(folder)
     return folder
+
+
+# Adapters for a real chat model (tests/test_real_smollm2.py): what training would start from, so the
+# replies stay fluent and greedy choices are rarely near ties.
+SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful assistant. You answer in full sentences.<|im_end|>\n"
+
+
+def build_chat_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
+    """Prompt tuning initialised from text (PromptTuningInit.TEXT), P-tuning (PEFT's own MLP
+    initialisation, seeded) and prefix tuning whose prefix is the model's own keys and values for
+    SYSTEM_PROMPT, as if that text preceded every request."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    system_ids = tokenizer(SYSTEM_PROMPT, add_special_tokens=False)["input_ids"]
+    configs = {
+        "pt-text": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=12,
+                                      prompt_tuning_init=PromptTuningInit.TEXT, tokenizer_name_or_path=str(model_dir),
+                                      prompt_tuning_init_text="Answer the question briefly and politely."),
+        "p-tuning": PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8, encoder_hidden_size=128),
+        "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=len(system_ids)),
+    }
+    adapters = {}
+    for seed, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+        if name == "prefix":
+            with torch.no_grad():
+                cache = peft_model.base_model(input_ids=torch.tensor([system_ids]), use_cache=True).past_key_values
+                kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+                # [layers, 2, kv_heads, n, head_dim] -> PEFT's [n, layers * 2 * kv_heads * head_dim]
+                peft_model.prompt_encoder["default"].embedding.weight.copy_(
+                    kv.permute(3, 0, 1, 2, 4).reshape(len(system_ids), -1))
+        adapters[name] = root / name
+        peft_model.save_pretrained(adapters[name])
+    return adapters

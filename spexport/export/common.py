@@ -17,13 +17,13 @@ from typing import Callable
 from spexport import __version__
 from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import sha256
-from spexport.artifact.manifest import Manifest, ModelInfo, is_artifact
+from spexport.artifact.manifest import CHAT_TEMPLATE, Manifest, ModelInfo, is_artifact
 from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
 from spexport.errors import AdapterError, ModelError, OutputError, SpexportWarning
 from spexport.families import Family
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json"]
+                   "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", CHAT_TEMPLATE]
 MODEL_FILES = ["config.json", "generation_config.json"]
 GRAPH = "model.onnx"
 BANK = "prompts.safetensors"
@@ -229,6 +229,8 @@ def finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
     copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
     for f in copied:
         shutil.copy2(model_dir / f, staging / f)
+    if CHAT_TEMPLATE not in copied and _write_chat_template(model_dir, staging / CHAT_TEMPLATE):
+        copied.append(CHAT_TEMPLATE)
     files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
     manifest = Manifest(**fields, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES], versions=versions(),
                         files=files)
@@ -236,3 +238,21 @@ def finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
     Manifest.read(staging)  # what the runtime would refuse must fail here, not at the first load
     replace_artifact(staging, output)
     return manifest
+
+
+def _write_chat_template(model_dir: Path, path: Path) -> bool:
+    """Write the chat template that tokenizer_config.json holds (older model folders keep it there, not in
+    chat_template.jinja) to `path`: a string, or of a list of named templates the one named "default",
+    which transformers' apply_chat_template uses. False when there is none."""
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, str):
+        return False
+    path.write_text(template, encoding="utf-8")
+    return True

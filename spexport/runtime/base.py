@@ -14,6 +14,7 @@ from spexport.artifact.manifest import Manifest, Task
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime import inputs
 from spexport.runtime.session import ORT_ERRORS, first_line
+from spexport.runtime.text import TextCodec
 
 EMBEDDINGS, KV = "embeddings", "kv"  # what a task's bank tensor feeds: token embeddings, or keys and values
 
@@ -85,7 +86,8 @@ class ServedArtifact:
     FAMILY = ""  # how messages name the family, e.g. "decoder-only"
     VERBS: tuple[str, ...] = ()
     DOES = ""
-    VERB_FAMILIES = {"generate": "decoder", "generate_text": "decoder", "classify": "classifier"}
+    VERB_FAMILIES = {"generate": "decoder", "generate_text": "decoder", "stream": "decoder", "chat": "decoder",
+                     "apply_chat_template": "decoder", "classify": "classifier"}
     # padding takes positions, unless a family's graph lays each row out as [virtual tokens, tokens, padding]
     PADDING_TAKES_POSITIONS = True
 
@@ -96,7 +98,9 @@ class ServedArtifact:
         self.info = manifest.model
         virtual = tuple(t.num_virtual_tokens for t in manifest.tasks)
         self._table = TaskTable(tuple(t.name for t in manifest.tasks), virtual, virtual)
-        self.tokenizer = None
+        self._text = TextCodec.load(folder, manifest.tokenizer_files)
+        # the tokenizers library's Tokenizer, its own padding and truncation turned off
+        self.tokenizer = None if self._text is None else self._text.tokenizer
 
     @property
     def tasks(self) -> list[str]:
@@ -125,10 +129,24 @@ class ServedArtifact:
                              f"{self.DOES} ({', '.join(self.VERBS)})")
         return other_family
 
-    def _require_tokenizer(self):
-        if self.tokenizer is None:
+    def _require_text(self) -> TextCodec:
+        if self._text is None:
             raise InputError(f"{self.folder} has no tokenizer.json; pass token ids instead of text")
-        return self.tokenizer
+        return self._text
+
+    def _encode_texts(self, texts, task: str | Sequence[str] | None, truncation: bool, pairs: bool = False,
+                      left: bool = False, add_special_tokens: bool = True):
+        """Text rows encoded as transformers' tokenizer encodes them and padded: (encodings, ids, mask,
+        token type ids). A row longer than the positions its task leaves is refused, or cut to them with
+        truncation=True."""
+        codec = self._require_text()
+        rows = inputs.text_rows(texts, pairs)
+        table = self._table
+        taken = np.array([table.positions[r] for r in inputs.task_indices(task, list(table.names), len(rows))])
+        if self.PADDING_TAKES_POSITIONS:  # every row is padded to the widest, so the widest prompt bounds all
+            taken[:] = taken.max()
+        encoded = codec.encode(rows, (self.info.max_positions - taken).tolist(), truncation, add_special_tokens)
+        return (encoded, *inputs.pad_rows(encoded, self.info.pad_token_id, left))
 
     def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None
                  ) -> tuple[np.ndarray, np.ndarray, TaskRows]:

@@ -27,7 +27,7 @@ from spexport.runtime import inputs
 from spexport.runtime.base import TaskTable, finite_logits, running
 from spexport.runtime.generation import GeneratingModel
 from spexport.runtime.prefix import check_editable, new_tasks
-from spexport.runtime.session import check_ports, load_bank, load_tokenizer, open_session
+from spexport.runtime.session import check_ports, load_bank, open_session
 
 
 class DecoderModel(GeneratingModel):
@@ -51,7 +51,6 @@ class DecoderModel(GeneratingModel):
         self.session = open_session(self._graph, providers)
         check_ports(self.session, self._graph, *self._ports())
         self.providers = self.session.get_providers()
-        self.tokenizer = load_tokenizer(folder, manifest)
 
     def _ports(self) -> tuple[dict[str, list], dict[str, list]]:
         """The graph's inputs and outputs as the manifest describes them (None: any size)."""

@@ -9,11 +9,18 @@ import numpy as np
 
 from spexport.artifact.integrity import inside_folder
 from spexport.artifact.manifest import Manifest
-from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK, PROMPT_EMBEDS, PROMPT_MASK, stack_prefixes
+from spexport.artifact.ports import (
+    KV_PREFIX,
+    PREFIX_MASK,
+    PROMPT_EMBEDS,
+    PROMPT_MASK,
+    TOKEN_TYPE_IDS,
+    stack_prefixes,
+)
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime import inputs
 from spexport.runtime.base import EMBEDDINGS, KV, ServedArtifact, finite_logits, prompt_kind
-from spexport.runtime.session import load_bank, load_tokenizer, open_session
+from spexport.runtime.session import load_bank, open_session
 
 SEQUENCE, TOKEN = "sequence", "token"
 
@@ -40,7 +47,6 @@ class EncoderModel(ServedArtifact):
         self._graph_inputs = {i.name for i in self.session.get_inputs()}
         self._head_graphs = [inside_folder(folder, head["graph"]) for head in heads]
         self._heads = [open_session(graph, providers) for graph in self._head_graphs]
-        self.tokenizer = load_tokenizer(folder, manifest)
 
     # -- batching -------------------------------------------------------------------------------
 
@@ -59,6 +65,12 @@ class EncoderModel(ServedArtifact):
                 [p if kind == KV else empty for p, kind in prompts], axis=3, min_slots=1)
         return feeds
 
+    def _token_types(self, token_type_ids, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The graph's token_type_ids feed. A body without token types (RoBERTa, DistilBERT) has no such
+        input and tells the texts of a pair apart by their separator alone, as in transformers."""
+        types = np.zeros(shape, np.int64) if token_type_ids is None else inputs.as_token_types(token_type_ids, shape)
+        return {TOKEN_TYPE_IDS: types} if TOKEN_TYPE_IDS in self._graph_inputs else {}
+
     def _head_kind(self, rows: list[int]) -> str:
         """The batch's kind of classification: SEQUENCE or TOKEN, never both."""
         kinds = {self.kinds[self.tasks[r]] for r in rows}
@@ -68,17 +80,20 @@ class EncoderModel(ServedArtifact):
 
     # -- public verbs ---------------------------------------------------------------------------
 
-    def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None) -> np.ndarray:
+    def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
+               token_type_ids=None) -> np.ndarray:
         """Each row's logits from its task's head: [batch, num_labels] for sequence classification,
         [batch, seq, num_labels] for token classification (the caller's tokens only).
 
-        Rows of tasks with fewer labels than the batch's widest are padded with -inf, which softmax
-        and argmax ignore.
+        token_type_ids: which text of a sentence pair each token belongs to (0 or 1), as the tokenizer
+        gives them; default all 0. Rows of tasks with fewer labels than the batch's widest are padded
+        with -inf, which softmax and argmax ignore.
         """
         ids, mask, rows = self._prepare(input_ids, attention_mask, task)
         kind = self._head_kind(rows)
         names = [o.name for o in self.session.get_outputs()]
-        feeds = {"input_ids": ids, "attention_mask": mask, **self._prompt_feeds(rows)}
+        feeds = {"input_ids": ids, "attention_mask": mask, **self._token_types(token_type_ids, ids.shape),
+                 **self._prompt_feeds(rows)}
         body = dict(zip(names, self._run(self.session, self._graph, None, feeds)))
         rows = np.array(rows)
         widest = max(len(self.labels[self.tasks[r]]) for r in rows)
@@ -92,16 +107,19 @@ class EncoderModel(ServedArtifact):
             out[picked, ..., :logits.shape[-1]] = finite_logits(logits, self._head_graphs[task_id], real)
         return out
 
-    def classify(self, texts: str | Sequence[str], task: str | Sequence[str] = None) -> list:
-        """Tokenize, right-pad, classify: per text what transformers' pipelines return.
+    def classify(self, texts, task: str | Sequence[str] = None, truncation: bool = False) -> list:
+        """Tokenize as transformers' tokenizer does, right-pad, classify: per text what transformers'
+        pipelines return.
 
+        texts: a string, a list of them, or sentence pairs as (text, text_pair) tuples or {"text": ...,
+        "text_pair": ...} dicts, encoded as the tokenizer encodes pairs. truncation: cut a text too long
+        for the model's positions (the longer text of a pair first) instead of refusing it.
         Sequence classification: {"label", "score"} per text (softmax, or sigmoid for one label).
         Token classification: per text a list of {"entity", "score", "index", "word", "start", "end"}
         for its tokens, special tokens and the label "O" left out.
         """
-        tokenizer = self._require_tokenizer()
-        encoded, ids, mask = inputs.tokenize(tokenizer, texts, self.info.pad_token_id, left=False)
-        logits = self.logits(ids, mask, task)
+        encoded, ids, mask, types = self._encode_texts(texts, task, truncation, pairs=True)
+        logits = self.logits(ids, mask, task, token_type_ids=types)
         names = inputs.task_indices(task, self.tasks, len(encoded))
         results = []
         for row, (e, task_id) in enumerate(zip(encoded, names)):

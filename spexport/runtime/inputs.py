@@ -49,6 +49,18 @@ def as_mask(attention_mask, shape: tuple[int, int]) -> np.ndarray:
     return mask.astype(np.int64)
 
 
+def as_token_types(token_type_ids, shape: tuple[int, int]) -> np.ndarray:
+    try:
+        types = np.asarray(token_type_ids)
+    except (ValueError, TypeError):
+        raise InputError("token_type_ids rows have different lengths; it must match input_ids") from None
+    if types.shape != shape:
+        raise InputError(f"token_type_ids has shape {list(types.shape)}, input_ids {list(shape)}")
+    if not np.issubdtype(types.dtype, np.integer) or not np.isin(types, (0, 1)).all():
+        raise InputError("token_type_ids must hold only 0 and 1 (first and second text of a pair)")
+    return types.astype(np.int64)
+
+
 def task_indices(task: str | Sequence[str] | None, tasks: list[str], batch: int) -> list[int]:
     """Each row's task id; `task` is one name, one per row, or None when the artifact has one task."""
     if task is None:
@@ -70,38 +82,68 @@ def task_indices(task: str | Sequence[str] | None, tasks: list[str], batch: int)
     return [index[name] for name in names]
 
 
-def tokenize(tokenizer, texts: str | Sequence[str], pad_token_id: int | None, left: bool):
-    """Encode texts and pad them to one width, on the left (generation) or the right: the
-    tokenizer's encodings, ids [batch, width] and attention mask."""
-    texts = [texts] if isinstance(texts, str) else texts
-    if isinstance(texts, (bytes, dict)) or not isinstance(texts, Sequence) or not texts:
-        raise InputError("texts must be a string or a non-empty list of strings")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InputError(f"texts[{i}] is of type {type(text).__name__}, not str; pass only strings")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate: how Python keeps bytes that were not UTF-8
-            raise InputError(f"texts[{i}] is not valid UTF-8 text (character {e.start} is an undecodable byte); "
-                             "pass UTF-8 text") from None
-    encoded = [tokenizer.encode(t) for t in texts]
-    if not all(e.ids for e in encoded):
-        raise InputError("a text encodes to no tokens")
+def text_rows(texts, pairs: bool) -> list[str | tuple[str, str]]:
+    """The rows of a text verb: a string or a list of them; where `pairs`, also sentence pairs as
+    (text, text_pair) tuples or {"text": ..., "text_pair": ...} dicts (transformers' pipeline form)."""
+    one = isinstance(texts, str) or (pairs and isinstance(texts, dict))
+    rows = [texts] if one else texts
+    forms = "a string or a non-empty list of strings" + (
+        ", (text, text_pair) tuples or {'text': ..., 'text_pair': ...} dicts" if pairs else "")
+    if isinstance(rows, (bytes, dict)) or not isinstance(rows, Sequence) or not rows:
+        raise InputError(f"texts must be {forms}")
+    checked = []
+    for i, row in enumerate(rows):
+        pair = row if isinstance(row, str) else _pair(row)
+        if pair is None:
+            raise InputError(f"texts[{i}] is of type {type(row).__name__}, not str; pass only strings"
+                             + (" or sentence pairs" if pairs else ""))
+        if not pairs and not isinstance(pair, str):
+            raise InputError(f"texts[{i}] is a sentence pair; pairs are for classifier artifacts (classify), "
+                             "this model continues one text per row")
+        for text in [pair] if isinstance(pair, str) else pair:
+            _check_utf8(i, text)
+        checked.append(pair)
+    return checked
+
+
+def _check_utf8(i: int, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: how Python keeps bytes that were not UTF-8
+        raise InputError(f"texts[{i}] is not valid UTF-8 text (character {e.start} is an undecodable byte); "
+                         "pass UTF-8 text") from None
+
+
+def _pair(row) -> str | tuple[str, str] | None:
+    if isinstance(row, dict) and isinstance(row.get("text"), str) and set(row) <= {"text", "text_pair"}:
+        second = row.get("text_pair")
+        return row["text"] if second is None else (row["text"], second) if isinstance(second, str) else None
+    if isinstance(row, (tuple, list)) and len(row) == 2 and all(isinstance(t, str) for t in row):
+        return tuple(row)
+    return None
+
+
+def pad_rows(encoded: list, pad_token_id: int | None, left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encodings padded to one width, on the left (generation) or the right: ids, attention mask and
+    token type ids [batch, width]."""
     width = max(len(e.ids) for e in encoded)
     ids = np.full((len(encoded), width), pad_token_id or 0, np.int64)
     mask = np.zeros((len(encoded), width), np.int64)
+    types = np.zeros((len(encoded), width), np.int64)
     for row, e in enumerate(encoded):
         slots = slice(width - len(e.ids), width) if left else slice(0, len(e.ids))
-        ids[row, slots], mask[row, slots] = e.ids, 1
-    return encoded, ids, mask
+        ids[row, slots], mask[row, slots], types[row, slots] = e.ids, 1, e.type_ids
+    return ids, mask, types
 
 
-def check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> None:
+def check_generation(max_new_tokens, do_sample, temperature, top_k, top_p, seed, repetition_penalty=1.0) -> None:
     """Refuse generation settings that would fail, or silently mean something else, deep in the loop."""
     if not is_whole(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     if seed is not None and (not is_whole(seed) or seed < 0):
         raise InputError(f"seed must be a whole number >= 0 or None, got {seed!r}")
+    if not _is_real(repetition_penalty) or not repetition_penalty > 0:
+        raise InputError(f"repetition_penalty must be a number > 0 (1.0 is none), got {repetition_penalty!r}")
     if not do_sample:
         return
     if not _is_real(temperature) or not temperature > 0:

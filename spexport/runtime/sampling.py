@@ -1,4 +1,5 @@
-"""Next-token choice: greedy, or sampling with temperature, top-k and top-p (transformers' order)."""
+"""Next-token choice: greedy, or sampling with temperature, top-k and top-p (transformers' order), after
+the repetition penalty."""
 
 from __future__ import annotations
 
@@ -38,3 +39,9 @@ def next_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_k: 
 def _check_finite(best: np.ndarray) -> None:
     if not np.isfinite(best).all():
         raise FloatingPointError("NaN or Inf logits")
+
+
+def penalize_repetition(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logit of each token in `seen` [batch, vocab] is
+    divided by `penalty`, or multiplied by it where negative (in the logits' own float32, as torch does)."""
+    return np.where(seen, np.where(logits < 0, logits * np.float32(penalty), logits / np.float32(penalty)), logits)

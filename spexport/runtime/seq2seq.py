@@ -27,7 +27,7 @@ from spexport.errors import ArtifactError, InputError
 from spexport.runtime import inputs
 from spexport.runtime.base import EMBEDDINGS, KV, finite_logits, prompt_kind
 from spexport.runtime.generation import GeneratingModel, GenerationConfig
-from spexport.runtime.session import check_ports, load_bank, load_tokenizer, open_session
+from spexport.runtime.session import check_ports, load_bank, open_session
 
 
 class Seq2SeqModel(GeneratingModel):
@@ -63,7 +63,6 @@ class Seq2SeqModel(GeneratingModel):
         check_ports(self.encoder, self._encoder_graph, *self._encoder_ports())
         check_ports(self.decoder, self._decoder_graph, *self._decoder_ports())
         self.providers = self.decoder.get_providers()
-        self.tokenizer = load_tokenizer(self.folder, manifest)
 
     def _graph_path(self, rel: str | None, field: str) -> Path:
         if not rel or rel not in self.manifest.files:
@@ -121,6 +120,10 @@ class Seq2SeqModel(GeneratingModel):
 
     def _sequence_start(self, ids: np.ndarray) -> np.ndarray:
         return np.full((len(ids), 1), self._start, np.int64)
+
+    def _sequence_so_far(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        start = self._sequence_start(ids)  # transformers penalizes the decoder's tokens, not the encoder's
+        return start, np.ones_like(start)
 
     def _forced_token(self, step: int, config: GenerationConfig) -> int | None:
         """The model's forced_bos_token_id at the first step, its forced_eos_token_id (or nothing) at the last

@@ -1,4 +1,5 @@
-"""Opening an artifact's files: integrity, ONNX Runtime sessions and their ports, the prompt bank, the tokenizer."""
+"""Opening an artifact's files: integrity, ONNX Runtime sessions and their ports, the prompt bank (the tokenizer:
+text.py)."""
 
 from __future__ import annotations
 
@@ -232,14 +233,3 @@ def load_bank(folder: Path, manifest: Manifest) -> dict[str, np.ndarray]:
             raise ArtifactError(f"{folder}: prompt bank entry for task {task.name!r} holds NaN or Inf, so every "
                                 "answer of the task would be garbage; export the artifact again")
     return bank
-
-
-def load_tokenizer(folder: Path, manifest: Manifest):
-    if "tokenizer.json" not in manifest.tokenizer_files:
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(inside_folder(folder, "tokenizer.json")))
-    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        raise ArtifactError(f"{folder}: tokenizer.json is not readable ({first_line(e)})") from None

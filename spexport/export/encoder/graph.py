@@ -37,6 +37,7 @@ from spexport.artifact.ports import (
     PROMPT_EMBEDS,
     PROMPT_MASK,
     SEQUENCE_OUTPUT,
+    TOKEN_TYPE_IDS,
 )
 
 OPSET = 17
@@ -50,16 +51,21 @@ class EncoderBody(nn.Module):
         self.body, self.num_layers, self.embeds, self.kv = body, num_layers, embeds, kv
         # None: the body takes no position_ids and counts 0, 1, ... itself (fine after compaction)
         self.position_offset = position_offset
-        self.token_types = "token_type_ids" in parameters(body)
+        self.token_types = has_token_types(body)
 
     def forward(self, input_ids, attention_mask, *prompt):
         tokens = self.body.get_input_embeddings()(input_ids)
         n_embeds = 0
+        types = None
+        if self.token_types:
+            types, *prompt = prompt
         if self.embeds:
             prompt_embeds, prompt_mask, *prompt = prompt
             n_embeds = prompt_embeds.shape[1]
             tokens = torch.cat([prompt_embeds, tokens], dim=1)
             attention_mask = torch.cat([prompt_mask, attention_mask], dim=1)
+            if types is not None:  # virtual tokens are of type 0, as PEFT gives them
+                types = torch.cat([torch.zeros_like(prompt_mask), types], dim=1)
         # compaction: real slots to the front in order, padding behind them
         n_real = attention_mask.sum(dim=1, keepdim=True)
         order = torch.where(attention_mask == 1, attention_mask.cumsum(dim=1) - 1,
@@ -82,8 +88,8 @@ class EncoderBody(nn.Module):
             positions = self.position_offset + n_prefix + slots
             kwargs["position_ids"] = torch.where(slots < n_real, positions, torch.full_like(positions,
                                                                                            self.position_offset))
-        if self.token_types:
-            kwargs["token_type_ids"] = torch.zeros_like(compact[:, :, 0], dtype=torch.int64)
+        if self.token_types:  # each token's type moves with it; padding is type 0
+            kwargs["token_type_ids"] = torch.zeros_like(types).scatter(1, order, types)
         out = self.body(inputs_embeds=compact, attention_mask=mask, **kwargs)
         sequence = out[0]
         # the caller's tokens, back in the caller's slots
@@ -101,8 +107,10 @@ def export_body(body: nn.Module, num_layers: int, kv_heads: int, head_dim: int, 
     hidden = body.get_input_embeddings().weight.shape[1]
     args = [torch.ones(batch, seq, dtype=torch.int64), torch.ones(batch, seq, dtype=torch.int64)]
     names = ["input_ids", "attention_mask"]
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "attention_mask": {0: "batch_size", 1: "sequence_length"}}
+    if wrapper.token_types:
+        args.append(torch.zeros(batch, seq, dtype=torch.int64))
+        names.append(TOKEN_TYPE_IDS)
+    axes = {name: {0: "batch_size", 1: "sequence_length"} for name in names}
     if embeds:
         args += [torch.zeros(batch, n, hidden), torch.ones(batch, n, dtype=torch.int64)]
         names += [PROMPT_EMBEDS, PROMPT_MASK]
@@ -167,6 +175,12 @@ def _export(module: nn.Module, args: tuple, names: list[str], outputs: list[str]
         torch.onnx.export(module, args, str(path), input_names=names, output_names=outputs,
                           dynamic_axes={k: v for k, v in axes.items() if k in names + outputs},
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
+
+
+def has_token_types(body: nn.Module) -> bool:
+    """Whether the body tells the texts of a pair apart by token type (BERT); RoBERTa takes token_type_ids
+    but has one type, and its tokenizer gives every token type 0."""
+    return "token_type_ids" in parameters(body) and getattr(body.config, "type_vocab_size", 1) > 1
 
 
 def parameters(module: nn.Module) -> set[str]:
