@@ -183,10 +183,37 @@ def test_too_many_tokens_is_a_400_naming_the_limit(server):
 def test_classify_and_chat_refuse_clearly_on_a_decoder_without_a_chat_template(server, model):
     status, answer = post(server, "/v1/classify", {"model": "pt", "input": "x"})
     assert status == 400 and "/v1/completions" in answer["error"]["message"]
-    if not hasattr(model, "apply_chat_template"):
-        status, answer = post(server, "/v1/chat/completions",
-                              {"model": "pt", "messages": [{"role": "user", "content": "hi"}]})
-        assert status == 400 and "no chat template support yet" in answer["error"]["message"]
+    status, answer = post(server, "/v1/chat/completions", {"model": "pt", "messages": [{"role": "user",
+                                                                                        "content": "hi"}]})
+    assert status == 400 and "chat template" in answer["error"]["message"], answer
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}[BOS] {{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+                 "{% if add_generation_prompt %}[BOS] assistant : {% endif %}")
+
+
+def test_chat_completions_use_the_artifacts_template_and_equal_the_runtime(tiny_llama, tmp_path):
+    import shutil
+
+    from spexport.export import convert
+
+    model_dir = Path(shutil.copytree(tiny_llama["model"], tmp_path / "model"))
+    (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    artifact = tmp_path / "artifact"
+    convert(model_dir, [("pt", tiny_llama["adapters"]["pt"]), ("prefix", tiny_llama["adapters"]["prefix"])],
+            artifact, optimize=False)
+    chat_model = load(artifact)
+    conversations = {"pt": [{"role": "user", "content": "the cat sat on"}],
+                     "prefix": [{"role": "system", "content": "red green"}, {"role": "user", "content": "one two"}]}
+    with served(artifact, tmp_path) as (_, port):
+        for task, messages in conversations.items():
+            status, answer = post(port, "/v1/chat/completions", {"model": task, "messages": messages,
+                                                                  "max_tokens": 8, "temperature": 0})
+            assert status == 200, answer
+            assert answer["object"] == "chat.completion"
+            reply = answer["choices"][0]["message"]
+            assert reply["role"] == "assistant"
+            assert reply["content"] == chat_model.chat(messages, task=task, max_new_tokens=8)
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_server(server, model):
