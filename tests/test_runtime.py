@@ -22,7 +22,7 @@ def test_manifest_lists_tasks_files_and_versions(built):
         n_virtual = TASKS[task["name"]][1]
         assert task["num_virtual_tokens"] == n_virtual and task["dtype"] == "float32"
         assert task["shape"][3] == n_virtual and task["shape"][:2] == [manifest["model"]["num_layers"], 2]
-    assert {"torch", "transformers", "peft", "optimum-onnx", "spexport"} <= set(manifest["versions"])
+    assert {"torch", "transformers", "peft", "onnx", "spexport"} <= set(manifest["versions"])
     assert {"model.onnx", "prompts.safetensors", "tokenizer.json", "config.json"} <= set(manifest["files"])
     for name, digest in manifest["files"].items():
         assert sha256(built["artifact"] / name) == digest

@@ -2,7 +2,7 @@
 
 The model's family (families.py) picks the exporter; each family package builds its graphs and
 prompt bank in a staging folder, and common.py seals and moves the artifact into place. Needs the
-`[export]` extra (torch, transformers, peft, optimum-onnx, onnx).
+`[export]` extra (torch, transformers, peft, onnx, onnx-ir).
 """
 
 from __future__ import annotations

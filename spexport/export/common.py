@@ -49,7 +49,7 @@ class ExportOptions:
 
 def versions() -> dict[str, str]:
     found = {"spexport": __version__}
-    for dist in ["torch", "transformers", "peft", "optimum-onnx", "optimum", "onnx", "onnxruntime"]:
+    for dist in ["torch", "transformers", "peft", "onnx", "onnx-ir", "onnxruntime"]:
         try:
             found[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -122,17 +122,21 @@ def first_line(error: Exception) -> str:
 
 @contextlib.contextmanager
 def quiet_tracing():
-    """The tracer's warnings speak to exporter developers, not to users; parity tests guard us."""
+    """The tracer's warnings speak to exporter developers, not to users; parity tests guard us. Nor do
+    loading's progress bars (transformers 5 draws one per model) belong in a one-line CLI."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo, family: Family,

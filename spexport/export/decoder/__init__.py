@@ -1,7 +1,7 @@
 """Decoder-only models: every task becomes a per-layer KV prefix, computed once here.
 
-optimum-onnx exports the frozen model's decoder-with-past graph; build.py wires the prefix inputs
-(or a baked bank) into it and applies the speed-ups. Virtual tokens come first and attend only to
+graph.py traces the frozen model's decoder-with-past graph; build.py wires the prefix inputs (or a
+baked bank) into it and applies the speed-ups. Virtual tokens come first and attend only to
 each other, so their keys and values never depend on a request: prompt tuning, P-tuning and
 multitask prompt tuning run through the frozen model once, and prefix tuning is a prefix already.
 """
@@ -32,7 +32,9 @@ from spexport.export.common import (
     within_vocab,
 )
 from spexport.export.decoder.build import Speed
+from spexport.export.decoder.graph import export_decoder
 from spexport.export.decoder.prefix_graph import export_prefix_graph
+from spexport.export.transformers_api import output_cache
 from spexport.families import DECODER, model_info
 
 
@@ -57,7 +59,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             ort_adapters.write_adapters(bank, staging)
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
-        export_graph(model_dir, info, staging, speed, baked, options.trust_remote_code)
+        export_graph(model, info, staging, speed, baked)
         extra = {}
         if not options.bake:  # baked graphs take task_ids, which neither tasks.py nor genai can add to
             extra["prefix_graph"] = export_prefix_graph(staging, GRAPH)  # None: the graph has no token lookup
@@ -88,7 +90,7 @@ def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         out = model(inputs_embeds=torch.from_numpy(embeddings)[None], use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     return np.stack([np.stack([k[0].numpy(), v[0].numpy()]) for k, v in layers]).astype(np.float32)
 
@@ -104,12 +106,8 @@ def kv_prefix(name: str, model, prompt: SoftPrompt) -> np.ndarray:
     return kv
 
 
-def export_graph(model_dir: Path, info: ModelInfo, out: Path, speed: Speed, bank=None,
-                 trust_remote_code: bool = False) -> None:
-    """optimum-onnx's decoder-with-past graph of the frozen model, wired and sped up by `speed`."""
-    from optimum.exporters.onnx import main_export
-
+def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> None:
+    """The frozen model's decoder-with-past graph, wired and sped up by `speed`, written to `out`."""
     with tempfile.TemporaryDirectory() as raw, quiet_tracing():
-        main_export(str(model_dir), output=raw, task=DECODER.optimum_task, do_validation=False,
-                    local_files_only=True, trust_remote_code=trust_remote_code)
+        export_decoder(model, info, Path(raw) / GRAPH)
         speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank)

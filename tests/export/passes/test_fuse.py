@@ -28,3 +28,14 @@ def test_gelu_becomes_one_operator_with_the_same_values():
     assert fuse.counts.get("Gelu") == 1
     assert [n.op_type for n in fused.graph] == ["Gelu"]
     np.testing.assert_allclose(run(ir.to_proto(fused), {"x": x})["y"], before, atol=1e-6)
+
+
+def test_an_input_the_graph_does_not_read_stays():
+    """BLOOM's graph takes position_ids without reading them (ALiBi positions come from the mask);
+    the optimizer prunes unread inputs, but every decoder graph keeps the same ports."""
+    proto = ir.to_proto(_erf_gelu())
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64, [2, 8]))
+    fused = FuseTransformerOpsPass("gpt2", num_heads=2, hidden_size=8)(ir.from_proto(proto)).model
+    assert [value.name for value in fused.graph.inputs] == ["x", "position_ids"]
+    x = np.ones((2, 8), np.float32)
+    run(ir.to_proto(fused), {"x": x, "position_ids": np.zeros((2, 8), np.int64)})
