@@ -5,8 +5,8 @@ Two graphs, named as optimum-onnx names them:
   decoder_model_merged.onnx   input_ids, encoder_attention_mask, encoder_hidden_states,
                               past_key_values.{i}.{decoder,encoder}.{key,value}, use_cache_branch
                               -> logits, present.{i}.{decoder,encoder}.{key,value}
-The merged decoder is optimum's merge of a decoder without past (first step: it computes the
-cross-attention keys and values) and one with past (later steps), so the weights are stored once.
+The merged decoder joins a decoder without past (first step: it computes the cross-attention keys
+and values) and one with past (later steps) under one If node (merge.py), weights stored once.
 
 spexport adds, so that a client never sees virtual tokens:
   encoder  prompt_embeds [batch, P, hidden], prompt_mask [batch, P]: each row's virtual-token
@@ -26,6 +26,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import onnx
 import torch
 
 from spexport.artifact.ports import (
@@ -37,8 +38,12 @@ from spexport.artifact.ports import (
     PREFIX_MASK,
     PROMPT_EMBEDS,
     PROMPT_MASK,
+    USE_CACHE_BRANCH,
     cache_names,
 )
+from spexport.export.passes.float16 import PROTOBUF_LIMIT
+from spexport.export.seq2seq.merge import merge_decoders
+from spexport.export.transformers_api import cache_argument
 
 ENCODER_GRAPH = "encoder_model.onnx"
 DECODER_GRAPH = "decoder_model_merged.onnx"
@@ -113,7 +118,7 @@ class DecoderWithPrefix(torch.nn.Module):
             self.row_positions.positions = start + torch.arange(steps, device=input_ids.device)[None]
         out = self.model(encoder_outputs=(encoder_hidden_states,), attention_mask=encoder_attention_mask,
                          decoder_input_ids=input_ids, decoder_attention_mask=torch.cat([prefix_mask, caller], dim=1),
-                         past_key_values=cache, use_cache=True, return_dict=True)
+                         use_cache=True, return_dict=True, **{cache_argument(self.model): cache})
         presents = []
         for i in range(self.layers):
             layer = cache.self_attention_cache.layers[i]
@@ -160,13 +165,11 @@ def export_graphs(model, layers: int, heads: int, head_dim: int, decoder_positio
 
 
 def _export(model, layers: int, heads: int, head_dim: int, positions: RowPositions | None, out: Path) -> None:
-    from optimum.onnx import merge_decoders
-
     d = _dummy(model, layers, heads, head_dim, model.config.d_model)
     batch = {0: "batch_size"}
     with torch.no_grad():
         torch.onnx.export(
-            EncoderWithPrompt(model), (d["input_ids"], d["attention_mask"], d[PROMPT_EMBEDS], d[PROMPT_MASK]),
+            EncoderWithPrompt(model).eval(), (d["input_ids"], d["attention_mask"], d[PROMPT_EMBEDS], d[PROMPT_MASK]),
             str(out / ENCODER_GRAPH), dynamo=False, opset_version=OPSET,
             input_names=["input_ids", "attention_mask", PROMPT_EMBEDS, PROMPT_MASK],
             output_names=["last_hidden_state", ENCODER_MASK],
@@ -186,7 +189,7 @@ def _export(model, layers: int, heads: int, head_dim: int, positions: RowPositio
             raw = Path(raw)
             presents = cache_names(CACHE_PRESENT, layers)
             torch.onnx.export(
-                DecoderWithPrefix(model, layers, positions, with_past=False), args, str(raw / "decoder.onnx"),
+                DecoderWithPrefix(model, layers, positions, with_past=False).eval(), args, str(raw / "decoder.onnx"),
                 dynamo=False, opset_version=OPSET, input_names=decoder_inputs, output_names=["logits", *presents],
                 dynamic_axes={**shared_axes, **{n: {**batch, 2: "decoder_sequence_length" if ".decoder." in n
                                                     else "encoder_sequence_length"} for n in presents}})
@@ -194,7 +197,7 @@ def _export(model, layers: int, heads: int, head_dim: int, positions: RowPositio
             self_presents = cache_names(CACHE_PRESENT, layers, parts=("decoder",))
             past_args = [d["self_past"] if ".decoder." in n else d["cross_past"] for n in pasts]
             torch.onnx.export(
-                DecoderWithPrefix(model, layers, positions, with_past=True), (*args, *past_args),
+                DecoderWithPrefix(model, layers, positions, with_past=True).eval(), (*args, *past_args),
                 str(raw / "decoder_with_past.onnx"), dynamo=False, opset_version=OPSET,
                 input_names=decoder_inputs + pasts, output_names=["logits", *self_presents],
                 dynamic_axes={**shared_axes,
@@ -202,5 +205,11 @@ def _export(model, layers: int, heads: int, head_dim: int, positions: RowPositio
                                      else "encoder_sequence_length"} for n in pasts},
                               **{n: {**batch, 2: "past_decoder_sequence_length + decoder_sequence_length"}
                                  for n in self_presents}})
-            merge_decoders(raw / "decoder.onnx", raw / "decoder_with_past.onnx", strict=False,
-                           save_path=out / DECODER_GRAPH)
+            # the cross-attention cache is computed on the first step; later steps pass it back unchanged
+            cross = {present: past for past, present in zip(pasts, presents) if ".encoder." in present}
+            merged = merge_decoders(onnx.load(raw / "decoder.onnx"), onnx.load(raw / "decoder_with_past.onnx"),
+                                    USE_CACHE_BRANCH, cross)
+            large = merged.ByteSize() > PROTOBUF_LIMIT
+            if not large:
+                onnx.checker.check_model(merged)
+            onnx.save(merged, out / DECODER_GRAPH, save_as_external_data=large, location=DECODER_GRAPH + ".data")
