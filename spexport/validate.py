@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spexport.artifact.manifest import Manifest
+from spexport.artifact.manifest import Manifest, ModelInfo
 from spexport.converters import read_peft_adapter
 from spexport.errors import AdapterError, InputError, ModelError
 from spexport.export.common import parse_adapters, quiet_tracing, read_model_type
@@ -67,7 +67,7 @@ def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[s
     for folder, tasks in planned:
         reference = _peft_model(Path(model_dir), Path(folder), trust_remote_code)
         for task, task_id in tasks:
-            expected_logits, expected_tokens = _peft_outputs(reference, ids, task_id, new_tokens)
+            expected_logits, expected_tokens = _peft_outputs(reference, ids, task_id, new_tokens, runtime.info)
             logits = runtime.logits(ids, task=task)
             tokens = runtime.generate(ids, task=task, max_new_tokens=new_tokens)
             diff = float(np.abs(logits - expected_logits).max())
@@ -115,18 +115,43 @@ def _peft_model(model_dir: Path, folder: Path, trust_remote_code: bool):
             from None
 
 
-def _peft_outputs(model, ids: np.ndarray, task_id: int | None, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def _peft_outputs(model, ids: np.ndarray, task_id: int | None, new_tokens: int,
+                  info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
     """PEFT's logits for the caller's tokens (prompt tuning also returns the virtual positions)
-    and its greedy continuation."""
+    and its greedy continuation, stopping at the model's EOS as the artifact does."""
     import torch
 
-    input_ids = torch.from_numpy(ids)
     extra = {} if task_id is None else {"task_ids": torch.full((len(ids),), task_id)}
     with torch.no_grad(), quiet_tracing():
-        logits = model(input_ids=input_ids, **extra).logits[:, -ids.shape[1]:].numpy()
-        tokens = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                max_new_tokens=new_tokens, do_sample=False, **extra).numpy()
+        logits = model(input_ids=torch.from_numpy(ids), **extra).logits[:, -ids.shape[1]:].numpy()
+        tokens = peft_greedy(model, ids, new_tokens, info.eos_token_ids, info.pad_token_id, **extra)
     return logits, tokens
+
+
+def peft_greedy(model, input_ids: np.ndarray, new_tokens: int, eos_token_ids=(), pad_token_id: int | None = None,
+                **forward) -> np.ndarray:
+    """Greedy decoding over a PeftModel's forward, as transformers' generate decodes: input followed by
+    new tokens; a row stops at EOS and holds the pad token (else the first EOS) after it.
+
+    Each step runs the whole sequence through PEFT's forward, which defines the model. PeftModel.generate
+    is not the reference: under transformers 5, PEFT 0.21 looks for the cache under its 4.x name
+    (past_key_values), so it puts the prompt in front again at every step of prompt tuning and P-tuning.
+    """
+    import torch
+
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.int64)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    sequence = torch.from_numpy(input_ids)
+    finished = torch.zeros(len(sequence), dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **forward).logits
+            chosen = torch.where(finished, pad, logits[:, -1].argmax(-1))
+            sequence = torch.cat([sequence, chosen[:, None]], dim=1)
+            finished |= torch.isin(chosen, eos)
+            if finished.all():
+                break
+    return sequence.numpy()
 
 
 def _agreement(ours: np.ndarray, theirs: np.ndarray) -> float:

@@ -9,6 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from spexport.validate import peft_greedy
+
 
 def peft_model(model_dir: Path, adapter_dir: Path) -> PeftModel:
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).eval()
@@ -21,12 +23,16 @@ def peft_logits(model: PeftModel, input_ids: np.ndarray) -> np.ndarray:
     return logits[:, -input_ids.shape[1]:]
 
 
-def peft_generate(model: PeftModel, input_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
-    ids = torch.from_numpy(input_ids)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
-    return out.numpy()
+def peft_generate(model: PeftModel, input_ids: np.ndarray, max_new_tokens: int, eos_token_ids=None,
+                  pad_token_id=None, **forward) -> np.ndarray:
+    """Greedy tokens over PEFT's forward, stopping at the model's EOS unless told other ids, as
+    PeftModel.generate would (spexport.validate.peft_greedy says why it is not used)."""
+    config = model.get_base_model().generation_config
+    if eos_token_ids is None:
+        eos = config.eos_token_id
+        eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        pad_token_id = config.pad_token_id
+    return peft_greedy(model, input_ids, max_new_tokens, eos_token_ids, pad_token_id, **forward)
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

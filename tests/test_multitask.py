@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from builders import build_adapter, build_model
-from parity import max_abs_diff, peft_model
+from parity import max_abs_diff, peft_generate, peft_model
 from safetensors.numpy import save_file
 
 from spexport.artifact import tensorfile
@@ -34,8 +34,7 @@ def test_multitask_adapter_becomes_one_task_per_source_task(mpt):
         task_ids = torch.tensor([i])
         with torch.no_grad():
             expected = reference(input_ids=ids, task_ids=task_ids).logits[:, -IDS.shape[1]:].numpy()
-            tokens = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=task_ids,
-                                        max_new_tokens=12, do_sample=False).numpy()
+        tokens = peft_generate(reference, IDS, 12, task_ids=task_ids)
         assert max_abs_diff(runtime.logits(IDS, task=task), expected) <= 1e-4
         np.testing.assert_array_equal(runtime.generate(IDS, task=task, max_new_tokens=12), tokens)
     assert max_abs_diff(runtime.logits(IDS, task="mpt/0"), runtime.logits(IDS, task="mpt/1")) > 1e-3

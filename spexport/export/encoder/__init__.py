@@ -29,6 +29,7 @@ from spexport.export.common import (
     read_model_type,
 )
 from spexport.export.encoder.graph import detach_body, export_body, export_head, parameters
+from spexport.export.transformers_api import cache_argument
 from spexport.families import ENCODER, model_info
 
 HEADS = "heads"
@@ -49,8 +50,8 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         model = models["sequence"][0] if "sequence" in models else models["token"][0]  # BERT's pooler is in the first
         body = model.base_model
         for task, (prompt, _) in prompts.items():
-            if prompt.kind == "kv" and "past_key_values" not in parameters(body):
-                raise AdapterError(f"task {task!r}: prefix tuning needs a model that takes past_key_values, and "
+            if prompt.kind == "kv" and cache_argument(body) is None:
+                raise AdapterError(f"task {task!r}: prefix tuning needs a model that takes a KV cache, and "
                                    f"{type(body).__name__} does not (PEFT cannot run it either); use prompt "
                                    "tuning or P-tuning")
         tasks = []

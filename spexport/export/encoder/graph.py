@@ -4,7 +4,7 @@ An encoder attends both ways, so virtual tokens cannot be computed once and cach
 for a decoder: prompt-tuning and P-tuning embeddings go into the graph as `prompt_embeds` and are
 concatenated in front of the caller's token embeddings; prefix tuning (P-tuning v2) goes in as
 `kv_prefix`, per-layer keys and values that every layer attends to, as PEFT feeds BERT its
-`past_key_values`.
+`past_key_values` (`cache` in transformers 5).
 
 Each row must see exactly what it sees alone in PEFT: its own virtual tokens, then its own
 tokens, at the positions PEFT gives them. Rows differ in their number of virtual tokens and in
@@ -39,6 +39,7 @@ from spexport.artifact.ports import (
     SEQUENCE_OUTPUT,
     TOKEN_TYPE_IDS,
 )
+from spexport.export.transformers_api import cache_argument, seeded_cache
 
 OPSET = 17
 
@@ -77,11 +78,9 @@ class EncoderBody(nn.Module):
         kwargs = {}
         n_prefix = torch.zeros_like(n_real)
         if self.kv:
-            from transformers import DynamicCache
-
             kv_prefix, prefix_mask = prompt
-            kwargs["past_key_values"] = DynamicCache([(kv_prefix[:, i, 0], kv_prefix[:, i, 1])
-                                                      for i in range(self.num_layers)])
+            kwargs[cache_argument(self.body)] = seeded_cache([kv_prefix[:, i, which] for i in range(self.num_layers)
+                                                              for which in (0, 1)])
             n_prefix = prefix_mask.sum(dim=1, keepdim=True)
             mask = torch.cat([prefix_mask, mask], dim=1)
         if self.position_offset is not None:
