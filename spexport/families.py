@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from spexport.artifact.manifest import ModelInfo
 from spexport.errors import ModelError, OptionError
 
+NO_POSITION_LIMIT = (1 << 31) - 1  # relative positions (T5) or ALiBi (BLOOM): any length fits
+
 
 @dataclass(frozen=True)
 class Family:
@@ -19,7 +21,6 @@ class Family:
     bake: bool = False  # --bake: the prompt bank as graph constants, picked by task_ids
     quantize: tuple[str, ...] = ()  # --quantize values
     dtypes: tuple[str, ...] = ("float32",)  # --dtype values
-    optimum_task: str | None = None  # None: spexport traces the graph itself
     # onnxruntime.transformers' optimizer model type whose fusions match these graphs; None: no fusions
     fusion_type: str | None = None
     positions_after_pad: frozenset[str] = frozenset()  # model types counting positions from pad_token_id + 1
@@ -41,14 +42,14 @@ class Family:
 
 # onnxruntime.transformers' optimizer has no llama type. Its gpt2 fusions are written for decoders
 # in general (layer norms, RMS norms, skip connections, GELU, rotary embeddings) and match these.
-DECODER = Family("decoder", frozenset({"gpt2", "llama", "qwen2", "mistral"}), ("CAUSAL_LM",), bake=True,
-                 quantize=("int8",), dtypes=("float32", "float16"), optimum_task="text-generation-with-past",
-                 fusion_type="gpt2")
+DECODER = Family("decoder", frozenset({"gpt2", "llama", "qwen2", "mistral", "bloom", "opt", "gpt_neox", "phi3",
+                                       "gemma", "gemma2", "qwen3", "granite", "olmo2"}), ("CAUSAL_LM",),
+                 bake=True, quantize=("int8",), dtypes=("float32", "float16"), fusion_type="gpt2")
 # SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export/encoder).
-ENCODER = Family("encoder", frozenset({"bert", "roberta", "distilbert"}), ("SEQ_CLS", "TOKEN_CLS"),
-                 positions_after_pad=frozenset({"roberta"}))
+ENCODER = Family("encoder", frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2"}),
+                 ("SEQ_CLS", "TOKEN_CLS"), positions_after_pad=frozenset({"roberta", "xlm-roberta"}))
 # SEQ_2_SEQ_LM encoder-decoder models (export/seq2seq describes each model type's layout).
-SEQ2SEQ = Family("seq2seq", frozenset({"t5", "bart"}), ("SEQ_2_SEQ_LM",))
+SEQ2SEQ = Family("seq2seq", frozenset({"t5", "mt5", "bart", "mbart"}), ("SEQ_2_SEQ_LM",))
 FAMILIES = [DECODER, ENCODER, SEQ2SEQ]
 
 
@@ -76,7 +77,7 @@ def model_info(config, generation_config) -> ModelInfo:
         head_dim=head_dim,
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
-        max_positions=config.max_position_embeddings,
+        max_positions=getattr(config, "max_position_embeddings", None) or NO_POSITION_LIMIT,
         eos_token_ids=eos,
         pad_token_id=pad,
     )

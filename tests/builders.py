@@ -19,20 +19,31 @@ from peft import (
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
+    Gemma2Config,
+    GemmaConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    OPTConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
 )
 
 VOCAB = 160
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-# EOS is an id the random models rarely pick, so 12+ tokens get generated; tests of stopping set it.
+# EOS's output row is zero (build_model), so its logit is 0 while some of the other 159 random logits
+# lie above it: greedy decoding never picks it and every generation runs its full length. Tests of
+# stopping name another token as EOS.
 CORPUS = ["the cat sat on the mat", "a dog ran in the park", "red green blue yellow",
           "one two three four five six", "spexport runs soft prompts on onnx runtime"] * 20
 
@@ -52,21 +63,53 @@ def save_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=BOS, eos_token_id=EOS,
-                  pad_token_id=PAD)
+SPECIAL = dict(vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+LLAMA_LIKE = dict(**SPECIAL, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _causal_lm(config):
+    return lambda: AutoModelForCausalLM.from_config(config())
+
+
+# Each family's distinguishing feature is switched on, so the export meets it.
 FAMILIES = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                                bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_LIKE, sliding_window=None)),
+    # ALiBi: no position embedding, positions come from the attention mask
+    "bloom": _causal_lm(lambda: BloomConfig(**SPECIAL, hidden_size=64, n_layer=2, n_head=4)),
+    # learned positions offset by 2
+    "opt": _causal_lm(lambda: OPTConfig(**SPECIAL, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)),
+    # Pythia: rotary on a quarter of each head, parallel attention and MLP
+    "gpt_neox": _causal_lm(lambda: GPTNeoXConfig(**SPECIAL, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.25)),
+    # fused qkv and gate/up projections
+    "phi3": _causal_lm(lambda: Phi3Config(**LLAMA_LIKE)),
+    # embeddings scaled by sqrt(hidden), head_dim not hidden/heads
+    "gemma": _causal_lm(lambda: GemmaConfig(**LLAMA_LIKE, head_dim=24)),
+    # logit soft-capping (attention and final), sliding-window layers, query_pre_attn_scalar
+    "gemma2": _causal_lm(lambda: Gemma2Config(**LLAMA_LIKE, head_dim=24, sliding_window=8, query_pre_attn_scalar=20,
+                                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    # q/k RMS norms
+    "qwen3": _causal_lm(lambda: Qwen3Config(**LLAMA_LIKE, head_dim=24)),
+    # embedding, attention, residual and logit multipliers
+    "granite": _causal_lm(lambda: GraniteConfig(**LLAMA_LIKE, embedding_multiplier=2.0, attention_multiplier=0.2,
+                                                residual_multiplier=0.5, logits_scaling=4.0)),
+    # norms after attention and MLP, q/k norms over all heads
+    "olmo2": _causal_lm(lambda: Olmo2Config(**LLAMA_LIKE)),
 }
 
 
 def build_model(family: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    FAMILIES[family]().save_pretrained(folder)
+    model = FAMILIES[family]()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[EOS] = 0
+    model.save_pretrained(folder)
     save_tokenizer(folder)
     return folder
 

@@ -19,7 +19,7 @@ from builders import VOCAB, build_adapter, build_model
 from click.testing import CliRunner
 from peft import LoraConfig, TaskType, get_peft_model
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, XGLMConfig, XGLMForCausalLM
 
 import spexport.export
 import spexport.export.decoder
@@ -78,9 +78,9 @@ def inputs(tmp_path_factory):
                           LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["q_proj", "v_proj"]))
     lora.save_pretrained(root / "lora")
     found["lora"] = root / "lora"
-    OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                             ffn_dim=32, word_embed_proj_dim=16)).save_pretrained(root / "opt")
-    found["opt"] = root / "opt"
+    XGLMForCausalLM(XGLMConfig(vocab_size=VOCAB, d_model=16, num_layers=1, attention_heads=2,
+                               ffn_dim=32)).save_pretrained(root / "xglm")
+    found["xglm"] = root / "xglm"
     for name, text in {"garbage-config": "{not json", "empty-config": "{}", "list-config": "[1, 2]"}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(text)
@@ -108,8 +108,8 @@ CASES = {
     "config.json without model_type": ("empty-config", [("pt", "pt")], ModelError, r"no model_type"),
     "config.json not an object": ("list-config", [("pt", "pt")], ModelError, r"no model_type"),
     "no weights": ("no-weights", [("pt", "pt")], ModelError, r"cannot load the model weights"),
-    "unsupported model type": ("opt", [("pt", "pt")], ModelError,
-                               r"opt: model type 'opt' is not supported; spexport exports .*bert, .*gpt2, llama, .*"),
+    "unsupported model type": ("xglm", [("pt", "pt")], ModelError,
+                               r"xglm: model type 'xglm' is not supported; spexport exports .*gpt2, .*llama, .*"),
     "LoRA adapter": ("model", [("x", "lora")], AdapterError,
                      rf"method LORA is not supported; spexport converts {', '.join(sorted(methods_for('decoder')))}$"),
     "prompt tuning, other hidden size": ("model", [("x", "prompt_tuning-wider")], AdapterError,

@@ -1,4 +1,4 @@
-"""Encoder-decoder models: soft-prompted T5 (flan-t5's gated-gelu, untied head) and BART.
+"""Encoder-decoder models: soft-prompted T5 (flan-t5's gated-gelu, untied head), mT5, BART and mBART.
 
 PEFT in PyTorch is the definition of correct: the artifact's logits must match PeftModel's forward
 within 1e-4 and its greedy tokens PeftModel.generate's. For prefix tuning the reference tokens are
@@ -30,6 +30,10 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     BartConfig,
     BartForConditionalGeneration,
+    MBartConfig,
+    MBartForConditionalGeneration,
+    MT5Config,
+    MT5ForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -44,19 +48,28 @@ ATOL = 1e-4
 NEW_TOKENS = 12
 S2S = TaskType.SEQ_2_SEQ_LM
 LSTM = PromptEncoderReparameterizationType.LSTM
+BART_LIKE = dict(vocab_size=VOCAB, d_model=64, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+                 scale_embedding=True, init_std=0.2, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+                 decoder_start_token_id=EOS, forced_eos_token_id=EOS)
 MODELS = {
     # flan-t5's shape: gated-gelu feed-forward, lm head not tied to the embeddings
     "t5": lambda: T5ForConditionalGeneration(T5Config(
         vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_decoder_layers=3, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
         tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)),
+    # T5 v1.1's layout (gated-gelu, untied head) with mT5's config class
+    "mt5": lambda: MT5ForConditionalGeneration(MT5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_decoder_layers=3, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=PAD, eos_token_id=EOS,
+        decoder_start_token_id=PAD)),
     # scaled embeddings, and BART's forced BOS/EOS; a larger init_std keeps the tiny model from repeating one token
-    "bart": lambda: BartForConditionalGeneration(BartConfig(
-        vocab_size=VOCAB, d_model=64, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
-        scale_embedding=True, init_std=0.2, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-        decoder_start_token_id=EOS, forced_bos_token_id=BOS, forced_eos_token_id=EOS)),
+    "bart": lambda: BartForConditionalGeneration(BartConfig(**BART_LIKE)),
+    # pre-norm layers with a final layer norm on both sides
+    "mbart": lambda: MBartForConditionalGeneration(MBartConfig(**BART_LIKE)),
 }
+# set on the generation config: transformers 5's BART configs no longer take forced_bos_token_id
+FORCED_BOS = {"bart": BOS, "mbart": BOS}
 METHODS = {
     "pt": (lambda n: PromptTuningConfig(task_type=S2S, num_virtual_tokens=n), 5),
     "mlp": (lambda n: PromptEncoderConfig(task_type=S2S, num_virtual_tokens=n, encoder_hidden_size=32), 3),
@@ -83,7 +96,10 @@ def built(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
     torch.manual_seed(0)
-    MODELS[family]().save_pretrained(root / "model")
+    model = MODELS[family]()
+    if family in FORCED_BOS:
+        model.generation_config.forced_bos_token_id = FORCED_BOS[family]
+    model.save_pretrained(root / "model")
     save_tokenizer(root / "model")
     adapters = {name: build_adapter(root / "model", make(n), root / name, seed=i + 1)
                 for i, (name, (make, n)) in enumerate(METHODS.items())}
@@ -228,7 +244,7 @@ def test_manifest(built):
     shapes = {t["name"]: t["shape"] for t in manifest["tasks"]}
     assert shapes["pt"] == [5, 64] and shapes["prefix"] == [3, 2, 4, 6, 16]
     model = manifest["model"]
-    if built["family"] == "bart":
+    if built["family"] in FORCED_BOS:
         assert (model["decoder_start_token_id"], model["forced_bos_token_id"], model["forced_eos_token_id"]) \
             == (EOS, BOS, EOS)
     else:

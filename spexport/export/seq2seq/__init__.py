@@ -1,6 +1,6 @@
-"""`spexport convert` for encoder-decoder models: a frozen T5 or BART + SEQ_2_SEQ_LM soft-prompt adapters.
+"""`spexport convert` for encoder-decoder models: a frozen T5, mT5, BART or mBART + SEQ_2_SEQ_LM adapters.
 
-The artifact holds optimum-onnx's two graphs (graph.py) that every task shares, and a
+The artifact holds two graphs in optimum-onnx's layout (graph.py) that every task shares, and a
 prompt bank with each task's virtual-token embeddings (prompt tuning, P-tuning: fed to the
 encoder) or decoder self-attention prefix (prefix tuning). Needs the `[export]` extra.
 """
@@ -25,9 +25,7 @@ from spexport.export.common import (
     read_model_type,
 )
 from spexport.export.seq2seq.graph import DECODER_GRAPH, ENCODER_GRAPH, export_graphs
-from spexport.families import SEQ2SEQ
-
-NO_POSITION_LIMIT = (1 << 31) - 1  # relative position buckets (T5): any length fits
+from spexport.families import NO_POSITION_LIMIT, SEQ2SEQ
 
 
 @dataclass(frozen=True)
@@ -42,11 +40,10 @@ class Layout:
     decoder_positions: str | None
 
 
-LAYOUTS = {
-    "t5": Layout("num_decoder_layers", "num_heads", "d_kv", None, None),
-    "bart": Layout("decoder_layers", "decoder_attention_heads", None, "max_position_embeddings",
-                   "model.decoder.embed_positions"),
-}
+T5_LAYOUT = Layout("num_decoder_layers", "num_heads", "d_kv", None, None)
+BART_LAYOUT = Layout("decoder_layers", "decoder_attention_heads", None, "max_position_embeddings",
+                     "model.decoder.embed_positions")
+LAYOUTS = {"t5": T5_LAYOUT, "mt5": T5_LAYOUT, "bart": BART_LAYOUT, "mbart": BART_LAYOUT}
 assert set(LAYOUTS) == SEQ2SEQ.model_types
 
 
