@@ -1,4 +1,4 @@
-"""Export an encoder-decoder model (T5, BART) as optimum-onnx lays it out, with spexport's prompt inputs.
+"""Export an encoder-decoder model (T5, mT5, BART, mBART) as optimum-onnx lays it out, with spexport's prompt inputs.
 
 Two graphs, named as optimum-onnx names them:
   encoder_model.onnx          input_ids, attention_mask                  -> last_hidden_state
