@@ -129,9 +129,11 @@ def _peft_outputs(model, ids: np.ndarray, task_id: int | None, new_tokens: int,
 
 
 def peft_greedy(model, input_ids: np.ndarray, new_tokens: int, eos_token_ids=(), pad_token_id: int | None = None,
-                **forward) -> np.ndarray:
+                logits_processor=None, **forward) -> np.ndarray:
     """Greedy decoding over a PeftModel's forward, as transformers' generate decodes: input followed by
     new tokens; a row stops at EOS and holds the pad token (else the first EOS) after it.
+    logits_processor: applied to each step's scores as generate applies one (sequence, scores) -> scores,
+    e.g. transformers' RepetitionPenaltyLogitsProcessor.
 
     Each step runs the whole sequence through PEFT's forward, which defines the model. PeftModel.generate
     is not the reference: under transformers 5, PEFT 0.21 looks for the cache under its 4.x name
@@ -145,8 +147,10 @@ def peft_greedy(model, input_ids: np.ndarray, new_tokens: int, eos_token_ids=(),
     finished = torch.zeros(len(sequence), dtype=torch.bool)
     with torch.no_grad():
         for _ in range(new_tokens):
-            logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **forward).logits
-            chosen = torch.where(finished, pad, logits[:, -1].argmax(-1))
+            scores = model(input_ids=sequence, attention_mask=torch.ones_like(sequence), **forward).logits[:, -1]
+            if logits_processor is not None:
+                scores = logits_processor(sequence, scores)
+            chosen = torch.where(finished, pad, scores.argmax(-1))
             sequence = torch.cat([sequence, chosen[:, None]], dim=1)
             finished |= torch.isin(chosen, eos)
             if finished.all():

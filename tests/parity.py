@@ -24,15 +24,19 @@ def peft_logits(model: PeftModel, input_ids: np.ndarray) -> np.ndarray:
 
 
 def peft_generate(model: PeftModel, input_ids: np.ndarray, max_new_tokens: int, eos_token_ids=None,
-                  pad_token_id=None, **forward) -> np.ndarray:
-    """Greedy tokens over PEFT's forward, stopping at the model's EOS unless told other ids, as
-    PeftModel.generate would (spexport.validate.peft_greedy says why it is not used)."""
+                  pad_token_id=None, repetition_penalty: float | None = None, **forward) -> np.ndarray:
+    """Greedy tokens over PEFT's forward, stopping at the model's EOS unless told other ids, with
+    transformers' own repetition penalty if given, as PeftModel.generate would (spexport.validate.peft_greedy
+    says why it is not used)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
     config = model.get_base_model().generation_config
     if eos_token_ids is None:
         eos = config.eos_token_id
         eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
         pad_token_id = config.pad_token_id
-    return peft_greedy(model, input_ids, max_new_tokens, eos_token_ids, pad_token_id, **forward)
+    penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty is not None else None
+    return peft_greedy(model, input_ids, max_new_tokens, eos_token_ids, pad_token_id, penalty, **forward)
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

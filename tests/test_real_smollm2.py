@@ -9,9 +9,8 @@ float32 forward is further from a float64 forward than the artifact is.
 
 import numpy as np
 import pytest
-import torch
 from builders import build_chat_adapters
-from parity import assert_chat_is_transformers, peft_logits, peft_model
+from parity import assert_chat_is_transformers, peft_generate, peft_logits, peft_model
 from transformers import AutoTokenizer
 
 from spexport.export import convert
@@ -48,13 +47,6 @@ def _chat_ids(smol, chat) -> np.ndarray:
     return np.array([smol["tokenizer"].apply_chat_template(chat, add_generation_prompt=True)])
 
 
-def _peft_greedy(peft, ids: np.ndarray, max_new_tokens: int, **kwargs) -> np.ndarray:
-    tokens = torch.from_numpy(ids)
-    with torch.no_grad():
-        return peft.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=max_new_tokens,
-                             do_sample=False, **kwargs).numpy()
-
-
 def test_chat_ids_and_text_are_transformers(smol):
     runtime, tokenizer = smol["runtime"], smol["tokenizer"]
     assert_chat_is_transformers(runtime, tokenizer, CHATS)
@@ -75,10 +67,11 @@ def test_logits_match_peft_relative_to_their_scale(smol, pefts, task):
 
 @pytest.mark.parametrize("task", ["pt-text", "p-tuning", "prefix"])
 def test_chat_replies_are_peft_greedy_tokens(smol, pefts, task):
-    """32+ greedy tokens identical to PeftModel.generate, and chat's text is transformers' decode of them."""
+    """32+ greedy tokens identical to PEFT's (greedy over its forward: parity.peft_generate), and chat's text is
+    transformers' decode of them."""
     for chat in LONG_CHATS:
         ids = _chat_ids(smol, chat)
-        want = _peft_greedy(pefts[task], ids, GREEDY_TOKENS)
+        want = peft_generate(pefts[task], ids, GREEDY_TOKENS)
         assert want.shape[1] - ids.shape[1] == GREEDY_TOKENS  # no early EOS: every token is compared
         np.testing.assert_array_equal(smol["runtime"].generate(ids, task=task, max_new_tokens=GREEDY_TOKENS), want)
     reply = smol["runtime"].chat(chat, task=task, max_new_tokens=GREEDY_TOKENS)
@@ -110,7 +103,7 @@ def test_stream_pieces_join_to_the_reply_and_stop_at_a_stop_string(smol):
 
 def test_repetition_penalty_is_transformers(smol, pefts):
     ids = _chat_ids(smol, LONG_CHATS[0])
-    want = _peft_greedy(pefts["pt-text"], ids, 16, repetition_penalty=1.3)
+    want = peft_generate(pefts["pt-text"], ids, 16, repetition_penalty=1.3)
     got = smol["runtime"].generate(ids, task="pt-text", max_new_tokens=16, repetition_penalty=1.3)
     np.testing.assert_array_equal(got, want)
     assert not np.array_equal(got, smol["runtime"].generate(ids, task="pt-text", max_new_tokens=16))
