@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from parity import skip_unless_peft_runs
 from peft import (
     MultitaskPromptTuningConfig,
     PeftModel,
@@ -188,31 +189,29 @@ def reference(built: dict, task: str):
     prefix = isinstance(peft.active_peft_config, PrefixTuningConfig)
 
     def logits(row: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(row)[None]
         with torch.no_grad():
-            try:
-                out = peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            except (TypeError, ValueError):  # PEFT cannot run prefix tuning on this classifier
-                if not prefix:
-                    raise
-                out = prefix_reference(peft, ids, n_virtual)
-        out = out[0].numpy()
+            out = peft_or_reference(peft, torch.from_numpy(row)[None], n_virtual)[0].numpy()
         return out if task_type == SEQ or prefix else out[n_virtual:]  # PEFT returns virtual positions too
 
     return logits
 
 
-def prefix_reference(peft: PeftModel, ids: torch.Tensor, n_virtual: int) -> torch.Tensor:
-    """The classifier's own forward with PEFT's prefix as its body's KV cache: what PEFT runs for a
-    model whose forward takes the cache. PEFT 0.21 cannot run prefix tuning itself on RoBERTa-style
-    sequence classifiers (transformers 4.57) nor on any encoder classifier (transformers 5, where the
-    argument is called `cache`)."""
+def peft_or_reference(peft: PeftModel, ids: torch.Tensor, n_virtual: int, **inputs) -> torch.Tensor:
+    """PeftModel's logits; where PEFT cannot run prefix tuning on the classifier, the classifier's own
+    forward with PEFT's prefix as its body's KV cache: what PEFT runs for a model whose forward takes
+    the cache. PEFT 0.21 cannot run prefix tuning itself on RoBERTa-style sequence classifiers
+    (transformers 4.57) nor on any encoder classifier (transformers 5, where the argument is `cache`)."""
+    try:
+        return peft(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits
+    except (TypeError, ValueError):
+        if not isinstance(peft.active_peft_config, PrefixTuningConfig):
+            raise
     model = peft.base_model
     body = model.base_model
     forward = body.forward
     body.forward = functools.partial(forward, **{cache_argument(body): peft.get_prompt(batch_size=len(ids))})
     try:
-        return model(input_ids=ids, attention_mask=torch.ones(len(ids), n_virtual + ids.shape[1])).logits
+        return model(input_ids=ids, attention_mask=torch.ones(len(ids), n_virtual + ids.shape[1]), **inputs).logits
     finally:
         body.forward = forward
 
@@ -277,9 +276,10 @@ def test_sentence_pairs_match_peft(built):
     pairs = [("the film was great", "a dull movie"), ("one two", "red green blue yellow and more")]
     encodings = [runtime.tokenizer.encode(a, b) for a, b in pairs]
     typed = "token_type_ids" in {i.name for i in runtime.session.get_inputs()}
-    assert typed == (built["family"] != "distilbert") and all(1 in e.type_ids for e in encodings)
-    for task, (task_type, _, _, num_labels) in TASKS[built["family"]].items():
-        if task_type != SEQ or (built["family"] == "roberta" and "pt" not in task):  # PEFT fails on RoBERTa prefixes
+    type_vocab = json.loads((built["model"] / "config.json").read_text()).get("type_vocab_size", 0)
+    assert typed == (type_vocab > 0) and all(1 in e.type_ids for e in encodings)  # DistilBERT, DeBERTa-v2: none
+    for task, (task_type, _, n_virtual, num_labels) in TASKS[built["family"]].items():
+        if task_type != SEQ:
             continue
         peft = PeftModel.from_pretrained(base_model(built["model"], task_type, num_labels),
                                          built["adapters"][task]).eval()
@@ -287,8 +287,8 @@ def test_sentence_pairs_match_peft(built):
         for e, result in zip(encodings, results):
             ids, types = torch.tensor([e.ids]), torch.tensor([e.type_ids])
             with torch.no_grad():
-                want = peft(input_ids=ids, attention_mask=torch.ones_like(ids),
-                            **({"token_type_ids": types} if typed else {})).logits[0].numpy()
+                want = peft_or_reference(peft, ids, n_virtual, **({"token_type_ids": types} if typed else {}))
+            want = want[0].numpy()
             got = runtime.logits(ids.numpy(), task=task, token_type_ids=types.numpy())[0]
             assert np.abs(got - want).max() <= ATOL
             probs = np.exp(want - want.max()) / np.exp(want - want.max()).sum()
@@ -428,10 +428,7 @@ def test_trained_p_tuning_v2_adapter_classifies_like_peft(tmp_path):
                                                    encoder_hidden_size=32))
     texts, labels = _toy_texts(seed=0, count=96)
     batch = tokenizer(texts, padding=True, return_tensors="pt")
-    try:
-        peft(**tokenizer(texts[:1], return_tensors="pt"))
-    except ValueError as e:  # transformers 5: PEFT 0.21 looks for past_key_values in BERT's forward
-        pytest.skip(f"PEFT cannot train prefix tuning on this stack ({e}); the pinned stack runs this test")
+    skip_unless_peft_runs(peft, tokenizer(texts[:1], return_tensors="pt"))
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
     peft.train()
     for _ in range(80):

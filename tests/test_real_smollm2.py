@@ -10,7 +10,7 @@ float32 forward is further from a float64 forward than the artifact is.
 import numpy as np
 import pytest
 from builders import build_chat_adapters
-from parity import assert_chat_is_transformers, peft_generate, peft_logits, peft_model
+from parity import assert_chat_is_transformers, chat_ids, peft_generate, peft_logits, peft_model
 from transformers import AutoTokenizer
 
 from spexport.export import convert
@@ -44,7 +44,7 @@ def pefts(smol):
 
 
 def _chat_ids(smol, chat) -> np.ndarray:
-    return np.array([smol["tokenizer"].apply_chat_template(chat, add_generation_prompt=True)])
+    return np.array([chat_ids(smol["tokenizer"], chat, add_generation_prompt=True)])
 
 
 def test_chat_ids_and_text_are_transformers(smol):

@@ -6,9 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from builders import EOS, build_adapter, build_model
-from parity import peft_model
+from parity import peft_generate, peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
@@ -103,13 +102,10 @@ def test_a_stop_that_is_not_a_string_is_refused(tiny_llama, stop):
 @pytest.mark.parametrize("task", ["pt", "prefix"])
 def test_repetition_penalty_is_transformers(tiny_llama, task):
     ids = np.array([[5, 9, 14, 22, 40, 7, 9, 9]], np.int64)
-    tokens = torch.from_numpy(ids)
     reference = peft_model(tiny_llama["model"], tiny_llama["adapters"][task])
     model = load(tiny_llama["artifact"])
     for penalty in (1.5, 0.7):
-        with torch.no_grad():
-            want = reference.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=10,
-                                      do_sample=False, repetition_penalty=penalty).numpy()
+        want = peft_generate(reference, ids, 10, repetition_penalty=penalty)
         np.testing.assert_array_equal(model.generate(ids, task=task, max_new_tokens=10,
                                                      repetition_penalty=penalty), want)
     for penalty in (0, -1.0, "2", float("nan")):
@@ -132,8 +128,4 @@ def test_every_eos_id_of_generation_config_stops_a_row(tmp_path):
     assert model.info.eos_token_ids == [EOS, second_eos]
     got = model.generate(ids, task="pt", max_new_tokens=10)
     np.testing.assert_array_equal(got[0, ids.shape[1]:], free[:2])
-    reference = peft_model(model_dir, adapter)
-    with torch.no_grad():
-        want = reference.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=int),
-                                  max_new_tokens=10, do_sample=False).numpy()
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, peft_generate(peft_model(model_dir, adapter), ids, 10))
