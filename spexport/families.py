@@ -80,4 +80,5 @@ def model_info(config, generation_config) -> ModelInfo:
         max_positions=getattr(config, "max_position_embeddings", None) or NO_POSITION_LIMIT,
         eos_token_ids=eos,
         pad_token_id=pad,
+        sliding_window=getattr(config, "sliding_window", None) or None,
     )

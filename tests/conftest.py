@@ -1,4 +1,3 @@
-import json
 import sys
 from pathlib import Path
 
@@ -33,13 +32,6 @@ def built(family, tmp_path_factory):
     artifact = root / "artifact"
     convert(model_dir, list(adapters.items()), artifact)
     return {"family": family, "model": model_dir, "adapters": adapters, "artifact": artifact}
-
-
-def sliding_window(model_dir: Path) -> int | None:
-    """The tiny model's attention window, if its layers have one (Gemma 2's does). A left-padded row's
-    padding sits between its virtual tokens and its own, inside the window, so in a batch of other
-    lengths it sees another window than alone, as in PEFT: batch tests give such models equal lengths."""
-    return json.loads((model_dir / "config.json").read_text()).get("sliding_window")
 
 
 @pytest.fixture(scope="session")

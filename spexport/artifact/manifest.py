@@ -37,6 +37,8 @@ class ModelInfo:
     max_positions: int
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # layers that attend within a window of this many slots (left out of the manifest when none do)
+    sliding_window: int | None = None
     # encoder-decoder models only (left out of the manifest otherwise)
     decoder_start_token_id: int | None = None
     forced_bos_token_id: int | None = None
@@ -82,7 +84,8 @@ class Manifest:
         for task in document["tasks"]:
             if task["head"] is None:
                 del task["head"]  # decoder tasks have none; readers before encoders know no such field
-        optional = [(document, ["encoder_graph", "prefix_graph"]), (document["model"], SEQ2SEQ_MODEL_FIELDS)]
+        optional = [(document, ["encoder_graph", "prefix_graph"]),
+                    (document["model"], ["sliding_window", *SEQ2SEQ_MODEL_FIELDS])]
         for fields_of, keys in optional:
             for key in keys:
                 if fields_of[key] is None:
@@ -258,6 +261,7 @@ def _checked(raw: dict, path: Path) -> Manifest:
                              f"a list of token ids below vocab_size {vocab}", []),
         pad_token_id=m.take("pad_token_id", lambda v: v is None or _is_int(v) and 0 <= v < vocab,
                             f"null or a token id below vocab_size {vocab}", None),
+        sliding_window=m.take("sliding_window", _positive, "a positive integer", None),
         **m.rest(ModelInfo))
     tasks, names = [], set()
     for i, obj in enumerate(top.take("tasks", lambda v: isinstance(v, list) and v != [], "a non-empty list")):

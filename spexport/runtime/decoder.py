@@ -24,7 +24,7 @@ from spexport.artifact.ports import (
 )
 from spexport.errors import AdapterError, InputError
 from spexport.runtime import inputs
-from spexport.runtime.base import TaskTable, finite_logits, running
+from spexport.runtime.base import TaskRows, TaskTable, finite_logits, running
 from spexport.runtime.generation import GeneratingModel
 from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.session import check_ports, load_bank, open_session
@@ -96,8 +96,30 @@ class DecoderModel(GeneratingModel):
         positions = inputs.positions(mask) + prefix_mask.sum(axis=1, keepdims=True)
         return empty, past, np.concatenate([prefix_mask, mask], axis=1), positions
 
-    def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> _BoundSteps:
+    def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> _BoundSteps | _GroupedSteps:
+        groups = self._window_groups(mask)
+        if groups is not None:
+            return _GroupedSteps(self._graph, [(group, self._steps(*self._unpadded(ids, mask, rows, group)))
+                                               for group in groups])
         return _BoundSteps(self, ids, inputs.last_real(mask), *self._first_step(mask, rows))
+
+    def _window_groups(self, mask: np.ndarray) -> list[np.ndarray] | None:
+        """The batch's rows grouped by their number of real tokens, where the model has sliding-window
+        layers and a row has padding; else None.
+
+        A window counts slots, padding among them, so a padded row would see fewer of its own tokens in
+        it than alone. Each group runs without padding, every row as it would alone.
+        """
+        if self.info.sliding_window is None or mask.all():
+            return None
+        lengths = mask.sum(axis=1)
+        return [np.flatnonzero(lengths == n) for n in np.unique(lengths)]
+
+    def _unpadded(self, ids: np.ndarray, mask: np.ndarray, rows: list[int],
+                  group: np.ndarray) -> tuple[np.ndarray, np.ndarray, TaskRows]:
+        """The rows of `group`, which have equal numbers of real tokens, with their padding taken out."""
+        real = ids[group][mask[group] == 1].reshape(len(group), -1)
+        return real, np.ones_like(real), TaskRows([rows[i] for i in group], self._rows_table(rows))
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)
@@ -153,9 +175,42 @@ class DecoderModel(GeneratingModel):
     def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None) -> np.ndarray:
         """Logits [batch, seq, vocab] for the caller's tokens (no virtual positions)."""
         ids, mask, rows = self._prepare(input_ids, attention_mask, task)
+        groups = self._window_groups(mask)
+        if groups is None:
+            return self._logits(ids, mask, rows)
+        out = np.zeros((*ids.shape, self.info.vocab_size), np.float32)  # padding slots: 0
+        for group in groups:
+            slots = np.nonzero(mask[group])[1].reshape(len(group), -1)
+            out[group[:, None], slots] = self._logits(*self._unpadded(ids, mask, rows, group))
+        return out
+
+    def _logits(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": inputs.positions(mask),
                  **self._prefix(rows), **dict(zip(self._past_names, self._empty_past(len(ids))))}
         return finite_logits(self._run(self.session, self._graph, ["logits"], feeds)[0], self._graph, mask)
+
+
+class _GroupedSteps:
+    """A batch's steps run group by group (each group's rows, `Steps` of their own), logits in batch order."""
+
+    def __init__(self, graph: Path, parts: list[tuple[np.ndarray, _BoundSteps]]):
+        self.graph, self.parts = graph, parts
+        self.batch = sum(len(group) for group, _ in parts)
+
+    def first(self) -> np.ndarray:
+        return self._gather(lambda steps, group: steps.first())
+
+    def next(self, tokens: np.ndarray) -> np.ndarray:
+        return self._gather(lambda steps, group: steps.next(tokens[group]))
+
+    def _gather(self, run) -> np.ndarray:
+        out = None
+        for group, steps in self.parts:
+            logits = run(steps, group)
+            if out is None:
+                out = np.empty((self.batch, logits.shape[-1]), logits.dtype)
+            out[group] = logits
+        return out
 
 
 class _BoundSteps:
