@@ -65,7 +65,8 @@ def main() -> None:
 @click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
-@click.option("--quantize", type=click.Choice(["int8"]), help="int8 weights for every matrix product (CPU).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]),
+              help="Block-wise 8- or 4-bit weights for every matrix product (CPU); prints the drift from float32.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Weight and compute type; float16 is for GPU providers.")
 @TRUST_REMOTE_CODE
@@ -90,6 +91,9 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
         return
     for task in manifest.tasks:
         console.print(f"  {task.name}: {task.method}, {task.num_virtual_tokens} virtual tokens", markup=False)
+    if manifest.quantization:
+        for line in quantization_lines(manifest.quantization):
+            console.print(line, markup=False, soft_wrap=True)
     console.print(f"wrote {output} ({len(manifest.tasks)} tasks)", markup=False, soft_wrap=True)
 
 
@@ -325,11 +329,31 @@ def reseal_command(folder: Path) -> None:
 
 
 def _print_table(rows: list[list]) -> None:
+    for line in _table_lines(rows):
+        click.echo(line)
+
+
+def _table_lines(rows: list[list]) -> list[str]:
     if not rows:
-        return
+        return []
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return ["  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def quantization_lines(record: dict) -> list[str]:
+    """How a quantized artifact was made and its drift report, as `convert` prints them."""
+    how = (f"int{record['bits']} weights ({record['method']}, blocks of {record['block_size']}, "
+           f"{record['matrices']} matrices), head {record['head']}, embedding {record['embedding']}")
+    lines = [how] + [f"  {name}: {what} (its inputs do not split into blocks of {record['block_size']})"
+                     for name, what in record.get("fallbacks", {}).items()]
+    drift = record.get("drift")
+    if drift:
+        tokens = f", {drift['new_tokens']} greedy tokens each" if "new_tokens" in drift else ""
+        what = "top-1 agreement" if "new_tokens" in drift else "label agreement"
+        lines.append(f"drift from the {drift['reference']} ({drift['prompts']} fixed prompts{tokens}):")
+        lines += _table_lines([["task", what, "max |Δlogits|"]] + [
+            [task, f"{d['agreement']:.3f}", f"{d['max_abs_diff']:.3g}"] for task, d in drift["tasks"].items()])
+    return lines
 
 
 def _print_json(document: dict) -> None:

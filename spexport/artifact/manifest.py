@@ -78,13 +78,14 @@ class Manifest:
     encoder_graph: str | None = None  # seq2seq: the encoder; `graph` is then the merged decoder
     # decoder: the frozen model over virtual-token embeddings, for adding tasks without torch
     prefix_graph: str | None = None
+    quantization: dict | None = None  # --quantize: how (bits, block size, ...) and the drift report
 
     def write(self, folder: Path) -> None:
         document = asdict(self)
         for task in document["tasks"]:
             if task["head"] is None:
                 del task["head"]  # decoder tasks have none; readers before encoders know no such field
-        optional = [(document, ["encoder_graph", "prefix_graph"]),
+        optional = [(document, ["encoder_graph", "prefix_graph", "quantization"]),
                     (document["model"], ["sliding_window", *SEQ2SEQ_MODEL_FIELDS])]
         for fields_of, keys in optional:
             for key in keys:
@@ -294,4 +295,5 @@ def _checked(raw: dict, path: Path) -> Manifest:
     return Manifest(family=top.take("family", _text, "a string"), model=model, graph=graph, prompt_bank=bank,
                     tasks=tasks, baked=baked, tokenizer_files=tokenizer_files,
                     versions=top.take("versions", lambda v: isinstance(v, dict), "an object", {}), files=files,
+                    quantization=top.take("quantization", lambda v: isinstance(v, dict), "an object", None),
                     format_version=version, prefix_graph=prefix_graph, **top.rest(Manifest))

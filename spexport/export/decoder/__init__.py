@@ -8,6 +8,7 @@ multitask prompt tuning run through the frozen model once, and prefix tuning is 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from spexport.export.common import (
     read_configs,
     within_vocab,
 )
+from spexport.export.decoder import quality
 from spexport.export.decoder.build import Speed
 from spexport.export.decoder.graph import export_decoder
 from spexport.export.decoder.prefix_graph import export_prefix_graph
@@ -59,8 +61,16 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             ort_adapters.write_adapters(bank, staging)
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
-        export_graph(model, info, staging, speed, baked)
+        tokenizer = quality.read_tokenizer(model_dir) if speed.quantize else None
+        calibration = quality.calibration_feeds(tokenizer, info, bank, options.bake) if speed.quantize else None
+        record = export_graph(model, info, staging, speed, baked, calibration)
         extra = {}
+        if record is not None:
+            options.on_step(f"measuring the {speed.quantize} graph's drift from float32")
+            record["drift"] = quality.measure_drift(staging, GRAPH, info, tasks, None if options.bake else BANK,
+                                                    tokenizer)
+            shutil.rmtree(staging / quality.REFERENCE)
+            extra["quantization"] = record
         if not options.bake:  # baked graphs take task_ids, which neither tasks.py nor genai can add to
             extra["prefix_graph"] = export_prefix_graph(staging, GRAPH)  # None: the graph has no token lookup
             write_genai_config(staging, info, GRAPH, model_dir / "config.json")
@@ -106,8 +116,14 @@ def kv_prefix(name: str, model, prompt: SoftPrompt) -> np.ndarray:
     return kv
 
 
-def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> None:
-    """The frozen model's decoder-with-past graph, wired and sped up by `speed`, written to `out`."""
+def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None,
+                 calibration: list[dict] | None = None) -> dict | None:
+    """The frozen model's decoder-with-past graph, wired and sped up by `speed`, written to `out`. Quantizing,
+    the float32 graph stays beside it under quality.REFERENCE and the quantization's record is returned."""
+    reference = None
+    if speed.quantize:
+        (out / quality.REFERENCE).mkdir()
+        reference = out / quality.REFERENCE / GRAPH
     with tempfile.TemporaryDirectory() as raw, quiet_tracing():
         export_decoder(model, info, Path(raw) / GRAPH)
-        speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank)
+        return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference, calibration)

@@ -24,9 +24,12 @@ from spexport.export.passes import (
     ConvertToFloat16Pass,
     FuseTransformerOpsPass,
     MergePrefixIntoPastConcatPass,
+    QuantizeWeightsPass,
     ScaleQueriesNotKeysPass,
     TagGraphPass,
 )
+from spexport.export.calibration import activations
+from spexport.export.passes.quantize import MODES
 from spexport.export.passes.float16 import PROTOBUF_LIMIT
 from spexport.export.passes.tag import SCALED_QUERY
 from spexport.families import DECODER
@@ -38,16 +41,21 @@ class Speed:
     (`families.Family.check` has refused values the family does not offer)."""
 
     optimize: bool = True
-    quantize: str | None = None  # "int8"
+    quantize: str | None = None  # "int8", "int4": passes/quantize.py's MODES
     dtype: str = "float32"  # "float16": for GPU providers
 
     @property
     def weights(self) -> str:
         return self.quantize or self.dtype
 
-    def build(self, raw: Path, info: ModelInfo, path: Path, bank: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    def build(self, raw: Path, info: ModelInfo, path: Path, bank: tuple[np.ndarray, np.ndarray] | None = None,
+              reference: Path | None = None, calibration: list[dict] | None = None) -> dict | None:
         """Wire the prefix inputs (or a baked `bank`: kv [tasks, ...] and mask [tasks, n]) into the plain
-        decoder graph at `raw`, speed it up, tag it and write it to `path`."""
+        decoder graph at `raw`, speed it up, tag it and write it to `path`.
+
+        Quantizing, the float32 graph is also written to `reference` (for the drift report), GPTQ
+        calibrates on the graph's activations for `calibration`'s feeds, and the quantization's record
+        (passes/quantize.py's `record`) is returned; otherwise None."""
         model = ir.load(raw)
         structure = [AddPrefixInputsPass(info.num_layers, info.num_kv_heads, info.head_dim)]
         if bank is not None:
@@ -63,13 +71,21 @@ class Speed:
             fusions = {**fuse.counts, **({SCALED_QUERY: scale.moved} if scale.moved else {})}
         if self.dtype == "float16":
             model = ConvertToFloat16Pass()(model).model
-        model = TagGraphPass(self.weights, fusions)(model).model
-        proto = ir.to_proto(model)
-        large = proto.ByteSize() > PROTOBUF_LIMIT
-        if self.quantize == "int8":
-            quantize_int8(proto, path, large)
-        else:
-            onnx.save(proto, path, save_as_external_data=large, location=path.name + ".data")
+        record = None
+        if self.quantize is not None:
+            _save(TagGraphPass("float32", fusions)(model).model, reference)
+            mode = MODES[self.quantize]
+            found = activations(reference, calibration) if mode.gptq and calibration else None
+            quantize = QuantizeWeightsPass(mode, found)
+            model = quantize(model).model
+            record = quantize.record()
+        _save(TagGraphPass(self.weights, fusions)(model).model, path)
+        return record
+
+
+def _save(model: ir.Model, path: Path) -> None:
+    proto = ir.to_proto(model)
+    onnx.save(proto, path, save_as_external_data=proto.ByteSize() > PROTOBUF_LIMIT, location=path.name + ".data")
 
 
 def _check(model: ir.Model) -> None:
@@ -77,17 +93,3 @@ def _check(model: ir.Model) -> None:
     proto = ir.to_proto(model)
     if proto.ByteSize() < PROTOBUF_LIMIT:
         onnx.checker.check_model(proto)
-
-
-def quantize_int8(model: onnx.ModelProto, path: Path, large: bool) -> None:
-    """Write `model` to `path` with int8 weights for every MatMul/Gemm (dynamic activation scales).
-
-    Weights are unsigned 8-bit: on x86 CPUs without VNNI, signed weights go through a multiply that
-    saturates (ONNX Runtime's quantization guide), which costs more accuracy than it saves.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(model, path, op_types_to_quantize=["MatMul", "Gemm"], per_channel=False,
-                     weight_type=QuantType.QUInt8, use_external_data_format=large,
-                     # shape inference cannot type the outputs of ONNX Runtime's fused operators
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})

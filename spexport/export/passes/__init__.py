@@ -8,6 +8,7 @@ The decoder's pipeline (export/decoder/build.py) runs them in this order:
   FuseTransformerOpsPass         ONNX Runtime's norm, activation and rotary fusions
   ScaleQueriesNotKeysPass        attention's scale moves off the key cache
   ConvertToFloat16Pass           (--dtype float16) fp16 weights and compute, float32 ports
+  QuantizeWeightsPass            (--quantize int8/int4) MatMulNBits block-wise weights, float32 ports
   TagGraphPass                   how the graph was built, in its metadata
 """
 
@@ -16,8 +17,9 @@ from spexport.export.passes.bake_prompt_bank import BakePromptBankPass
 from spexport.export.passes.float16 import ConvertToFloat16Pass
 from spexport.export.passes.fuse import FuseTransformerOpsPass
 from spexport.export.passes.merge_prefix_concat import MergePrefixIntoPastConcatPass
+from spexport.export.passes.quantize import QuantizeWeightsPass
 from spexport.export.passes.scale_queries import ScaleQueriesNotKeysPass
 from spexport.export.passes.tag import TagGraphPass
 
 __all__ = ["AddPrefixInputsPass", "BakePromptBankPass", "ConvertToFloat16Pass", "FuseTransformerOpsPass",
-           "MergePrefixIntoPastConcatPass", "ScaleQueriesNotKeysPass", "TagGraphPass"]
+           "MergePrefixIntoPastConcatPass", "QuantizeWeightsPass", "ScaleQueriesNotKeysPass", "TagGraphPass"]
