@@ -217,21 +217,30 @@ def _print_report(report) -> None:
 @click.option("--atol", default=1e-4, show_default=True, callback=_tolerance, help="Largest allowed |Δlogits|.")
 @click.option("--new-tokens", default=12, show_default=True, type=click.IntRange(min=0),
               help="Greedy tokens to generate and compare.")
+@click.option("--min-agreement", default=0.9, show_default=True,
+              help="Quantized artifacts: the least teacher-forced top-1 agreement with PEFT a task passes at.")
 @TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
-def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_tokens: int, trust_remote_code: bool,
-                     quiet: bool, as_json: bool) -> None:
-    """Compare a decoder-only artifact with PEFT on fixed random inputs; exit 1 if a task differs."""
+def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_tokens: int, min_agreement: float,
+                     trust_remote_code: bool, quiet: bool, as_json: bool) -> None:
+    """Compare a decoder-only artifact with PEFT on fixed random inputs; exit 1 if a task differs.
+
+    A quantized artifact is compared in its drift report's terms: teacher-forced top-1 agreement with
+    PEFT along PEFT's greedy text on fixed prompts, beside the agreement convert recorded against float32."""
     with _one_line_errors(), _stdout_to_stderr():
         from spexport.validate import validate
 
         checks = validate(folder, model_dir, adapters, atol=atol, new_tokens=new_tokens,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, min_agreement=min_agreement)
     failed = [c for c in checks if not c.passed]
+    quantized = any(c.agreement is not None for c in checks)
     if as_json:
         _print_json({"passed": not failed, "atol": atol, "new_tokens": new_tokens,
+                     **({"min_agreement": min_agreement} if quantized else {}),
                      "tasks": [vars(c) for c in checks]})
+    elif quantized:
+        _print_quantized_checks(checks, failed, min_agreement, quiet)
     elif not quiet:
         _print_table([["task", "max |Δlogits|", "greedy agreement", ""]]
                      + [[c.task, f"{c.max_abs_diff:.2e}", f"{c.greedy_agreement:.3f}", "ok" if c.passed else "FAIL"]
@@ -241,6 +250,20 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
     if failed:
         click.echo(f"error: {len(failed)} of {len(checks)} tasks differ from PEFT (atol {atol:g}, all greedy tokens "
                    f"equal): " + ", ".join(c.task for c in failed), err=True)
+        sys.exit(1)
+
+
+def _print_quantized_checks(checks, failed, min_agreement: float, quiet: bool) -> None:
+    if not quiet:
+        _print_table([["task", "top-1 agreement with PEFT", "at convert (vs float32)", "max |Δlogits|", ""]]
+                     + [[c.task, f"{c.agreement:.3f}",
+                         "-" if c.recorded_agreement is None else f"{c.recorded_agreement:.3f}",
+                         f"{c.max_abs_diff:.3g}", "ok" if c.passed else "FAIL"] for c in checks])
+        if not failed:
+            click.echo(f"all {len(checks)} quantized tasks agree with PEFT at or above {min_agreement:g}")
+    if failed:
+        click.echo(f"error: {len(failed)} of {len(checks)} quantized tasks agree with PEFT below {min_agreement:g}: "
+                   + ", ".join(c.task for c in failed), err=True)
         sys.exit(1)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from spexport.artifact.manifest import Manifest, ModelInfo
 from spexport.converters import read_peft_adapter
 from spexport.errors import AdapterError, InputError, ModelError
+from spexport.export import drift
 from spexport.export.common import parse_adapters, quiet_tracing, read_model_type
 from spexport.export.decoder import load_model
 from spexport.families import DECODER, family_for
@@ -24,6 +25,7 @@ from spexport.runtime import load
 from spexport.runtime.inputs import is_whole
 
 MULTITASK = "MULTITASK_PROMPT_TUNING"
+MIN_AGREEMENT = 0.9  # a quantized task passes validate at this teacher-forced top-1 agreement with PEFT
 
 
 @dataclass
@@ -34,6 +36,52 @@ class TaskCheck:
     max_abs_diff: float  # largest |artifact logit - PEFT logit| over every row and position
     greedy_agreement: float  # fraction of generated tokens that are the same in both
     passed: bool
+    # quantized artifacts: the drift report's terms against PEFT, and what convert recorded against float32
+    agreement: float | None = None
+    recorded_agreement: float | None = None
+
+
+def validate_quantized(runtime, model_dir: str | Path, adapters: list[tuple[str, Path]], min_agreement: float,
+                       trust_remote_code: bool = False) -> list[TaskCheck]:
+    """A quantized artifact against PEFT in float32, in its drift report's terms (export/drift.py): on the
+    same fixed prompts, PEFT writes its greedy continuation and the artifact's top-1 token is compared
+    with PEFT's at every position of it. A task passes at `min_agreement`; max |Δlogits| is reported."""
+    recorded = (runtime.manifest.quantization.get("drift") or {}).get("tasks", {})
+    info = runtime.info
+    longest = info.max_positions - max(t.num_virtual_tokens for t in runtime.manifest.tasks) - drift.NEW_TOKENS
+    rows = drift.prompt_rows(runtime.tokenizer, info.vocab_size, max(1, longest))
+    checks = []
+    for name, folder in parse_adapters(adapters):
+        tasks = _artifact_tasks(name, Path(folder), runtime.tasks)
+        reference = _peft_model(Path(model_dir), Path(folder), trust_remote_code)
+        for task, task_id in tasks:
+            (found,) = drift.decoder_drift(_PeftReference(reference, task_id), drift.Served(runtime), [task], rows,
+                                           info.eos_token_ids)
+            checks.append(TaskCheck(task, found.max_abs_diff, found.agreement, found.agreement >= min_agreement,
+                                    found.agreement, recorded.get(task, {}).get("agreement")))
+    return checks
+
+
+class _PeftReference:
+    """PEFT as export/drift.py's reference: one row at a time, its own greedy continuation."""
+
+    def __init__(self, model, task_id: int | None):
+        self.model, self.task_id = model, task_id
+
+    def _call(self, method, ids: np.ndarray, **kwargs):
+        import torch
+
+        input_ids = torch.from_numpy(ids[None])
+        extra = {} if self.task_id is None else {"task_ids": torch.tensor([self.task_id])}
+        with torch.no_grad(), quiet_tracing():
+            return method(input_ids=input_ids, **extra, **kwargs)
+
+    def continuation(self, ids: np.ndarray, task: str, new_tokens: int) -> np.ndarray:
+        tokens = self._call(self.model.generate, ids, attention_mask=None, max_new_tokens=new_tokens, do_sample=False)
+        return tokens[0, len(ids):].numpy()
+
+    def logits(self, ids: np.ndarray, task: str) -> np.ndarray:
+        return self._call(self.model, ids).logits[0, -len(ids):].numpy()
 
 
 def sample_ids(vocab_size: int, rows: int = 3, length: int = 8, seed: int = 0) -> np.ndarray:
@@ -43,11 +91,12 @@ def sample_ids(vocab_size: int, rows: int = 3, length: int = 8, seed: int = 0) -
 
 def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[str, Path]], atol: float = 1e-4,
              new_tokens: int = 12, rows: int = 3, length: int = 8, seed: int = 0,
-             trust_remote_code: bool = False) -> list[TaskCheck]:
+             trust_remote_code: bool = False, min_agreement: float = MIN_AGREEMENT) -> list[TaskCheck]:
     """Compare every task that `adapters` (NAME, PEFT adapter folder) gave `artifact` with PEFT.
 
     A multitask adapter NAME is checked as its tasks NAME/0, NAME/1, ... against PEFT with
     task_ids=[i]. A task passes when max |Δlogits| <= atol and every greedy token agrees.
+    A quantized artifact is compared in the terms of its drift report instead (validate_quantized).
     trust_remote_code: run Python code that the model folder ships, as `convert` does.
     """
     if not is_whole(new_tokens) or new_tokens < 0:
@@ -59,6 +108,8 @@ def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[s
         raise InputError(f"{artifact}: a {family} artifact; spexport validate compares decoder-only artifacts with "
                          "PEFT (the test suite compares the others)")
     runtime = load(artifact)
+    if runtime.manifest.quantization is not None:
+        return validate_quantized(runtime, model_dir, adapters, min_agreement, trust_remote_code)
     ids = sample_ids(runtime.info.vocab_size, rows, length, seed)
     checks = []
     # every adapter is checked against the artifact before PEFT loads the model for the first
