@@ -44,15 +44,16 @@ def token_rows(tokenizer, texts: list[str], vocab_size: int, longest: int, seed:
 
 
 def activations(graph: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The float32 graph's input to every MatMul with a constant weight, over `feeds`, by value name:
+    """The float32 graph's input to every MatMul or Gemm with a constant weight, over `feeds`, by value name:
     [rows, K] with every row of every feed (what GPTQ's H = 2·XᵀX/rows is made of)."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(graph)
     constants = {init.name for init in model.graph.initializer}
+    constants |= {node.output[0] for node in model.graph.node if node.op_type == "Identity" and node.input[0] in constants}
     names = sorted({node.input[0] for node in model.graph.node
-                    if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in constants})
+                    if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in constants})
     outputs = {out.name for out in model.graph.output}
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
                               for name in names if name not in outputs)

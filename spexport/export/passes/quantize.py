@@ -56,18 +56,18 @@ class QuantizeWeightsPass(InPlacePass):
         self.mode, self.activations = mode, activations or {}
         self.bits, self.block_size, self.accuracy_level = mode.bits, mode.block_size, mode.accuracy_level
         self.head_bits, self.share_embedding = mode.head_bits, mode.share_embedding
-        self.quantized, self.fallbacks, self.embedding = 0, {}, "float32"
+        self.quantized, self.calibrated, self.fallbacks, self.embedding = 0, 0, {}, "float32"
 
     def record(self) -> dict:
         """What was done, for the manifest's `quantization`."""
         mode = asdict(self.mode)
-        method = "GPTQ" if self.mode.gptq and self.activations else "round to nearest"
+        method = "GPTQ" if self.calibrated else "round to nearest"
         return {**mode, "method": method, "head": "float32" if self.head_bits is None else f"int{self.head_bits}",
                 "embedding": self.embedding, "matrices": self.quantized, "fallbacks": self.fallbacks}
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        self.quantized, self.fallbacks, self.embedding = 0, {}, "float32"
+        self.quantized, self.calibrated, self.fallbacks, self.embedding = 0, 0, {}, "float32"
         head = next((v.producer() for v in graph.outputs if v.name == LOGITS), None)
         replaced: list[ir.Value] = []
         curvatures: dict[str, blockwise.Curvature] = {}  # the last one only: q, k and v come together
@@ -87,6 +87,7 @@ class QuantizeWeightsPass(InPlacePass):
                 if source not in curvatures:
                     curvatures = {source: blockwise.Curvature.of(self.activations[source])}
                 curvature = curvatures[source]
+                self.calibrated += 1
             q = blockwise.quantize(weight, bits, block, curvature)
             replaced.append(node.inputs[1])
             matmul = self._replace(graph, node, q, label)
@@ -119,11 +120,11 @@ def _weight(node: ir.Node) -> tuple[np.ndarray | None, ir.Value | None]:
         return None, None
     value, table = node.inputs[1], None
     transpose = producer(value, "Transpose")
-    if transpose is not None and transpose.inputs[0].const_value is not None:
+    if transpose is not None and _constant(transpose.inputs[0]) is not None:
         table = transpose.inputs[0]
-        tensor = table.const_value
+        tensor = _constant(table)
     else:
-        tensor = value.const_value
+        tensor = _constant(value)
     if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
         return None, None
     array = tensor.numpy()
@@ -138,7 +139,14 @@ def _plain_gemm(node: ir.Node) -> bool:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     return (_integer_attribute(node, "transA", 0) == 0 and (alpha is None or alpha.as_float() == 1.0)
             and (beta is None or beta.as_float() == 1.0)
-            and (bias is None or bias.const_value is not None and len(bias.const_value.shape) == 1))
+            and (bias is None or _constant(bias) is not None and len(_constant(bias).shape) == 1))
+
+
+def _constant(value: ir.Value) -> ir.TensorProtocol | None:
+    """The constant behind `value`, through Identity nodes (how optimum shares equal initializers)."""
+    while value.const_value is None and producer(value, "Identity") is not None:
+        value = value.producer().inputs[0]
+    return value.const_value
 
 
 def _block(k: int, wanted: int) -> int | None:
@@ -158,7 +166,7 @@ def _share_embedding(graph: ir.Graph, table: ir.Value, head: ir.Node, q: blockwi
                and _integer_attribute(use.node, "axis", 0) == 0]
     if not gathers:
         return None
-    vocab, hidden = table.const_value.shape
+    vocab, hidden = _constant(table).shape
     shape = constant(graph, f"{head.name}_spx_rows_shape", np.array([vocab, hidden * q.bits // 8], np.int64))
     rows = op("Reshape", [head.inputs[1], shape], f"{head.name}_spx_rows")
     graph.insert_before(gathers[0], rows)

@@ -1,0 +1,162 @@
+"""QuantizeWeightsPass and blockwise.py on tiny graphs, against NumPy and ONNX Runtime's MatMulNBits."""
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphs import run
+from onnx import TensorProto, helper
+
+from spexport.export.passes import QuantizeWeightsPass, blockwise
+from spexport.export.passes.quantize import MODES, Mode
+
+RNG = np.random.default_rng(0)
+INT8, INT4 = MODES["int8"], MODES["int4"]
+
+
+def _model(nodes, inputs, outputs, weights: dict[str, np.ndarray]) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(w, n) for n, w in
+                                                            weights.items()])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _matmul(k: int, n: int, seed: int = 0) -> tuple[ir.Model, np.ndarray]:
+    weight = np.random.default_rng(seed).normal(0, 0.05, (k, n)).astype(np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])], {"w": weight})
+    return model, weight
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [node.op_type for node in model.graph]
+
+
+@pytest.mark.parametrize("mode", [INT8, INT4], ids=["int8", "int4"])
+def test_matmul_becomes_matmulnbits_that_computes_with_the_dequantized_weight(mode):
+    model, weight = _matmul(64, 48)
+    x = RNG.normal(size=(3, 64)).astype(np.float32)
+    exact = x @ weight
+    pass_ = QuantizeWeightsPass(dataclasses.replace(mode, accuracy_level=0))
+    quantized = pass_(model).model
+    assert _ops(quantized) == ["MatMulNBits"] and pass_.quantized == 1 and pass_.fallbacks == {}
+    assert "w" not in quantized.graph.initializers  # the float weight is gone
+    q = blockwise.quantize(weight, mode.bits, mode.block_size)
+    np.testing.assert_allclose(run(quantized, {"x": x})["y"], x @ blockwise.dequantize(q), atol=1e-5)
+    error = np.abs(run(quantized, {"x": x})["y"] - exact).max() / np.abs(exact).max()
+    assert 0 < error < (0.01 if mode.bits == 8 else 0.1)
+
+
+def test_blocks_that_do_not_fit_fall_back_per_weight_and_say_so():
+    """48 inputs do not split into blocks of 32: that weight gets blocks of 16; 24 inputs split into no
+    block MatMulNBits takes (16 at least), so that weight stays float32. Both are named."""
+    fits, w1 = _matmul(64, 8, seed=1)
+    proto = ir.to_proto(fits)
+    w2 = RNG.normal(0, 0.05, (8, 48)).astype(np.float32)
+    w3 = RNG.normal(0, 0.05, (48, 24)).astype(np.float32)
+    w4 = RNG.normal(0, 0.05, (24, 4)).astype(np.float32)
+    proto.graph.node.extend([helper.make_node("MatMul", ["y", "w2"], ["y2"], name="small_k"),
+                             helper.make_node("MatMul", ["y2", "w3"], ["y3"], name="k48"),
+                             helper.make_node("MatMul", ["y3", "w4"], ["z"], name="k24")])
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(w, n) for n, w in
+                                   [("w2", w2), ("w3", w3), ("w4", w4)])
+    del proto.graph.output[:]
+    proto.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 4]))
+    pass_ = QuantizeWeightsPass(INT4)
+    quantized = pass_(ir.from_proto(proto)).model
+    assert pass_.fallbacks == {"small_k": "float32", "k48": "block 16", "k24": "float32"}
+    assert pass_.quantized == 2 and _ops(quantized).count("MatMul") == 2
+    assert pass_.record()["fallbacks"] == pass_.fallbacks
+    x = RNG.normal(size=(2, 64)).astype(np.float32)
+    exact = x @ w1 @ w2 @ w3 @ w4
+    np.testing.assert_allclose(run(quantized, {"x": x})["z"], exact, atol=0.15 * np.abs(exact).max())
+
+
+def test_gemm_with_bias_and_transposed_weight_keeps_its_bias():
+    weight = RNG.normal(0, 0.05, (32, 64)).astype(np.float32)  # [N, K]: transB
+    bias = RNG.normal(size=32).astype(np.float32)
+    model = _model([helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1, name="fc")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 32])], {"w": weight, "c": bias})
+    quantized = QuantizeWeightsPass(dataclasses.replace(INT8, accuracy_level=0))(model).model
+    assert _ops(quantized) == ["MatMulNBits"]
+    x = RNG.normal(size=(3, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(quantized, {"x": x})["y"], x @ weight.T + bias, atol=0.01)
+
+
+def _tied(vocab: int = 40, hidden: int = 32) -> tuple[ir.Model, np.ndarray]:
+    """A token embedding whose transpose is the language-model head, as tied models export it."""
+    table = RNG.normal(0, 0.05, (vocab, hidden)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed"),
+             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")]
+    return _model(nodes, [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])],
+                  {"table": table}), table
+
+
+def test_a_tied_embedding_reads_the_heads_codes_and_is_stored_once():
+    model, table = _tied()
+    pass_ = QuantizeWeightsPass(INT4)
+    quantized = pass_(model).model
+    assert sorted(_ops(quantized)) == ["GatherBlockQuantized", "MatMulNBits", "Reshape"]
+    assert pass_.embedding == "int8, shared with the head" and pass_.record()["head"] == "int8"
+    assert not any(v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
+                   and v.const_value.size > 64 for v in quantized.graph.initializers.values())
+    ids = np.array([[0, 5, 39, 7]])
+    rows = blockwise.dequantize(blockwise.quantize(np.ascontiguousarray(table.T), 8, 32)).T  # [vocab, hidden]
+    proto = ir.to_proto(quantized)
+    proto.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 32]))
+    found = run(proto, {"input_ids": ids})
+    np.testing.assert_allclose(found["h"], rows[ids], atol=1e-6)
+    np.testing.assert_allclose(found["logits"], table[ids] @ table.T, atol=0.02)
+
+
+def test_the_head_can_stay_float32():
+    model, table = _tied()
+    pass_ = QuantizeWeightsPass(dataclasses.replace(INT4, head_bits=None))
+    quantized = pass_(model).model
+    assert sorted(_ops(quantized)) == ["Gather", "MatMul", "Transpose"] and pass_.quantized == 0
+    assert pass_.record()["head"] == "float32" and pass_.embedding == "float32"
+
+
+def test_gptq_lowers_the_error_of_the_product_on_its_calibration_activations():
+    """GPTQ spreads each row's rounding error over the rows not yet rounded, weighted by the activations:
+    X·W stays closer than with round-to-nearest (on correlated activations with a few loud inputs)."""
+    k, n = 128, 64
+    rng = np.random.default_rng(3)
+    mixing = rng.normal(size=(k, k)) / np.sqrt(k) + np.eye(k)
+    x = (rng.normal(size=(512, k)) @ mixing * np.where(rng.random(k) < 0.05, 8, 1)).astype(np.float32)
+    weight = rng.normal(0, 0.05, (k, n)).astype(np.float32)
+    errors = {}
+    for name, curvature in [("rtn", None), ("gptq", blockwise.Curvature.of(x))]:
+        q = blockwise.quantize(weight, 4, 32, curvature)
+        errors[name] = np.sqrt(((x @ blockwise.dequantize(q) - x @ weight) ** 2).mean())
+    assert errors["gptq"] < 0.9 * errors["rtn"]
+
+
+def test_graphs_inputs_outputs_and_a_gathered_bank_stay_float32():
+    """Only weights multiplied by MatMul/Gemm change: a constant read by Gather that is not a token
+    embedding feeding the head (the baked prompt bank) stays as it was."""
+    model, _ = _matmul(64, 16)
+    proto = ir.to_proto(model)
+    bank = RNG.normal(size=(3, 16)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(bank, "spx_kv_bank"))
+    proto.graph.input.append(helper.make_tensor_value_info("task_ids", TensorProto.INT64, ["b"]))
+    proto.graph.node.append(helper.make_node("Gather", ["spx_kv_bank", "task_ids"], ["picked"]))
+    proto.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["b", 16]))
+    quantized = ir.to_proto(QuantizeWeightsPass(INT8)(ir.from_proto(proto)).model)
+    kinds = {i.name: i.data_type for i in quantized.graph.initializer}
+    assert kinds["spx_kv_bank"] == TensorProto.FLOAT
+    assert all(p.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.INT64)
+               for p in [*quantized.graph.input, *quantized.graph.output])
+
+
+def test_modes_are_the_measured_settings():
+    assert MODES["int8"].bits == 8 and MODES["int4"].bits == 4
+    assert all(m.accuracy_level == 4 and m.block_size in (16, 32, 64, 128) for m in MODES.values())
+    with pytest.raises(ValueError, match="do not split"):
+        blockwise.quantize(np.zeros((24, 4), np.float32), 8, 16)
+    assert isinstance(INT8, Mode)
