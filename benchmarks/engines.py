@@ -123,8 +123,9 @@ class Genai:
         return np.stack(out, axis=1)[:, :new_tokens]
 
 
-def build_genai(model_dir: Path, out: Path, cache: Path) -> tuple[Path | None, str]:
-    """Run onnxruntime-genai's model builder (fp32, CPU); returns (folder, '') or (None, why not)."""
+def build_genai(model_dir: Path, out: Path, cache: Path, precision: str = "fp32") -> tuple[Path | None, str]:
+    """Run onnxruntime-genai's model builder (`precision`: fp32 or int4, CPU); returns (folder, '') or
+    (None, why not)."""
     import subprocess
     import sys
 
@@ -135,7 +136,7 @@ def build_genai(model_dir: Path, out: Path, cache: Path) -> tuple[Path | None, s
     except ImportError:
         return None, "onnxruntime-genai is not installed (pip install -e '.[bench]')"
     done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir),
-                           "-o", str(out), "-p", "fp32", "-e", "cpu", "-c", str(cache)],
+                           "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)],
                           capture_output=True, text=True)
     if done.returncode or not (out / "genai_config.json").is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()

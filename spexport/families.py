@@ -47,8 +47,11 @@ DECODER = Family("decoder", frozenset({"gpt2", "llama", "qwen2", "mistral", "blo
                  bake=True, quantize=("int8", "int4"), dtypes=("float32", "float16"), fusion_type="gpt2")
 # SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export/encoder).
 ENCODER = Family("encoder", frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2"}),
-                 ("SEQ_CLS", "TOKEN_CLS"), positions_after_pad=frozenset({"roberta", "xlm-roberta"}))
-# SEQ_2_SEQ_LM encoder-decoder models (export/seq2seq describes each model type's layout).
+                 ("SEQ_CLS", "TOKEN_CLS"), quantize=("int8",),
+                 positions_after_pad=frozenset({"roberta", "xlm-roberta"}))
+# SEQ_2_SEQ_LM encoder-decoder models (export/seq2seq describes each model type's layout). They stay float32:
+# no real encoder-decoder checkpoint is at hand to measure a quantized one's drift on, and T5's activations
+# are known to outgrow 8-bit ranges, so --quantize is refused rather than shipped unmeasured.
 SEQ2SEQ = Family("seq2seq", frozenset({"t5", "mt5", "bart", "mbart"}), ("SEQ_2_SEQ_LM",))
 FAMILIES = [DECODER, ENCODER, SEQ2SEQ]
 

@@ -51,7 +51,8 @@ def activations(graph: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, np
 
     model = onnx.load(graph)
     constants = {init.name for init in model.graph.initializer}
-    constants |= {node.output[0] for node in model.graph.node if node.op_type == "Identity" and node.input[0] in constants}
+    constants |= {node.output[0] for node in model.graph.node
+                  if node.op_type == "Identity" and node.input[0] in constants}  # optimum's shared initializers
     names = sorted({node.input[0] for node in model.graph.node
                     if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in constants})
     outputs = {out.name for out in model.graph.output}

@@ -11,6 +11,7 @@ label agreement over the prompts instead (every token's label for token classifi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +23,7 @@ PROMPTS = [
     "What should I pack for a weekend trip to the beach?",
 ]
 NEW_TOKENS = 16
+REFERENCE = ".float32"  # staging subfolder of the float32 graph while the drift is measured, removed before sealing
 
 
 class Reference(Protocol):
@@ -52,6 +54,22 @@ class Served:
 
     def logits(self, ids: np.ndarray, task: str) -> np.ndarray:
         return self.model.logits(ids[None], task=task)[0]
+
+
+def read_tokenizer(model_dir: Path):
+    """The model folder's tokenizer.json without its padding (the fixed texts are encoded one at a
+    time), or None."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        return None
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def prompt_rows(tokenizer, vocab_size: int, longest: int, seed: int = 0) -> list[np.ndarray]:

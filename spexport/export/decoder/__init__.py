@@ -20,6 +20,7 @@ from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.artifact.ports import stack_prefixes
 from spexport.converters import SoftPrompt
 from spexport.errors import AdapterError
+from spexport.export import drift
 from spexport.export.common import (
     BANK,
     GRAPH,
@@ -61,7 +62,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             ort_adapters.write_adapters(bank, staging)
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
-        tokenizer = quality.read_tokenizer(model_dir) if speed.quantize else None
+        tokenizer = drift.read_tokenizer(model_dir) if speed.quantize else None
         calibration = quality.calibration_feeds(tokenizer, info, bank, options.bake) if speed.quantize else None
         record = export_graph(model, info, staging, speed, baked, calibration)
         extra = {}
@@ -69,7 +70,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             options.on_step(f"measuring the {speed.quantize} graph's drift from float32")
             record["drift"] = quality.measure_drift(staging, GRAPH, info, tasks, None if options.bake else BANK,
                                                     tokenizer)
-            shutil.rmtree(staging / quality.REFERENCE)
+            shutil.rmtree(staging / drift.REFERENCE)
             extra["quantization"] = record
         if not options.bake:  # baked graphs take task_ids, which neither tasks.py nor genai can add to
             extra["prefix_graph"] = export_prefix_graph(staging, GRAPH)  # None: the graph has no token lookup
@@ -119,11 +120,11 @@ def kv_prefix(name: str, model, prompt: SoftPrompt) -> np.ndarray:
 def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None,
                  calibration: list[dict] | None = None) -> dict | None:
     """The frozen model's decoder-with-past graph, wired and sped up by `speed`, written to `out`. Quantizing,
-    the float32 graph stays beside it under quality.REFERENCE and the quantization's record is returned."""
+    the float32 graph stays beside it under drift.REFERENCE and the quantization's record is returned."""
     reference = None
     if speed.quantize:
-        (out / quality.REFERENCE).mkdir()
-        reference = out / quality.REFERENCE / GRAPH
+        (out / drift.REFERENCE).mkdir()
+        reference = out / drift.REFERENCE / GRAPH
     with tempfile.TemporaryDirectory() as raw, quiet_tracing():
         export_decoder(model, info, Path(raw) / GRAPH)
         return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference, calibration)

@@ -18,6 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from spexport.artifact.manifest import ModelInfo
+from spexport.export.calibration import activations
 from spexport.export.passes import (
     AddPrefixInputsPass,
     BakePromptBankPass,
@@ -28,9 +29,8 @@ from spexport.export.passes import (
     ScaleQueriesNotKeysPass,
     TagGraphPass,
 )
-from spexport.export.calibration import activations
-from spexport.export.passes.quantize import MODES
 from spexport.export.passes.float16 import PROTOBUF_LIMIT
+from spexport.export.passes.quantize import MODES
 from spexport.export.passes.tag import SCALED_QUERY
 from spexport.families import DECODER
 

@@ -10,22 +10,8 @@ import numpy as np
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.artifact.ports import KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, TASK_IDS
 from spexport.export import calibration, drift
+from spexport.export.drift import REFERENCE
 from spexport.families import DECODER
-
-REFERENCE = ".float32"  # staging subfolder of the float32 graph, removed before the artifact is sealed
-
-
-def read_tokenizer(model_dir: Path):
-    """The model folder's tokenizer.json as the runtime reads it, or None."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        return None
 
 
 def calibration_feeds(tokenizer, info: ModelInfo, bank: dict[str, np.ndarray], baked: bool) -> list[dict]:

@@ -30,6 +30,7 @@ from spexport.export.common import (
 )
 from spexport.export.encoder.graph import detach_body, export_body, export_head, parameters
 from spexport.export.transformers_api import cache_argument
+from spexport.export.encoder.quality import quantize_body
 from spexport.families import ENCODER, model_info
 
 HEADS = "heads"
@@ -65,8 +66,12 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         with quiet_tracing():
             export_body(body, info.num_layers, info.num_kv_heads, info.head_dim, _position_offset(model),
                         "embeddings" in kinds, "kv" in kinds, staging / GRAPH)
+        quantization = None
+        if options.quantize:
+            on_step(f"quantizing the body to {options.quantize} and measuring its label agreement")
+            quantization = quantize_body(staging, GRAPH, BANK, info, tasks, options.quantize, model_dir)
         return finish(staging, output, model_dir, family=ENCODER.name, model=info, graph=GRAPH, prompt_bank=BANK,
-                      tasks=tasks)
+                      tasks=tasks, quantization=quantization)
 
 
 def explain_unsupported(model_dir: Path, model_type: str) -> None:

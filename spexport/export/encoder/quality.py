@@ -1,0 +1,53 @@
+"""`--quantize int8` for encoders: the shared body graph gets block-wise int8 weights (the task heads
+are a few thousand numbers and stay float32), and the drift report compares each task's labels with
+the float32 body's on fixed texts (export/drift.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from spexport.artifact.manifest import Manifest, ModelInfo, Task
+from spexport.export import drift
+from spexport.export.passes import QuantizeWeightsPass, TagGraphPass
+from spexport.export.passes.float16 import PROTOBUF_LIMIT
+from spexport.export.passes.quantize import MODES
+from spexport.families import ENCODER
+
+
+def quantize_body(staging: Path, graph: str, bank: str, info: ModelInfo, tasks: list[Task], quantize: str,
+                  model_dir: Path) -> dict:
+    """Quantize `staging`/`graph` in place and return the record with its drift report (label agreement)."""
+    from spexport.runtime import EncoderModel
+    from spexport.runtime.session import pick_providers
+
+    (staging / drift.REFERENCE).mkdir()
+    shutil.move(staging / graph, staging / drift.REFERENCE / graph)
+    pass_ = QuantizeWeightsPass(MODES[quantize])
+    model = TagGraphPass(quantize, {})(pass_(ir.load(staging / drift.REFERENCE / graph)).model).model
+    proto = ir.to_proto(model)
+    onnx.save(proto, staging / graph, save_as_external_data=proto.ByteSize() > PROTOBUF_LIMIT,
+              location=graph + ".data")
+    record = pass_.record()
+
+    def served(path: str):
+        manifest = Manifest(family=ENCODER.name, model=info, graph=path, prompt_bank=bank, tasks=tasks)
+        return EncoderModel(staging, manifest, pick_providers(None))
+
+    reference, candidate = served(f"{drift.REFERENCE}/{graph}"), served(graph)
+    longest = info.max_positions - max(t.num_virtual_tokens for t in tasks) - 2
+    rows = drift.prompt_rows(drift.read_tokenizer(model_dir), info.vocab_size, max(1, longest))
+    width = max(len(row) for row in rows)
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    report = drift.encoder_drift(reference, candidate, [t.name for t in tasks], ids, mask)
+    record["drift"] = drift.as_record(report, "float32 graph", len(rows), None)
+    del reference, candidate
+    shutil.rmtree(staging / drift.REFERENCE)
+    return record
