@@ -53,8 +53,7 @@ def targets(results: dict) -> list[dict]:
     if "spexport int8" in b1:
         add("int8 decode tokens/s at batch 1 vs PEFT+PyTorch", paired_ratio(b1["spexport int8"], b1["peft+pytorch"],
                                                                             "tokens_per_s"), 2.5, True)
-        add("int8 greedy agreement with fp32 over 64 tokens", model["drift"]["spexport int8"]["greedy_agreement"],
-            0.9, True, "")
+        # int8's agreement target is measured on a trained checkpoint: benchmarks/quantization.py
     one, hundred = memory["1"], memory["100"]
     model_only = one["rss_served"] - one["bank_bytes"]
     add("resident memory with 100 tasks vs model + 1.1 × their prompt bytes",

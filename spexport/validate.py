@@ -49,7 +49,7 @@ def validate_quantized(runtime, model_dir: str | Path, adapters: list[tuple[str,
     recorded = (runtime.manifest.quantization.get("drift") or {}).get("tasks", {})
     info = runtime.info
     longest = info.max_positions - max(t.num_virtual_tokens for t in runtime.manifest.tasks) - drift.NEW_TOKENS
-    rows = drift.prompt_rows(runtime.tokenizer, info.vocab_size, max(1, longest))
+    rows = drift.prompt_rows(drift.TextEncoder(Path(model_dir)), info.vocab_size, max(1, longest))
     checks = []
     for name, folder in parse_adapters(adapters):
         tasks = _artifact_tasks(name, Path(folder), runtime.tasks)

@@ -1,7 +1,8 @@
-"""Calibration for GPTQ: a few fixed texts through the artifact's own tokenizer (fixed random token
-ids when there is none), run through the float32 graph to collect the activations each weight
-multiplies. Nothing is downloaded; the texts differ from the drift report's prompts (drift.py), so
-the report does not measure the quantizer on what it was fitted to."""
+"""Calibration for GPTQ: a few fixed texts through the artifact's own tokenizer (as chat turns where
+the model has a chat template; fixed random token ids when there is no tokenizer), run through the
+float32 graph to collect the activations each weight multiplies. Nothing is downloaded; the texts
+differ from the drift report's prompts (drift.py), so the report does not measure the quantizer on
+what it was fitted to."""
 
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ TEXTS = [
 ]
 
 
-def token_rows(tokenizer, texts: list[str], vocab_size: int, longest: int, seed: int = 0) -> list[np.ndarray]:
-    """Each text's token ids (at most `longest`), or, without a tokenizer, as many rows of fixed random
-    ids of the same length."""
-    if tokenizer is None:
+def token_rows(text, texts: list[str], vocab_size: int, longest: int, seed: int = 0) -> list[np.ndarray]:
+    """Each text's token ids (at most `longest`) from `text` (drift.TextEncoder: a chat template's user turn
+    where the model has one), or, without a tokenizer, as many rows of fixed random ids."""
+    if text is None or not text.available:
         rng = np.random.default_rng(seed)
         return [rng.integers(0, vocab_size, min(longest, 32), dtype=np.int64) for _ in texts]
-    rows = [np.array(tokenizer.encode(text).ids[:longest], np.int64) for text in texts]
+    rows = [np.array(text.ids(t, reply_follows=False)[:longest], np.int64) for t in texts]
     return [row for row in rows if len(row)]
 
 

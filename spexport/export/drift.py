@@ -1,11 +1,12 @@
 """The drift report: how far a quantized artifact's answers move from float32's, per task.
 
-For each task and each fixed prompt (text through the artifact's tokenizer, fixed random token ids
-without one), the reference (the float32 graph at convert time, PEFT in `spexport validate`) writes
-its own greedy continuation. Both models then read prompt + continuation in one pass (teacher
-forcing): agreement is the share of continuation tokens where the quantized model's top-1 token is
-the reference's, and max |Δlogits| the largest logit difference at those positions. Encoders report
-label agreement over the prompts instead (every token's label for token classifiers).
+For each task and each fixed prompt (a user turn through the model's chat template, or text through
+its tokenizer; fixed random token ids without one), the reference (the float32 graph at convert
+time, PEFT in `spexport validate`) writes its own greedy continuation. Both models then read
+prompt + continuation in one pass (teacher forcing): agreement is the share of continuation tokens
+where the quantized model's top-1 token is the reference's, and max |Δlogits| the largest logit
+difference at those positions. Encoders report label agreement over the prompts instead (every
+token's label for token classifiers).
 """
 
 from __future__ import annotations
@@ -56,28 +57,48 @@ class Served:
         return self.model.logits(ids[None], task=task)[0]
 
 
-def read_tokenizer(model_dir: Path):
-    """The model folder's tokenizer.json without its padding (the fixed texts are encoded one at a
-    time), or None."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
+class TextEncoder:
+    """Fixed texts as token ids, the way a request would send them: a user turn through the model's chat
+    template when its folder has one (transformers' apply_chat_template), else tokenizer.json as the
+    runtime reads it, without its padding. `available` is False when the folder has no tokenizer."""
 
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        return None
-    tokenizer.no_padding()
-    return tokenizer
+    def __init__(self, model_dir: Path):
+        self.tokenizer, self.chat = None, None
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            return
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception:  # the tokenizers library raises a bare Exception for a file it cannot parse
+            return
+        self.tokenizer.no_padding()
+        try:
+            from transformers import AutoTokenizer
+
+            chat = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.chat = chat if getattr(chat, "chat_template", None) else None
+        except Exception:  # no transformers tokenizer for this folder: plain text is what a client sends
+            self.chat = None
+
+    @property
+    def available(self) -> bool:
+        return self.tokenizer is not None
+
+    def ids(self, text: str, reply_follows: bool = True) -> list[int]:
+        if self.chat is not None:
+            return list(self.chat.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                      add_generation_prompt=reply_follows, return_dict=False))
+        return self.tokenizer.encode(text).ids
 
 
-def prompt_rows(tokenizer, vocab_size: int, longest: int, seed: int = 0) -> list[np.ndarray]:
+def prompt_rows(text: TextEncoder | None, vocab_size: int, longest: int, seed: int = 0) -> list[np.ndarray]:
     """The drift prompts' token ids, each at most `longest` long; fixed random ids without a tokenizer."""
-    if tokenizer is None:
+    if text is None or not text.available:
         rng = np.random.default_rng(seed)
         return [rng.integers(0, vocab_size, max(1, min(longest, 12)), dtype=np.int64) for _ in PROMPTS]
-    rows = [np.array(tokenizer.encode(text).ids[:longest], np.int64) for text in PROMPTS]
+    rows = [np.array(text.ids(prompt)[-longest:], np.int64) for prompt in PROMPTS]
     return [row for row in rows if len(row)] or [np.zeros(1, np.int64)]
 
 

@@ -62,7 +62,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             ort_adapters.write_adapters(bank, staging)
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
-        tokenizer = drift.read_tokenizer(model_dir) if speed.quantize else None
+        tokenizer = drift.TextEncoder(model_dir) if speed.quantize else None
         calibration = quality.calibration_feeds(tokenizer, info, bank, options.bake) if speed.quantize else None
         record = export_graph(model, info, staging, speed, baked, calibration)
         extra = {}

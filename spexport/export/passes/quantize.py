@@ -43,7 +43,7 @@ class Mode:
 
 
 MODES = {"int8": Mode(bits=8, block_size=16, accuracy_level=4, head_bits=8, share_embedding=True, gptq=True),
-         "int4": Mode(bits=4, block_size=32, accuracy_level=4, head_bits=8, share_embedding=True, gptq=True)}
+         "int4": Mode(bits=4, block_size=16, accuracy_level=4, head_bits=8, share_embedding=True, gptq=True)}
 
 
 class QuantizeWeightsPass(InPlacePass):
