@@ -112,7 +112,7 @@ def test_the_drift_report_is_in_the_manifest_for_every_task(tiny, quantize):
     from spexport.artifact.manifest import Manifest
 
     record = Manifest.read(_artifact(tiny, f"{quantize}-False", quantize=quantize)).quantization
-    assert record["bits"] == int(quantize[3:]) and record["method"] == "GPTQ" and record["fallbacks"] == {}
+    assert record["bits"] == int(quantize[3:]) and record["method"] == "round to nearest" and record["fallbacks"] == {}
     assert record["matrices"] > 0 and record["head"] == "int8"
     drift = record["drift"]
     assert drift["reference"] == "float32 graph" and drift["prompts"] == 4 and drift["new_tokens"] == 16
@@ -166,7 +166,7 @@ def test_cli_convert_passes_the_speed_flags(tiny, tmp_path):
     # unfused: the only contrib operators are the quantized ones
     assert {node.op_type for node in graph.graph.node if node.domain not in ("", "ai.onnx")} <= {
         "MatMulNBits", "GatherBlockQuantized"}
-    assert "int8 weights (GPTQ, blocks of 16" in result.output
+    assert "int8 weights (round to nearest, blocks of 16" in result.output
     assert "drift from the float32 graph (4 fixed prompts, 16 greedy tokens each):" in result.output
     assert all(any(line.split()[:1] == [task] for line in result.output.splitlines()) for task in TASKS)
 

@@ -62,14 +62,12 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             ort_adapters.write_adapters(bank, staging)
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
-        tokenizer = drift.TextEncoder(model_dir) if speed.quantize else None
-        calibration = quality.calibration_feeds(tokenizer, info, bank, options.bake) if speed.quantize else None
-        record = export_graph(model, info, staging, speed, baked, calibration)
+        record = export_graph(model, info, staging, speed, baked)
         extra = {}
         if record is not None:
             options.on_step(f"measuring the {speed.quantize} graph's drift from float32")
             record["drift"] = quality.measure_drift(staging, GRAPH, info, tasks, None if options.bake else BANK,
-                                                    tokenizer)
+                                                    drift.TextEncoder(model_dir))
             shutil.rmtree(staging / drift.REFERENCE)
             extra["quantization"] = record
         if not options.bake:  # baked graphs take task_ids, which neither tasks.py nor genai can add to
@@ -117,8 +115,7 @@ def kv_prefix(name: str, model, prompt: SoftPrompt) -> np.ndarray:
     return kv
 
 
-def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None,
-                 calibration: list[dict] | None = None) -> dict | None:
+def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> dict | None:
     """The frozen model's decoder-with-past graph, wired and sped up by `speed`, written to `out`. Quantizing,
     the float32 graph stays beside it under drift.REFERENCE and the quantization's record is returned."""
     reference = None
@@ -127,4 +124,4 @@ def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None,
         reference = out / drift.REFERENCE / GRAPH
     with tempfile.TemporaryDirectory() as raw, quiet_tracing():
         export_decoder(model, info, Path(raw) / GRAPH)
-        return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference, calibration)
+        return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference)

@@ -18,7 +18,6 @@ import onnx
 import onnx_ir as ir
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.export.calibration import activations
 from spexport.export.passes import (
     AddPrefixInputsPass,
     BakePromptBankPass,
@@ -49,13 +48,12 @@ class Speed:
         return self.quantize or self.dtype
 
     def build(self, raw: Path, info: ModelInfo, path: Path, bank: tuple[np.ndarray, np.ndarray] | None = None,
-              reference: Path | None = None, calibration: list[dict] | None = None) -> dict | None:
+              reference: Path | None = None) -> dict | None:
         """Wire the prefix inputs (or a baked `bank`: kv [tasks, ...] and mask [tasks, n]) into the plain
         decoder graph at `raw`, speed it up, tag it and write it to `path`.
 
-        Quantizing, the float32 graph is also written to `reference` (for the drift report), GPTQ
-        calibrates on the graph's activations for `calibration`'s feeds, and the quantization's record
-        (passes/quantize.py's `record`) is returned; otherwise None."""
+        Quantizing, the float32 graph is also written to `reference` (for the drift report) and the
+        quantization's record (passes/quantize.py's `record`) is returned; otherwise None."""
         model = ir.load(raw)
         structure = [AddPrefixInputsPass(info.num_layers, info.num_kv_heads, info.head_dim)]
         if bank is not None:
@@ -74,9 +72,7 @@ class Speed:
         record = None
         if self.quantize is not None:
             _save(TagGraphPass("float32", fusions)(model).model, reference)
-            mode = MODES[self.quantize]
-            found = activations(reference, calibration) if mode.gptq and calibration else None
-            quantize = QuantizeWeightsPass(mode, found)
+            quantize = QuantizeWeightsPass(MODES[self.quantize])
             model = quantize(model).model
             record = quantize.record()
         _save(TagGraphPass(self.weights, fusions)(model).model, path)

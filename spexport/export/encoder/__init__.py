@@ -29,8 +29,8 @@ from spexport.export.common import (
     read_model_type,
 )
 from spexport.export.encoder.graph import detach_body, export_body, export_head, parameters
-from spexport.export.transformers_api import cache_argument
 from spexport.export.encoder.quality import quantize_body
+from spexport.export.transformers_api import cache_argument
 from spexport.families import ENCODER, model_info
 
 HEADS = "heads"

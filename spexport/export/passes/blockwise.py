@@ -1,16 +1,17 @@
 """Block-wise weight quantization in numpy, packed the way ONNX Runtime's `MatMulNBits` reads it.
 
-A weight [K, N] (ONNX MatMul's B: K inputs, N outputs) is cut into blocks of `block_size` along K.
-Each block of each output column gets its own scale and an integer zero point (asymmetric: the grid
-covers the block's own range). Integer zero points keep ONNX Runtime's fast prepacked CPU kernels;
-float zero points send MatMulNBits to a path that dequantizes the whole weight on every call.
+A weight [K, N] (ONNX MatMul's B: K inputs, N outputs) is cut into blocks of `block_size` along K, and
+each block of each output column is rounded to the nearest point of its own grid of 2^bits values:
+the block's min-max range cut into equal steps (round to nearest, RTN).
 
-Two ways to choose the codes:
-- round to nearest (RTN), with a search over clipped ranges that minimises each block's squared
-  error (it helps 4 bits, and never picks a worse range than the plain min-max one);
-- GPTQ (Frantar et al. 2022), given H = 2·XᵀX of the activations the weight multiplies: rounds one
-  input row at a time and spreads its error over the rows not yet rounded, weighted by H⁻¹, so the
-  product X·W, not W itself, stays close. The activations come from a few fixed calibration texts.
+MatMulNBits' fast CPU kernels take integer zero points only, so a grid that starts at the block's minimum
+can only be placed to within half a step. That offset is the same for all of a block's weights, so its
+errors add up in the product instead of averaging out; at 4 bits it costs most of the agreement (SmolLM2:
+0.75 top-1 agreement with float32, 0.95 without it). `offsets=True` keeps the exact grid: the remainder
+of each block's minimum after its integer zero point is returned as `residuals` [k_blocks, N], which the
+graph adds as (the activations' sum over each block) @ residuals (passes/quantize.py). Float zero
+points would say the same thing, but send MatMulNBits to a path that dequantizes the whole weight on
+every call (~35× slower per product at 4 bits; refused at 8).
 """
 
 from __future__ import annotations
@@ -19,15 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CLIP_STEPS = np.linspace(1.0, 0.75, 11)  # fractions of the min-max range tried by the clip search
-DAMPING = 0.01  # GPTQ: fraction of H's mean diagonal added to it, for a stable inverse
-GPTQ_ROWS = 128  # GPTQ: input rows updated together before the rest of the weight is
-
 
 @dataclass
 class Quantized:
-    """MatMulNBits' inputs for one weight: B [N, k_blocks, block bytes], scales [N, k_blocks] and
-    packed uint8 zero points [N, ceil(k_blocks · bits / 8)]."""
+    """MatMulNBits' inputs for one weight: B [N, k_blocks, block bytes], scales [N, k_blocks] and packed
+    uint8 zero points [N, ceil(k_blocks · bits / 8)]; residuals [k_blocks, N] or None (see above)."""
 
     packed: np.ndarray
     scales: np.ndarray
@@ -35,6 +32,7 @@ class Quantized:
     bits: int
     block_size: int
     shape: tuple[int, int]  # K, N
+    residuals: np.ndarray | None = None
 
 
 def fits(k: int, block_size: int) -> bool:
@@ -43,101 +41,43 @@ def fits(k: int, block_size: int) -> bool:
     return k % block_size == 0
 
 
-@dataclass
-class Curvature:
-    """What GPTQ needs from the activations X [rows, K] that a weight multiplies: the upper Cholesky
-    factor of (H + damping)⁻¹ with H = 2·XᵀX/rows, and the inputs that never fire. Weights that read
-    the same activations (queries, keys and values) share one."""
-
-    inverse: np.ndarray
-    dead: np.ndarray
-
-    @classmethod
-    def of(cls, activations: np.ndarray) -> Curvature:
-        x = activations.reshape(-1, activations.shape[-1]).astype(np.float64)
-        h = 2 * x.T @ x / len(x)
-        dead = np.diag(h) == 0
-        h[dead, dead] = 1
-        h[np.diag_indices(len(h))] += DAMPING * np.mean(np.diag(h))
-        return cls(np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32), dead)
-
-
-def quantize(weight: np.ndarray, bits: int, block_size: int, curvature: Curvature | None = None) -> Quantized:
-    """Codes for `weight` [K, N]: GPTQ when the activations' `curvature` is given, else round to nearest."""
+def quantize(weight: np.ndarray, bits: int, block_size: int, offsets: bool = False) -> Quantized:
+    """Codes for `weight` [K, N], rounded to nearest on each block's grid."""
     k, n = weight.shape
     if not fits(k, block_size):
         raise ValueError(f"{k} inputs do not split into blocks of {block_size}")
-    if curvature is None:
-        codes, scales, zeros = _round_to_nearest(weight.astype(np.float64), bits, block_size)
+    top = 2 ** bits - 1
+    blocks = weight.astype(np.float64).reshape(k // block_size, block_size, n)
+    low, high = blocks.min(axis=1), blocks.max(axis=1)
+    if not offsets:  # the grid must hold 0, so that the zero point is one of its codes
+        low, high = np.minimum(low, 0), np.maximum(high, 0)
+    scales = np.where(high > low, (high - low) / top, 1.0)
+    zeros = np.clip(np.round(-low / scales), 0, top)
+    if offsets:  # codes count steps from the block's own minimum; the zero point's shortfall is the residual
+        codes = np.round((blocks - low[:, None]) / scales[:, None])
+        residuals = (low + zeros * scales).astype(np.float32)
     else:
-        codes, scales, zeros = _gptq(weight.astype(np.float32), curvature, bits, block_size)
-    packed, zero_points = _pack(codes.T.reshape(n, k // block_size, block_size), zeros.T.astype(np.uint8), bits)
-    return Quantized(packed, np.ascontiguousarray(scales.T, np.float32), zero_points, bits, block_size, (k, n))
+        codes, residuals = np.round(blocks / scales[:, None]) + zeros[:, None], None
+    codes = np.clip(codes, 0, top).astype(np.uint8)
+    packed, zero_points = _pack(codes.transpose(2, 0, 1), zeros.T.astype(np.uint8), bits)
+    return Quantized(packed, np.ascontiguousarray(scales.T, np.float32), zero_points, bits, block_size, (k, n),
+                     residuals)
 
 
 def dequantize(q: Quantized) -> np.ndarray:
-    """The weight [K, N] that MatMulNBits computes with (for tests and error reports)."""
+    """The weight [K, N] that the graph computes with (for tests and error reports)."""
     k, n = q.shape
-    codes, zeros = _unpack(q.packed, q.zero_points, q.bits, q.block_size, k // q.block_size)
-    return ((codes.astype(np.float32) - zeros[..., None]) * q.scales[..., None]).reshape(n, k).T
+    blocks = k // q.block_size
+    codes, zeros = _unpack(q.packed, q.zero_points, q.bits, q.block_size, blocks)
+    values = (codes.astype(np.float32) - zeros[..., None]) * q.scales[..., None]  # [N, k_blocks, block]
+    if q.residuals is not None:
+        values += q.residuals.T[..., None]
+    return values.reshape(n, k).T
 
 
-def _grid(block: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and integer zero point per column of `block` [rows, N] that minimise its squared error
-    over the clipped ranges tried (the range always holds 0, so the zero point is a valid code)."""
-    top = 2 ** bits - 1
-    low, high = np.minimum(block.min(axis=0), 0), np.maximum(block.max(axis=0), 0)
-    flat = (low == 0) & (high == 0)
-    low, high = np.where(flat, -1, low), np.where(flat, 1, high)
-    best = np.full(block.shape[1], np.inf)
-    scale, zero = np.ones(block.shape[1]), np.zeros(block.shape[1])
-    for fraction in CLIP_STEPS:
-        s = (high - low) * fraction / top
-        z = np.round(-low * fraction / s)
-        error = (((np.clip(np.round(block / s) + z, 0, top) - z) * s - block) ** 2).sum(axis=0)
-        better = error < best
-        best[better], scale[better], zero[better] = error[better], s[better], z[better]
-    return scale, zero
-
-
-def _round_to_nearest(weight: np.ndarray, bits: int, block_size: int):
-    k, n = weight.shape
-    top = 2 ** bits - 1
-    codes = np.empty((k, n), np.uint8)
-    scales, zeros = np.empty((k // block_size, n)), np.empty((k // block_size, n))
-    for b in range(k // block_size):
-        rows = slice(b * block_size, (b + 1) * block_size)
-        scales[b], zeros[b] = _grid(weight[rows], bits)
-        codes[rows] = np.clip(np.round(weight[rows] / scales[b]) + zeros[b], 0, top)
-    return codes, scales, zeros
-
-
-def _gptq(weight: np.ndarray, curvature: Curvature, bits: int, block_size: int):
-    """GPTQ's lazy-batch algorithm over input rows in order; each block's grid is chosen when its
-    first row comes up, from the rows as earlier errors have left them."""
-    k, n = weight.shape
-    top = 2 ** bits - 1
-    inverse = curvature.inverse
-    weight = weight.copy()
-    weight[curvature.dead] = 0  # inputs that never fire: their rows cannot matter
-    codes = np.empty((k, n), np.uint8)
-    scales, zeros = np.empty((k // block_size, n)), np.empty((k // block_size, n))
-    step = max(GPTQ_ROWS, block_size)
-    for start in range(0, k, step):
-        end = min(start + step, k)
-        rows, errors, inv = weight[start:end].copy(), np.zeros((end - start, n), np.float32), inverse[start:end,
-                                                                                                    start:end]
-        for i in range(end - start):
-            if (start + i) % block_size == 0:
-                b = (start + i) // block_size
-                scales[b], zeros[b] = _grid(rows[i:i + block_size], bits)
-                s, z = scales[b].astype(np.float32), zeros[b].astype(np.float32)
-            code = np.clip(np.round(rows[i] / s) + z, 0, top)
-            codes[start + i] = code
-            errors[i] = (rows[i] - (code - z) * s) / inv[i, i]
-            rows[i:] -= np.outer(inv[i, i:], errors[i])
-        weight[end:] -= inverse[start:end, end:].T @ errors
-    return codes, scales, zeros
+def block_sums(k: int, block_size: int) -> np.ndarray:
+    """[K, k_blocks] of ones and zeros: activations @ it sums each block of inputs."""
+    return np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32))
 
 
 def _pack(codes: np.ndarray, zeros: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,10 @@ Activations, the graph's inputs and outputs, the KV cache and the prompt bank (a
 baked constants read by Gather) stay float32, so the artifact's interface does not change.
 `accuracy_level` 4 lets ONNX Runtime quantize each activation block to int8 inside the product; on
 CPUs that is the only fast 8-bit kernel (at level 0 an 8-bit MatMulNBits dequantizes its whole weight
-on every call and runs many times slower than float32).
+on every call and runs ~70× slower than at level 4).
+
+With `offsets`, each weight's blocks keep their exact minimum (blockwise.py): the product becomes
+MatMulNBits(x) + (x @ block_sums) @ residuals, the block sums shared by the weights that read the same x.
 
 The language-model head (the MatMul that makes `logits`) gets `head_bits`; where its weight is the
 token embedding transposed (tied weights), `share_embedding` makes the embedding's Gather read the
@@ -39,38 +42,37 @@ class Mode:
     accuracy_level: int  # MatMulNBits': 4 = int8 activations inside the product (the fast CPU kernels)
     head_bits: int | None  # the language-model head's bits; None keeps it float32
     share_embedding: bool  # a tied token embedding reads the head's codes (GatherBlockQuantized)
-    gptq: bool  # GPTQ on calibration activations where there are any, else round to nearest
+    offsets: bool  # exact block minimums through a float residual term (the head never takes one)
 
 
-MODES = {"int8": Mode(bits=8, block_size=16, accuracy_level=4, head_bits=8, share_embedding=True, gptq=True),
-         "int4": Mode(bits=4, block_size=16, accuracy_level=4, head_bits=8, share_embedding=True, gptq=True)}
+MODES = {"int8": Mode(bits=8, block_size=16, accuracy_level=4, head_bits=8, share_embedding=True, offsets=False),
+         "int4": Mode(bits=4, block_size=32, accuracy_level=4, head_bits=8, share_embedding=True, offsets=True)}
 
 
 class QuantizeWeightsPass(InPlacePass):
     """`quantized` counts the weights rewritten; `fallbacks` maps a weight's MatMul to what it got
     instead of `block_size` ("block 16", "float32"); `embedding` says how the token table is stored."""
 
-    def __init__(self, mode: Mode, activations: dict[str, np.ndarray] | None = None):
-        """activations: each MatMul input's calibration values [rows, K], by value name (GPTQ)."""
+    def __init__(self, mode: Mode):
         super().__init__()
-        self.mode, self.activations = mode, activations or {}
+        self.mode = mode
         self.bits, self.block_size, self.accuracy_level = mode.bits, mode.block_size, mode.accuracy_level
         self.head_bits, self.share_embedding = mode.head_bits, mode.share_embedding
-        self.quantized, self.calibrated, self.fallbacks, self.embedding = 0, 0, {}, "float32"
+        self.quantized, self.fallbacks, self.embedding = 0, {}, "float32"
 
     def record(self) -> dict:
         """What was done, for the manifest's `quantization`."""
         mode = asdict(self.mode)
-        method = "GPTQ" if self.calibrated else "round to nearest"
-        return {**mode, "method": method, "head": "float32" if self.head_bits is None else f"int{self.head_bits}",
-                "embedding": self.embedding, "matrices": self.quantized, "fallbacks": self.fallbacks}
+        head = "float32" if self.head_bits is None else f"int{self.head_bits}"
+        return {**mode, "method": "round to nearest", "head": head, "embedding": self.embedding,
+                "matrices": self.quantized, "fallbacks": self.fallbacks}
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        self.quantized, self.calibrated, self.fallbacks, self.embedding = 0, 0, {}, "float32"
+        self.quantized, self.fallbacks, self.embedding = 0, {}, "float32"
         head = next((v.producer() for v in graph.outputs if v.name == LOGITS), None)
         replaced: list[ir.Value] = []
-        curvatures: dict[str, blockwise.Curvature] = {}  # the last one only: q, k and v come together
+        sums: dict[tuple[ir.Value, int], ir.Value] = {}  # (input, block size) -> its block sums
         for node in [n for n in graph if n.op_type in ("MatMul", "Gemm")]:
             weight, table = _weight(node)
             if weight is None or (node is head and self.head_bits is None):
@@ -82,15 +84,9 @@ class QuantizeWeightsPass(InPlacePass):
                 self.fallbacks[label] = "float32" if block is None else f"block {block}"
             if block is None:
                 continue
-            curvature, source = None, node.inputs[0].name
-            if self.mode.gptq and node is not head and source in self.activations:
-                if source not in curvatures:
-                    curvatures = {source: blockwise.Curvature.of(self.activations[source])}
-                curvature = curvatures[source]
-                self.calibrated += 1
-            q = blockwise.quantize(weight, bits, block, curvature)
+            q = blockwise.quantize(weight, bits, block, offsets=self.mode.offsets and node is not head)
             replaced.append(node.inputs[1])
-            matmul = self._replace(graph, node, q, label)
+            matmul = self._replace(graph, node, q, label, sums)
             if node is head and table is not None and self.share_embedding:
                 self.embedding = _share_embedding(graph, table, matmul, q) or self.embedding
             self.quantized += 1
@@ -99,7 +95,9 @@ class QuantizeWeightsPass(InPlacePass):
         _drop_unused(graph, replaced)
         return PassResult(model, modified=bool(self.quantized))
 
-    def _replace(self, graph: ir.Graph, node: ir.Node, q: blockwise.Quantized, label: str) -> ir.Node:
+    def _replace(self, graph: ir.Graph, node: ir.Node, q: blockwise.Quantized, label: str,
+                 sums: dict[tuple[ir.Value, int], ir.Value]) -> ir.Node:
+        """MatMulNBits (plus the residual term) in place of `node`; returns the MatMulNBits node."""
         k, n = q.shape
         inputs = [node.inputs[0]] + [constant(graph, f"{label}_spx_q{q.bits}{suffix}", array) for suffix, array in
                                      [("", q.packed), ("_scales", q.scales), ("_zero_points", q.zero_points)]]
@@ -109,7 +107,18 @@ class QuantizeWeightsPass(InPlacePass):
         if self.accuracy_level:
             attributes["accuracy_level"] = self.accuracy_level
         matmul = ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{label}_spx_q{q.bits}")
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [matmul], node.outputs, matmul.outputs)
+        nodes = [matmul]
+        if q.residuals is not None:
+            key = (node.inputs[0], q.block_size)
+            if key not in sums:
+                ones = constant(graph, f"{label}_spx_block_sums_of", blockwise.block_sums(k, q.block_size))
+                summed = op("MatMul", [node.inputs[0], ones], f"{label}_spx_block_sums")
+                nodes.insert(0, summed)
+                sums[key] = summed.outputs[0]
+            residuals = constant(graph, f"{label}_spx_residuals", q.residuals)
+            offset = op("MatMul", [sums[key], residuals], f"{label}_spx_offset")
+            nodes += [offset, op("Add", [matmul.outputs[0], offset.outputs[0]], f"{label}_spx_sum")]
+        ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, node.outputs, nodes[-1].outputs)
         return matmul
 
 

@@ -41,12 +41,14 @@ def test_matmul_becomes_matmulnbits_that_computes_with_the_dequantized_weight(mo
     exact = x @ weight
     pass_ = QuantizeWeightsPass(dataclasses.replace(mode, accuracy_level=0))
     quantized = pass_(model).model
-    assert _ops(quantized) == ["MatMulNBits"] and pass_.quantized == 1 and pass_.fallbacks == {}
+    # with offsets: the block sums of x, MatMulNBits, the sums times the residuals, and their sum
+    assert _ops(quantized) == (["MatMul", "MatMulNBits", "MatMul", "Add"] if mode.offsets else ["MatMulNBits"])
+    assert pass_.quantized == 1 and pass_.fallbacks == {}
     assert "w" not in quantized.graph.initializers  # the float weight is gone
-    q = blockwise.quantize(weight, mode.bits, mode.block_size)
+    q = blockwise.quantize(weight, mode.bits, mode.block_size, mode.offsets)
     np.testing.assert_allclose(run(quantized, {"x": x})["y"], x @ blockwise.dequantize(q), atol=1e-5)
     error = np.abs(run(quantized, {"x": x})["y"] - exact).max() / np.abs(exact).max()
-    assert 0 < error < (0.01 if mode.bits == 8 else 0.1)
+    assert 0 < error < (0.01 if mode.bits == 8 else 0.15)
 
 
 def test_blocks_that_do_not_fit_fall_back_per_weight_and_say_so():
@@ -64,7 +66,7 @@ def test_blocks_that_do_not_fit_fall_back_per_weight_and_say_so():
                                    [("w2", w2), ("w3", w3), ("w4", w4)])
     del proto.graph.output[:]
     proto.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 4]))
-    pass_ = QuantizeWeightsPass(dataclasses.replace(INT4, block_size=32))
+    pass_ = QuantizeWeightsPass(dataclasses.replace(INT4, block_size=32, offsets=False))
     quantized = pass_(ir.from_proto(proto)).model
     assert pass_.fallbacks == {"small_k": "float32", "k48": "block 16", "k24": "float32"}
     assert pass_.quantized == 2 and _ops(quantized).count("MatMul") == 2
@@ -106,7 +108,8 @@ def test_a_tied_embedding_reads_the_heads_codes_and_is_stored_once():
     assert not any(v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
                    and v.const_value.size >= table.size // 4 for v in quantized.graph.initializers.values())
     ids = np.array([[0, 5, 39, 7]])
-    rows = blockwise.dequantize(blockwise.quantize(np.ascontiguousarray(table.T), 8, INT4.block_size)).T  # [vocab, hidden]
+    head = blockwise.quantize(np.ascontiguousarray(table.T), 8, INT4.block_size)
+    rows = blockwise.dequantize(head).T  # [vocab, hidden]
     proto = ir.to_proto(quantized)
     proto.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 32]))
     found = run(proto, {"input_ids": ids})
@@ -122,19 +125,45 @@ def test_the_head_can_stay_float32():
     assert pass_.record()["head"] == "float32" and pass_.embedding == "float32"
 
 
-def test_gptq_lowers_the_error_of_the_product_on_its_calibration_activations():
-    """GPTQ spreads each row's rounding error over the rows not yet rounded, weighted by the activations:
-    X·W stays closer than with round-to-nearest (on correlated activations with a few loud inputs)."""
-    k, n = 128, 64
-    rng = np.random.default_rng(3)
-    mixing = rng.normal(size=(k, k)) / np.sqrt(k) + np.eye(k)
-    x = (rng.normal(size=(512, k)) @ mixing * np.where(rng.random(k) < 0.05, 8, 1)).astype(np.float32)
-    weight = rng.normal(0, 0.05, (k, n)).astype(np.float32)
-    errors = {}
-    for name, curvature in [("rtn", None), ("gptq", blockwise.Curvature.of(x))]:
-        q = blockwise.quantize(weight, 4, 32, curvature)
-        errors[name] = np.sqrt(((x @ blockwise.dequantize(q) - x @ weight) ** 2).mean())
-    assert errors["gptq"] < 0.9 * errors["rtn"]
+def _on_block_grids(k: int, n: int, block: int) -> np.ndarray:
+    """A weight whose every block of every column is 16 equal steps up from its own float minimum (as a
+    GGUF Q4_1 checkpoint's weights are, in blocks of 32 inputs)."""
+    rng = np.random.default_rng(5)
+    steps = rng.uniform(0.001, 0.01, (k // block, 1, n))
+    lows = -rng.uniform(0, 15, (k // block, 1, n)) * steps
+    codes = rng.integers(0, 16, (k // block, block, n))
+    codes[:, 0], codes[:, 1] = 0, 15  # every block spans its whole grid
+    return (lows + codes * steps).reshape(k, n).astype(np.float32)
+
+
+def test_offsets_keep_each_blocks_float_minimum():
+    """Integer zero points place a block's grid to within half a step; the residual term puts it back:
+    a weight already on such grids comes back exactly, through ONNX Runtime too."""
+    weight = _on_block_grids(64, 24, 32)
+    exact, shifted = (blockwise.quantize(weight, 4, 32, offsets) for offsets in (True, False))
+    assert np.abs(blockwise.dequantize(exact) - weight).max() < 1e-6
+    assert np.abs(blockwise.dequantize(shifted) - weight).max() > 1e-4
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 64])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 24])], {"w": weight})
+    quantized = QuantizeWeightsPass(dataclasses.replace(INT4, accuracy_level=0))(model).model
+    x = RNG.normal(size=(2, 3, 64)).astype(np.float32)
+    np.testing.assert_allclose(run(quantized, {"x": x})["y"], x @ weight, atol=1e-5)
+
+
+def test_weights_that_read_the_same_input_share_its_block_sums():
+    w1, w2 = _on_block_grids(64, 8, 32), _on_block_grids(64, 16, 32)
+    model = _model([helper.make_node("MatMul", ["x", "w1"], ["y1"], name="q"),
+                    helper.make_node("MatMul", ["x", "w2"], ["y2"], name="k")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                   [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["b", n]) for y, n in [("y1", 8), ("y2", 16)]],
+                   {"w1": w1, "w2": w2})
+    quantized = QuantizeWeightsPass(dataclasses.replace(INT4, accuracy_level=0))(model).model
+    assert _ops(quantized).count("MatMul") == 3  # one block sum, two residual products
+    x = RNG.normal(size=(2, 64)).astype(np.float32)
+    found = run(quantized, {"x": x})
+    np.testing.assert_allclose(found["y1"], x @ w1, atol=1e-5)
+    np.testing.assert_allclose(found["y2"], x @ w2, atol=1e-5)
 
 
 def test_graphs_inputs_outputs_and_a_gathered_bank_stay_float32():
