@@ -54,14 +54,14 @@ TARGETS = [  # (key, what, limit, met(value)) — issue #15
 
 def build_adapters(model_dir: Path, root: Path) -> list[tuple[str, Path]]:
     """Prompt-tuning adapters initialised from each task's instruction (PEFT's TEXT init)."""
-    import torch
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     adapters = []
     for name, text in TASKS.items():
         folder = root / name
         if not (folder / "adapter_config.json").is_file():
+            import torch
+            from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+            from transformers import AutoModelForCausalLM
+
             base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.TEXT,
                                         prompt_tuning_init_text=text, num_virtual_tokens=VIRTUAL_TOKENS,
@@ -242,11 +242,13 @@ def _mean(tasks: dict, key: str) -> float:
 def _environment(threads: int) -> str:
     from importlib import metadata
 
-    versions = ", ".join(f"{d} {metadata.version(d)}" for d in ["onnxruntime", "torch", "transformers", "peft"])
-    try:
-        versions += f", onnxruntime-genai {metadata.version('onnxruntime-genai')}"
-    except metadata.PackageNotFoundError:
-        pass
+    found = []
+    for dist in ["onnxruntime", "onnxruntime-genai", "torch", "transformers"]:
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    versions = ", ".join(found)
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
             f"{threads} threads; {versions}")
 

@@ -18,6 +18,7 @@ from typing import NoReturn
 import click
 
 from spexport.errors import ArtifactError, OptionError, SpexportError, SpexportWarning
+from spexport.tables import quantization_lines, table_lines, validate_failure, validate_lines
 
 
 def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -239,31 +240,11 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
         _print_json({"passed": not failed, "atol": atol, "new_tokens": new_tokens,
                      **({"min_agreement": min_agreement} if quantized else {}),
                      "tasks": [vars(c) for c in checks]})
-    elif quantized:
-        _print_quantized_checks(checks, failed, min_agreement, quiet)
     elif not quiet:
-        _print_table([["task", "max |Δlogits|", "greedy agreement", ""]]
-                     + [[c.task, f"{c.max_abs_diff:.2e}", f"{c.greedy_agreement:.3f}", "ok" if c.passed else "FAIL"]
-                        for c in checks])
-        if not failed:
-            click.echo(f"all {len(checks)} tasks match PEFT (atol {atol:g}, {new_tokens} greedy tokens)")
+        for line in validate_lines(checks, failed, atol, new_tokens, min_agreement):
+            click.echo(line)
     if failed:
-        click.echo(f"error: {len(failed)} of {len(checks)} tasks differ from PEFT (atol {atol:g}, all greedy tokens "
-                   f"equal): " + ", ".join(c.task for c in failed), err=True)
-        sys.exit(1)
-
-
-def _print_quantized_checks(checks, failed, min_agreement: float, quiet: bool) -> None:
-    if not quiet:
-        _print_table([["task", "top-1 agreement with PEFT", "at convert (vs float32)", "max |Δlogits|", ""]]
-                     + [[c.task, f"{c.agreement:.3f}",
-                         "-" if c.recorded_agreement is None else f"{c.recorded_agreement:.3f}",
-                         f"{c.max_abs_diff:.3g}", "ok" if c.passed else "FAIL"] for c in checks])
-        if not failed:
-            click.echo(f"all {len(checks)} quantized tasks agree with PEFT at or above {min_agreement:g}")
-    if failed:
-        click.echo(f"error: {len(failed)} of {len(checks)} quantized tasks agree with PEFT below {min_agreement:g}: "
-                   + ", ".join(c.task for c in failed), err=True)
+        click.echo(validate_failure(checks, failed, atol, min_agreement), err=True)
         sys.exit(1)
 
 
@@ -352,31 +333,8 @@ def reseal_command(folder: Path) -> None:
 
 
 def _print_table(rows: list[list]) -> None:
-    for line in _table_lines(rows):
+    for line in table_lines(rows):
         click.echo(line)
-
-
-def _table_lines(rows: list[list]) -> list[str]:
-    if not rows:
-        return []
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-
-
-def quantization_lines(record: dict) -> list[str]:
-    """How a quantized artifact was made and its drift report, as `convert` prints them."""
-    how = (f"int{record['bits']} weights ({record['method']}, blocks of {record['block_size']}, "
-           f"{record['matrices']} matrices), head {record['head']}, embedding {record['embedding']}")
-    lines = [how] + [f"  {name}: {what} (its inputs do not split into blocks of {record['block_size']})"
-                     for name, what in record.get("fallbacks", {}).items()]
-    drift = record.get("drift")
-    if drift:
-        tokens = f", {drift['new_tokens']} greedy tokens each" if "new_tokens" in drift else ""
-        what = "top-1 agreement" if "new_tokens" in drift else "label agreement"
-        lines.append(f"drift from the {drift['reference']} ({drift['prompts']} fixed prompts{tokens}):")
-        lines += _table_lines([["task", what, "max |Δlogits|"]] + [
-            [task, f"{d['agreement']:.3f}", f"{d['max_abs_diff']:.3g}"] for task, d in drift["tasks"].items()])
-    return lines
 
 
 def _print_json(document: dict) -> None:
