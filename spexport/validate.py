@@ -55,33 +55,37 @@ def validate_quantized(runtime, model_dir: str | Path, adapters: list[tuple[str,
         tasks = _artifact_tasks(name, Path(folder), runtime.tasks)
         reference = _peft_model(Path(model_dir), Path(folder), trust_remote_code)
         for task, task_id in tasks:
-            (found,) = drift.decoder_drift(_PeftReference(reference, task_id), drift.Served(runtime), [task], rows,
-                                           info.eos_token_ids)
+            peft = _PeftReference(reference, task_id, info)
+            (found,) = drift.decoder_drift(peft, drift.Served(runtime), [task], rows, info.eos_token_ids)
             checks.append(TaskCheck(task, found.max_abs_diff, found.agreement, found.agreement >= min_agreement,
                                     found.agreement, recorded.get(task, {}).get("agreement")))
     return checks
 
 
 class _PeftReference:
-    """PEFT as export/drift.py's reference: one row at a time, its own greedy continuation."""
+    """PEFT as export/drift.py's reference: one row at a time, its own greedy continuation (over its
+    forward, as peft_greedy decodes)."""
 
-    def __init__(self, model, task_id: int | None):
-        self.model, self.task_id = model, task_id
+    def __init__(self, model, task_id: int | None, info: ModelInfo):
+        self.model, self.info = model, info
+        self.extra = {} if task_id is None else {"task_ids": np.array([task_id])}
 
-    def _call(self, method, ids: np.ndarray, **kwargs):
+    def _forward(self) -> dict:
         import torch
 
-        input_ids = torch.from_numpy(ids[None])
-        extra = {} if self.task_id is None else {"task_ids": torch.tensor([self.task_id])}
-        with torch.no_grad(), quiet_tracing():
-            return method(input_ids=input_ids, **extra, **kwargs)
+        return {name: torch.from_numpy(value) for name, value in self.extra.items()}
 
     def continuation(self, ids: np.ndarray, task: str, new_tokens: int) -> np.ndarray:
-        tokens = self._call(self.model.generate, ids, attention_mask=None, max_new_tokens=new_tokens, do_sample=False)
-        return tokens[0, len(ids):].numpy()
+        with quiet_tracing():
+            tokens = peft_greedy(self.model, ids[None], new_tokens, self.info.eos_token_ids, self.info.pad_token_id,
+                                 **self._forward())
+        return tokens[0, len(ids):]
 
     def logits(self, ids: np.ndarray, task: str) -> np.ndarray:
-        return self._call(self.model, ids).logits[0, -len(ids):].numpy()
+        import torch
+
+        with torch.no_grad(), quiet_tracing():
+            return self.model(input_ids=torch.from_numpy(ids[None]), **self._forward()).logits[0, -len(ids):].numpy()
 
 
 def sample_ids(vocab_size: int, rows: int = 3, length: int = 8, seed: int = 0) -> np.ndarray:
