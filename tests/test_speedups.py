@@ -186,6 +186,22 @@ def test_prefix_graph_gives_the_exported_prefix(tiny, name, options):
     np.testing.assert_allclose(PrefixGraph(folder, manifest).kv(weights), bank["pt"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_quantized_artifact_gets_a_prefix_graph_of_its_own_weights(tiny, quantize):
+    """With the embedding read from the head's codes (GatherBlockQuantized) the prefix graph is still cut:
+    tasks added later get their KV prefix from the quantized model, close to the float32 one convert stored."""
+    from spexport.artifact import tensorfile
+    from spexport.artifact.manifest import Manifest
+    from spexport.runtime.prefix import PrefixGraph
+
+    folder = _artifact(tiny, f"{quantize}-False", quantize=quantize)
+    manifest = Manifest.read(folder)
+    assert manifest.prefix_graph is not None
+    bank = tensorfile.load(folder / "prompts.safetensors")["pt"]
+    weights = tensorfile.load(dict(tiny[2])["pt"] / "adapter_model.safetensors")["prompt_embeddings"]
+    assert np.abs(PrefixGraph(folder, manifest).kv(weights) - bank).max() < 0.1 * np.abs(bank).max()
+
+
 def test_validate_compares_a_quantized_artifact_with_peft_in_drift_terms(tiny):
     from click.testing import CliRunner
 

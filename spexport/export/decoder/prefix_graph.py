@@ -29,21 +29,21 @@ def export_prefix_graph(folder: Path, graph: str) -> str | None:
     (folder / (graph + WEIGHTS_SUFFIX)).chmod(path.stat().st_mode & 0o777)  # onnx writes it private
     model = onnx.load(path, load_external_data=False)  # the weights stay in the shared file
     nodes = model.graph.node
-    lookup, weights = _embedding_lookup(model.graph)
+    lookup, hidden, dtype = _embedding_lookup(model.graph)
     if lookup is None:  # the artifact serves as ever; `spexport add` then refuses tasks that hold embeddings
         warnings.warn(f"{path}: no Gather of a [vocab, hidden] initializer by input_ids, so the artifact gets no "
                       "prefix graph", stacklevel=2)
         return None
     embedded = lookup.output[0]
     nodes.remove(lookup)
-    if weights.data_type != onnx.TensorProto.FLOAT:  # fp16 weights: the graph goes on in their type
-        nodes.insert(0, onnx.helper.make_node("Cast", [INPUTS_EMBEDS], [embedded], to=weights.data_type))
+    if dtype != onnx.TensorProto.FLOAT:  # fp16 weights: the graph goes on in their type
+        nodes.insert(0, onnx.helper.make_node("Cast", [INPUTS_EMBEDS], [embedded], to=dtype))
     else:
         for node in nodes:
             node.input[:] = [INPUTS_EMBEDS if name == embedded else name for name in node.input]
     inputs = list(model.graph.input)
     embeds = onnx.helper.make_tensor_value_info(INPUTS_EMBEDS, onnx.TensorProto.FLOAT,
-                                                ["batch_size", "sequence_length", weights.dims[1]])
+                                                ["batch_size", "sequence_length", hidden])
     del model.graph.input[:]
     model.graph.input.extend([embeds, *inputs])
     presents = [o for o in model.graph.output if o.name.startswith("present.")]
@@ -57,7 +57,9 @@ def export_prefix_graph(folder: Path, graph: str) -> str | None:
 
 
 def _embedding_lookup(graph: onnx.GraphProto):
-    """The Gather of the token embeddings by `input_ids` (perhaps reshaped first), and the embeddings."""
+    """The lookup of the token embeddings by `input_ids` (perhaps reshaped first), the hidden size and the
+    embeddings' type: a Gather of a [vocab, hidden] initializer, or (--quantize) the GatherBlockQuantized
+    that reads the head's codes, whose scales are [vocab, hidden / block_size]."""
     initializers = {t.name: t for t in graph.initializer}
     derived, found = {"input_ids"}, []
     for node in graph.node:
@@ -66,8 +68,13 @@ def _embedding_lookup(graph: onnx.GraphProto):
         elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in derived:
             table = initializers.get(node.input[0])
             if table is not None and len(table.dims) == 2:
-                found.append((node, table))
-    return found[0] if len(found) == 1 else (None, None)
+                found.append((node, table.dims[1], table.data_type))
+        elif node.op_type == "GatherBlockQuantized" and node.input[1] in derived:
+            scales = initializers.get(node.input[2])
+            block = next(a.i for a in node.attribute if a.name == "block_size")
+            if scales is not None and len(scales.dims) == 2:
+                found.append((node, scales.dims[1] * block, onnx.TensorProto.FLOAT))
+    return found[0] if len(found) == 1 else (None, None, None)
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
