@@ -77,6 +77,8 @@ class QuantizeWeightsPass(InPlacePass):
             weight, table = _weight(node)
             if weight is None or (node is head and self.head_bits is None):
                 continue
+            if node is head and table is None:
+                table = _tied_table(graph, weight)
             bits = self.head_bits if node is head else self.bits
             label = node.name or node.outputs[0].name
             block = _block(weight.shape[0], self.block_size)
@@ -89,6 +91,7 @@ class QuantizeWeightsPass(InPlacePass):
             matmul = self._replace(graph, node, q, label, sums)
             if node is head and table is not None and self.share_embedding:
                 self.embedding = _share_embedding(graph, table, matmul, q) or self.embedding
+                replaced.append(table)
             self.quantized += 1
         if self.quantized:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -140,6 +143,19 @@ def _weight(node: ir.Node) -> tuple[np.ndarray | None, ir.Value | None]:
     if node.op_type == "Gemm" and _integer_attribute(node, "transB", 0):
         array = array.T
     return (np.ascontiguousarray(array.T), table) if table is not None else (np.ascontiguousarray(array), None)
+
+
+def _tied_table(graph: ir.Graph, weight: np.ndarray) -> ir.Value | None:
+    """A token table [N, K] that a Gather reads and that holds the head's weight [K, N] transposed: tied
+    weights that the exporter stored twice (torch.onnx folds the head's Transpose into a copy)."""
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if (tensor is None or tuple(tensor.shape) != weight.shape[::-1] or tensor.dtype != ir.DataType.FLOAT
+                or not any(use.node.op_type == "Gather" and use.idx == 0 for use in value.uses())):
+            continue
+        if np.array_equal(tensor.numpy(), weight.T):
+            return value
+    return None
 
 
 def _plain_gemm(node: ir.Node) -> bool:

@@ -88,19 +88,22 @@ def test_gemm_with_bias_and_transposed_weight_keeps_its_bias():
     np.testing.assert_allclose(run(quantized, {"x": x})["y"], x @ weight.T + bias, atol=0.01)
 
 
-def _tied(vocab: int = 40, hidden: int = 32) -> tuple[ir.Model, np.ndarray]:
-    """A token embedding whose transpose is the language-model head, as tied models export it."""
+def _tied(vocab: int = 40, hidden: int = 32, copied: bool = False) -> tuple[ir.Model, np.ndarray]:
+    """A token embedding whose transpose is the language-model head, as tied models export it: through a
+    Transpose, or (`copied`, torch.onnx's constant folding) as a second, transposed initializer."""
     table = RNG.normal(0, 0.05, (vocab, hidden)).astype(np.float32)
+    weights = {"table": table, "table_t": np.ascontiguousarray(table.T)} if copied else {"table": table}
     nodes = [helper.make_node("Gather", ["table", "input_ids"], ["h"], name="embed"),
-             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+             *([] if copied else [helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0])]),
              helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head")]
     return _model(nodes, [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", vocab])],
-                  {"table": table}), table
+                  weights), table
 
 
-def test_a_tied_embedding_reads_the_heads_codes_and_is_stored_once():
-    model, table = _tied()
+@pytest.mark.parametrize("copied", [False, True], ids=["transposed", "copied"])
+def test_a_tied_embedding_reads_the_heads_codes_and_is_stored_once(copied):
+    model, table = _tied(copied=copied)
     pass_ = QuantizeWeightsPass(INT4)
     quantized = pass_(model).model
     assert sorted(_ops(quantized)) == ["GatherBlockQuantized", "MatMulNBits", "Reshape"]
