@@ -41,7 +41,7 @@ class Family:
 
 
 # onnxruntime.transformers' optimizer has no llama type. Its gpt2 fusions are written for decoders
-# in general (layer norms, RMS norms, skip connections, GELU, rotary embeddings) and match these.
+# in general (layer norms, RMS norms, skip connections, GELU) and match these.
 DECODER = Family("decoder", frozenset({"gpt2", "llama", "qwen2", "mistral", "bloom", "opt", "gpt_neox", "phi3",
                                        "gemma", "gemma2", "qwen3", "granite", "olmo2"}), ("CAUSAL_LM",),
                  bake=True, quantize=("int8", "int4"), dtypes=("float32", "float16"), fusion_type="gpt2")

@@ -117,11 +117,16 @@ def kv_prefix(name: str, model, prompt: SoftPrompt) -> np.ndarray:
 
 def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> dict | None:
     """The frozen model's decoder-with-past graph, wired and sped up by `speed`, written to `out`. Quantizing,
-    the float32 graph stays beside it under drift.REFERENCE and the quantization's record is returned."""
+    the float32 graph stays beside it under drift.REFERENCE and the quantization's record is returned.
+
+    Once traced, `model`'s weights move to torch's meta device (convert needs them no more), so the
+    graph passes run with one copy of the weights in memory, not two.
+    """
     reference = None
     if speed.quantize:
         (out / drift.REFERENCE).mkdir()
         reference = out / drift.REFERENCE / GRAPH
     with tempfile.TemporaryDirectory() as raw, quiet_tracing():
         export_decoder(model, info, Path(raw) / GRAPH)
+        model.to("meta")
         return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference)

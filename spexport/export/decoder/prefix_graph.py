@@ -23,10 +23,11 @@ RESHAPES = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast")  #
 def export_prefix_graph(folder: Path, graph: str) -> str | None:
     """Write PREFIX_GRAPH beside `folder/graph`, moving the main graph's weights into shared external data."""
     path = folder / graph
-    model = onnx.load(path)
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-              location=graph + WEIGHTS_SUFFIX, size_threshold=1024)
-    (folder / (graph + WEIGHTS_SUFFIX)).chmod(path.stat().st_mode & 0o777)  # onnx writes it private
+    if not (folder / (graph + WEIGHTS_SUFFIX)).is_file():  # build.py writes its weights there; int8 is inline
+        model = onnx.load(path)
+        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=graph + WEIGHTS_SUFFIX, size_threshold=1024)
+        (folder / (graph + WEIGHTS_SUFFIX)).chmod(path.stat().st_mode & 0o777)  # onnx writes it private
     model = onnx.load(path, load_external_data=False)  # the weights stay in the shared file
     nodes = model.graph.node
     lookup, hidden, dtype = _embedding_lookup(model.graph)

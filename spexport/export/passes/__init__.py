@@ -5,7 +5,8 @@ The decoder's pipeline (export/decoder/build.py) runs them in this order:
   AddPrefixInputsPass            kv_prefix / prefix_mask inputs; positions, mask, past and present offset
   BakePromptBankPass             (--bake) the bank as constants, picked by a task_ids input
   MergePrefixIntoPastConcatPass  the prefix joins the frozen model's own concat(past, new token)
-  FuseTransformerOpsPass         ONNX Runtime's norm, activation and rotary fusions
+  FuseRotaryEmbeddingPass        rotary position embeddings as ONNX Runtime's RotaryEmbedding
+  FuseTransformerOpsPass         ONNX Runtime's norm, skip-connection, activation and reshape fusions
   ScaleQueriesNotKeysPass        attention's scale moves off the key cache
   ConvertToFloat16Pass           (--dtype float16) fp16 weights and compute, float32 ports
   QuantizeWeightsPass            (--quantize int8/int4) MatMulNBits block-wise weights, float32 ports
@@ -18,8 +19,10 @@ from spexport.export.passes.float16 import ConvertToFloat16Pass
 from spexport.export.passes.fuse import FuseTransformerOpsPass
 from spexport.export.passes.merge_prefix_concat import MergePrefixIntoPastConcatPass
 from spexport.export.passes.quantize import QuantizeWeightsPass
+from spexport.export.passes.rotary import FuseRotaryEmbeddingPass
 from spexport.export.passes.scale_queries import ScaleQueriesNotKeysPass
 from spexport.export.passes.tag import TagGraphPass
 
-__all__ = ["AddPrefixInputsPass", "BakePromptBankPass", "ConvertToFloat16Pass", "FuseTransformerOpsPass",
-           "MergePrefixIntoPastConcatPass", "QuantizeWeightsPass", "ScaleQueriesNotKeysPass", "TagGraphPass"]
+__all__ = ["AddPrefixInputsPass", "BakePromptBankPass", "ConvertToFloat16Pass", "FuseRotaryEmbeddingPass",
+           "FuseTransformerOpsPass", "MergePrefixIntoPastConcatPass", "QuantizeWeightsPass", "ScaleQueriesNotKeysPass",
+           "TagGraphPass"]

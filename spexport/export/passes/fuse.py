@@ -1,36 +1,52 @@
-"""Fuse norms, activations, skip connections and rotary embeddings into ONNX Runtime's contrib
-operators, with onnxruntime.transformers' optimizer (which works on ONNX protobufs).
+"""Fuse norms, activations and skip connections into ONNX Runtime's contrib operators, and turn
+shape arithmetic into constant reshapes, with onnxruntime.transformers' optimizer (which works on
+ONNX protobufs).
 
-Attention itself is not fused: the optimizer's GPT-2 attention patterns predate the graphs torch
-exports today, so they never match. The fused graph needs ONNX Runtime to run. Its inputs stay as
-they were, read or not (BLOOM's position_ids: ALiBi takes positions from the mask).
+Only the fusions that match the graphs torch exports today run: its attention patterns predate them
+and never match, and rotary embeddings are FuseRotaryEmbeddingPass's (the optimizer's own search for
+them took most of its time, growing with the square of the layers). The fused graph needs ONNX
+Runtime to run. Its inputs stay as they were, read or not (BLOOM's position_ids: ALiBi takes
+positions from the mask).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import FunctionalPass, PassResult
 
+LARGE_TENSOR = 1 << 20  # bytes: weight matrices; norms' weights, biases and constants stay in the graph
+
 
 class FuseTransformerOpsPass(FunctionalPass):
     """`counts` holds the fused operators and how many of each (recorded in the graph's metadata)."""
 
-    def __init__(self, fusion_type: str, num_heads: int, hidden_size: int):
+    def __init__(self, fusion_type: str, num_heads: int, hidden_size: int, workdir: Path | None = None):
+        """`workdir`: a folder that outlives the fused model, where its weight matrices stay (memory-mapped)
+        while the optimizer works on the graph alone; without one, the optimizer gets them in memory."""
         super().__init__()
         self.fusion_type, self.num_heads, self.hidden_size = fusion_type, num_heads, hidden_size
+        self.workdir = workdir
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> PassResult:
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
-        proto = ir.to_proto(model)
+        if self.workdir is None:
+            proto = ir.to_proto(model)
+        else:  # written tensor by tensor; the optimizer reads shapes and small constants, never these
+            path = self.workdir / "fuse_input.onnx"
+            ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=LARGE_TENSOR)
+            proto = onnx.load(path, load_external_data=False)
         inputs = [onnx.ValueInfoProto.FromString(value.SerializeToString()) for value in proto.graph.input]
+        fusions = FusionOptions(self.fusion_type)
+        fusions.enable_attention = fusions.enable_rotary_embeddings = fusions.enable_qordered_matmul = False
         # opt_level 0: only the pattern fusions, no provider-specific rewriting baked into the file.
         optimized = optimize_model(proto, model_type=self.fusion_type, num_heads=self.num_heads,
-                                   hidden_size=self.hidden_size, optimization_options=FusionOptions(self.fusion_type),
-                                   opt_level=0)
+                                   hidden_size=self.hidden_size, optimization_options=fusions, opt_level=0)
         self.counts = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
         proto = optimized.model
         kept = {value.name for value in proto.graph.input}
@@ -40,4 +56,7 @@ class FuseTransformerOpsPass(FunctionalPass):
         domains = {node.domain for node in proto.graph.node} - {"", "ai.onnx"}
         known = {opset.domain for opset in proto.opset_import}
         proto.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in sorted(domains - known))
-        return PassResult(ir.from_proto(proto), modified=bool(self.counts))
+        if self.workdir is None:
+            return PassResult(ir.from_proto(proto), modified=bool(self.counts))
+        onnx.save(proto, path)  # its weights still refer to the file beside it
+        return PassResult(ir.load(path), modified=bool(self.counts))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from spexport.export.passes.values import ints, op, producer
+from spexport.export.passes.values import constant_numbers, ints, op, producer
 
 _ELEMENTWISE = {"Sqrt", "Cast", "Reciprocal", "Neg", "Div", "Mul", "Add", "Sub", "Pow"}
 
@@ -54,7 +54,7 @@ def _swaps_last_two_axes(value: ir.Value) -> bool:
 def _one_element(value: ir.Value) -> bool:
     """Whether `value` surely holds one number: a constant of size 1, the last entry of a shape, or
     element-wise arithmetic on such values (how torch computes 1/sqrt(head_dim))."""
-    constant = _constant(value)
+    constant = constant_numbers(value)
     if constant is not None:
         return constant.size == 1
     node = value.producer()
@@ -63,16 +63,8 @@ def _one_element(value: ir.Value) -> bool:
     if node.op_type in _ELEMENTWISE:
         return all(i is not None and _one_element(i) for i in node.inputs)
     if node.op_type == "Slice" and len(node.inputs) == 3:  # shape[-1:]
-        starts, ends = (_constant(i) for i in node.inputs[1:])
+        starts, ends = (constant_numbers(i) for i in node.inputs[1:])
         return (producer(node.inputs[0], "Shape") is not None and starts is not None and ends is not None
                 and starts.tolist() == [-1] and int(ends.ravel()[0]) >= 2**31 - 1)
     return False
 
-
-def _constant(value: ir.Value):
-    """`value`'s numbers when it is an initializer or a Constant node's output, else None."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = producer(value, "Constant")
-    attr = node.attributes.get("value") if node is not None else None
-    return None if attr is None else attr.as_tensor().numpy()

@@ -49,3 +49,14 @@ def intercept(value: ir.Value, node: ir.Node, index: int) -> None:
     stays `value`."""
     value.replace_all_uses_with(node.outputs[0])
     node.replace_input_with(index, value)
+
+
+def constant_numbers(value: ir.Value | None) -> np.ndarray | None:
+    """`value`'s numbers when it is an initializer or a Constant node's output, else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = producer(value, "Constant")
+    attr = node.attributes.get("value") if node is not None else None
+    return None if attr is None else attr.as_tensor().numpy()
