@@ -168,6 +168,36 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, out: Path) -> Path:
+    """real_model.png: batch-1 decode ms/token beside ONNX Runtime's MatMuls alone and the bandwidth floor;
+    batch-8 tokens/s with one task and with eight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    med, floor = result["summary"]["medians"], result["floor"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    bars = {f"spexport\n({VIRTUAL_TOKENS} virtual\ntokens)": med["spexport|batch1"]["step_s"],
+            "genai\n(no prompt)": med["onnxruntime-genai|batch1"]["step_s"],
+            "MatMuls\nalone": floor["matmul_only_s"], "bandwidth\nfloor": floor["floor_s"]}
+    left.bar(list(bars), [v * 1e3 for v in bars.values()], color=["C0", "C1", "C7", "C2"])
+    left.set_ylabel("ms per token")
+    left.set_title("decode, batch 1 (lower is better)")
+    bars = {"spexport,\n1 task": med["spexport|batch8"]["tokens_per_s"],
+            "spexport,\n8 tasks": med["spexport|batch8, 8 tasks"]["tokens_per_s"],
+            "genai": med["onnxruntime-genai|batch8"]["tokens_per_s"]}
+    right.bar(list(bars), list(bars.values()), color=["C0", "C0", "C1"])
+    right.set_ylabel("tokens/s")
+    right.set_title("decode, batch 8 (higher is better)")
+    fig.suptitle(f"SmolLM2-135M-Instruct, fp32, {result['threads']} CPU threads; genai = onnxruntime-genai")
+    fig.tight_layout()
+    path = out / "real_model.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="SmolLM2-135M-Instruct's HF folder (fp32)")
@@ -214,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "real_model.json").write_text(json.dumps(result, indent=2, default=str))
     (args.out / "real_model.md").write_text(markdown(result))
-    log(f"wrote {args.out}/real_model.json and real_model.md")
+    plot(result, args.out)
+    log(f"wrote {args.out}/real_model.json, real_model.md and real_model.png")
     print(markdown(result))
     return 0
 
