@@ -48,8 +48,7 @@ def validate_quantized(runtime, model_dir: str | Path, adapters: list[tuple[str,
     with PEFT's at every position of it. A task passes at `min_agreement`; max |Δlogits| is reported."""
     recorded = (runtime.manifest.quantization.get("drift") or {}).get("tasks", {})
     info = runtime.info
-    longest = info.max_positions - max(t.num_virtual_tokens for t in runtime.manifest.tasks) - drift.NEW_TOKENS
-    rows = drift.prompt_rows(drift.TextEncoder(Path(model_dir)), info.vocab_size, max(1, longest))
+    rows = drift.prompt_rows(drift.TextEncoder(Path(model_dir)), info, runtime.manifest.tasks, drift.NEW_TOKENS)
     checks = []
     for name, folder in parse_adapters(adapters):
         tasks = _artifact_tasks(name, Path(folder), runtime.tasks)

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from spexport.artifact.manifest import ModelInfo, Task
+
 PROMPTS = [
     "Tell me about the moon and why it has phases.",
     "Write two sentences about a friendly robot who learns to paint.",
@@ -93,11 +95,14 @@ class TextEncoder:
         return self.tokenizer.encode(text).ids
 
 
-def prompt_rows(text: TextEncoder | None, vocab_size: int, longest: int, seed: int = 0) -> list[np.ndarray]:
-    """The drift prompts' token ids, each at most `longest` long; fixed random ids without a tokenizer."""
+def prompt_rows(text: TextEncoder | None, info: ModelInfo, tasks: list[Task], reserve: int,
+                seed: int = 0) -> list[np.ndarray]:
+    """The drift prompts' token ids, each short enough that every task's virtual tokens and `reserve` more
+    positions still fit the model's; fixed random ids without a tokenizer."""
+    longest = max(1, info.max_positions - max(t.num_virtual_tokens for t in tasks) - reserve)
     if text is None or not text.available:
         rng = np.random.default_rng(seed)
-        return [rng.integers(0, vocab_size, max(1, min(longest, 12)), dtype=np.int64) for _ in PROMPTS]
+        return [rng.integers(0, info.vocab_size, max(1, min(longest, 12)), dtype=np.int64) for _ in PROMPTS]
     rows = [np.array(text.ids(prompt)[-longest:], np.int64) for prompt in PROMPTS]
     return [row for row in rows if len(row)] or [np.zeros(1, np.int64)]
 

@@ -22,8 +22,7 @@ def measure_drift(staging: Path, graph: str, info: ModelInfo, tasks: list[Task],
                             baked=bank is None)
         return drift.Served(DecoderModel(staging, manifest, pick_providers(None)))
 
-    longest = info.max_positions - max(t.num_virtual_tokens for t in tasks) - drift.NEW_TOKENS
-    rows = drift.prompt_rows(tokenizer, info.vocab_size, max(1, longest))
+    rows = drift.prompt_rows(tokenizer, info, tasks, drift.NEW_TOKENS)
     reference, candidate = served(f"{REFERENCE}/{graph}"), served(graph)
     report = drift.decoder_drift(reference, candidate, [t.name for t in tasks], rows, info.eos_token_ids)
     return drift.as_record(report, "float32 graph", len(rows), drift.NEW_TOKENS)

@@ -39,8 +39,7 @@ def quantize_body(staging: Path, graph: str, bank: str, info: ModelInfo, tasks: 
         return EncoderModel(staging, manifest, pick_providers(None))
 
     reference, candidate = served(f"{drift.REFERENCE}/{graph}"), served(graph)
-    longest = info.max_positions - max(t.num_virtual_tokens for t in tasks) - 2
-    rows = drift.prompt_rows(drift.TextEncoder(model_dir), info.vocab_size, max(1, longest))
+    rows = drift.prompt_rows(drift.TextEncoder(model_dir), info, tasks, 2)
     width = max(len(row) for row in rows)
     ids = np.zeros((len(rows), width), np.int64)
     mask = np.zeros((len(rows), width), np.int64)
