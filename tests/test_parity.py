@@ -47,12 +47,24 @@ def test_generation_stops_at_eos_like_transformers(built, runtime_model, input_i
 
 
 def test_prefix_joins_the_models_own_past_concat(built, runtime_model):
-    """No step copies the whole past an extra time for the prefix: each layer's key and value go
-    through one Concat(prefix, caller's past, new token), as the frozen model's own concat did."""
+    """No step copies the whole past an extra time for the prefix: in a traced graph each layer's key
+    and value go through one Concat(prefix, caller's past, new token), as the frozen model's own concat
+    did. A directly written graph (export/decoder/direct.py) joins the new token inside its Attention,
+    which reads Concat(prefix, caller's past) as its past."""
     import onnx
 
     graph = onnx.load(built["artifact"] / "model.onnx", load_external_data=False).graph
     concats = [node for node in graph.node if node.op_type == "Concat"]
+    attentions = [node for node in graph.node if node.op_type == "Attention"]
+    if attentions:
+        assert len(attentions) == runtime_model.info.num_layers
+        for layer, attention in enumerate(attentions):
+            assert list(attention.input[4:6]) == [f"spx_past_key_values.{layer}.{w}" for w in ("key", "value")]
+            for which in ("key", "value"):
+                (joined,) = [n for n in concats if n.output[0] == f"spx_past_key_values.{layer}.{which}"]
+                assert list(joined.input) == [f"spx_prefix_past_key_values.{layer}.{which}",
+                                              f"past_key_values.{layer}.{which}"]
+        return
     assert not [n.name for n in concats if n.output[0].startswith("spx_past_key_values.")]
     layers = runtime_model.info.num_layers
     for layer in range(layers):

@@ -60,7 +60,8 @@ def test_default_graph_is_fused_and_says_so(tiny, tmp_path):
         assert f"RotaryEmbedding:{2 * info.num_layers}" in meta[FUSIONS_KEY].split(",")
         assert "Cos" not in [node.op_type for node in _graph(folder).graph.node]
     as_run = _as_run(folder, tmp_path)
-    assert {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization"} & set(as_run)
+    assert {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization"} & set(as_run)
 
 
 def test_attention_scale_moves_to_the_queries_so_no_step_copies_the_key_cache(tiny, tmp_path):
@@ -69,6 +70,16 @@ def test_attention_scale_moves_to_the_queries_so_no_step_copies_the_key_cache(ti
     folder = _artifact(tiny, "fused")
     layers = load(folder).info.num_layers
     meta = {p.key: p.value for p in _graph(folder).metadata_props}
+    graph = _graph(folder).graph
+    attentions = [node for node in graph.node if node.op_type == "Attention"]
+    if attentions:  # written directly (export/decoder/direct.py): the scale is the Attention's own attribute
+        info = load(folder).info
+        assert len(attentions) == layers
+        scales = [next(a.f for a in n.attribute if a.name == "scale") for n in attentions]
+        assert scales == pytest.approx([info.head_dim ** -0.5] * layers)
+        pasts = {name for n in attentions for name in n.input[4:6]}
+        assert {n.op_type for n in graph.node if pasts & set(n.input)} == {"Attention"}  # read as they are
+        return
     assert f"{SCALED_QUERY}:{layers}" in meta[FUSIONS_KEY].split(",")
     assert _as_run(folder, tmp_path).count("FusedMatMul") >= layers
 

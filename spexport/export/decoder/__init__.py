@@ -127,6 +127,6 @@ def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> 
         (out / drift.REFERENCE).mkdir()
         reference = out / drift.REFERENCE / GRAPH
     with tempfile.TemporaryDirectory() as raw, quiet_tracing():
-        export_decoder(model, info, Path(raw) / GRAPH)
+        fused = export_decoder(model, info, Path(raw) / GRAPH, direct=speed.optimize)
         model.to("meta")
-        return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference)
+        return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference, fused)

@@ -53,12 +53,13 @@ class Speed:
         return self.quantize or self.dtype
 
     def build(self, raw: Path, info: ModelInfo, path: Path, bank: tuple[np.ndarray, np.ndarray] | None = None,
-              reference: Path | None = None) -> dict | None:
+              reference: Path | None = None, fused: dict[str, int] | None = None) -> dict | None:
         """Wire the prefix inputs (or a baked `bank`: kv [tasks, ...] and mask [tasks, n]) into the plain
         decoder graph at `raw`, speed it up, tag it and write it to `path` (raw's folder takes scratch files).
 
         Quantizing, the float32 graph is also written to `reference` (for the drift report) and the
-        quantization's record (passes/quantize.py's `record`) is returned; otherwise None."""
+        quantization's record (passes/quantize.py's `record`) is returned; otherwise None. `fused` counts
+        the ONNX Runtime operators a directly written graph holds already: it skips the fusion passes."""
         model = ir.load(raw)
         structure = [AddPrefixInputsPass(info.num_layers, info.num_kv_heads, info.head_dim)]
         if bank is not None:
@@ -66,8 +67,8 @@ class Speed:
         for step in [*structure, MergePrefixIntoPastConcatPass()]:
             model = step(model).model
         _check(model, path.parent)
-        fusions = {}
-        if self.optimize and DECODER.fusion_type:
+        fusions = dict(fused or {})
+        if fused is None and self.optimize and DECODER.fusion_type:
             rotary = FuseRotaryEmbeddingPass(info.max_positions)
             fuse = FuseTransformerOpsPass(DECODER.fusion_type, info.hidden_size // info.head_dim, info.hidden_size,
                                           workdir=raw.parent)
@@ -91,7 +92,7 @@ def _save(model: ir.Model, path: Path, one_file: bool = False) -> None:
     """Written tensor by tensor, so no second copy of the weights is ever in memory. A baked graph
     (`one_file`) is one file where protobuf allows: it has no prefix graph to share its weights with."""
     if one_file and _weight_bytes(model) < PROTOBUF_LIMIT:
-        ir.save(model, path)
+        ir.save(ir.external_data.load_to_model(model), path)  # a directly written raw graph's weights are files
         return
     ir.save(model, path, external_data=path.name + WEIGHTS_SUFFIX, size_threshold_bytes=1024)
     path.with_name(path.name + WEIGHTS_SUFFIX).chmod(path.stat().st_mode & 0o777)  # written private

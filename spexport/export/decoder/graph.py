@@ -1,9 +1,10 @@
-"""The frozen decoder as a graph with a KV cache, traced by torch.onnx, with the decoder-with-past ports:
+"""The frozen decoder as a graph with a KV cache, with the decoder-with-past ports:
 
   input_ids [batch, seq], attention_mask [batch, past + seq], position_ids [batch, seq],
   past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
   -> logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past + seq, head_dim]
 
+A plain Llama-layer model is written directly (direct.py); any other is traced by torch.onnx.
 These are the names and shapes of optimum-onnx's text-generation-with-past export, which spexport
 used before; the prefix passes and every client read them. The wrapper calls the Hugging Face model
 itself with the past as its cache, so the graph computes exactly what the model does.
@@ -18,6 +19,7 @@ import torch
 
 from spexport.artifact.manifest import ModelInfo
 from spexport.artifact.ports import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from spexport.export.decoder.direct import builds, fused_counts, write_decoder
 from spexport.export.transformers_api import cache_argument, seeded_cache, traceable_masks
 
 OPSET = 17
@@ -39,8 +41,15 @@ class DecoderWithPast(torch.nn.Module):
         return (out.logits, *presents)
 
 
-def export_decoder(model: torch.nn.Module, info: ModelInfo, path: Path) -> None:
-    """Write the decoder-with-past graph of `model` (eval mode, float32) to `path`."""
+def export_decoder(model: torch.nn.Module, info: ModelInfo, path: Path, direct: bool = True) -> dict[str, int] | None:
+    """Write the decoder-with-past graph of `model` (eval mode, float32) to `path`.
+
+    With `direct`, a model that direct.py writes (the plain Llama layer) is written there, fused
+    already, and the counts of its fused operators are returned; any other is traced (None).
+    """
+    if direct and builds(model, info):
+        write_decoder(model, info, path)
+        return fused_counts(info)
     # every dynamic axis its own size above 1, and a padded row, so no size or branch gets baked in
     batch, steps, past_len = 2, 3, 5
     mask = torch.ones(batch, past_len + steps, dtype=torch.int64)
@@ -63,6 +72,7 @@ def export_decoder(model: torch.nn.Module, info: ModelInfo, path: Path) -> None:
                           input_names=["input_ids", "attention_mask", POSITION_IDS, *pasts],
                           output_names=["logits", *presents], dynamic_axes=axes)
     _keep_position_ids(path)
+    return None
 
 
 def _keep_position_ids(path: Path) -> None:

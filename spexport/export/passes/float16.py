@@ -15,7 +15,7 @@ class ConvertToFloat16Pass(FunctionalPass):
     def call(self, model: ir.Model) -> PassResult:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        proto = ir.to_proto(model)
+        proto = ir.to_proto(ir.external_data.load_to_model(model))  # the converter reads every weight in memory
         bank_readers = []
         for i, node in enumerate(proto.graph.node):
             if node.op_type == "Gather" and node.input[0] in BANK_CONSTANTS:
