@@ -83,8 +83,8 @@ class _Writer:
         self.initializers: dict[str, ir.Value] = {}
 
     def weight(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.Tensor(array, name=name))
+        kind = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=kind, const_value=ir.Tensor(array, name=name))
         self.initializers[name] = value
         return value
 
@@ -174,7 +174,8 @@ class _Writer:
         holds j, and j <= past + i — else float32's lowest."""
         total = self.node("Squeeze", [self.node("Shape", [mask], "spx_bias/total", start=1, end=2)], "spx_bias/T")
         steps = self.node("Squeeze", [self.node("Shape", [ids], "spx_bias/steps", start=1, end=2)], "spx_bias/S")
-        zero, one = self.weight("spx_zero_i64", np.array(0, np.int64)), self.weight("spx_one_i64", np.array(1, np.int64))
+        zero = self.weight("spx_zero_i64", np.array(0, np.int64))
+        one = self.weight("spx_one_i64", np.array(1, np.int64))
         keys = self.node("Range", [zero, total, one], "spx_bias/keys")
         first = self.node("Sub", [total, steps], "spx_bias/first_query")
         queries = self.node("Unsqueeze", [self.node("Range", [first, total, one], "spx_bias/queries"),
