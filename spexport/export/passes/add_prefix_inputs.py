@@ -52,22 +52,29 @@ class AddPrefixInputsPass(InPlacePass):
 
         max_end = constant(graph, "spx_max", np.array([np.iinfo(np.int64).max], np.int64))
         axis2 = constant(graph, "spx_axis2", np.array([2], np.int64))
+        # every layer's key and value prefix [batch, kv_heads, prefix, head_dim] in two kernels: kv_prefix
+        # viewed as [batch, layers * 2 * kv_heads, prefix, head_dim], split along that axis
+        pieces = 2 * self.num_layers
+        flat = op("Reshape", [kv_prefix, constant(graph, "spx_prefix_flat_shape",
+                                                  np.array([0, pieces * self.kv_heads, -1, self.head_dim], np.int64))],
+                  "spx_kv_prefix_flat")
+        names = [name.format(layer) for layer in range(self.num_layers) for name in (PAST_KEY, PAST_VALUE)]
+        split = ir.node("Split", [flat.outputs[0], constant(graph, "spx_prefix_split",
+                                                            np.full(pieces, self.kv_heads, np.int64))],
+                        {"axis": 1}, outputs=[ir.Value(name=f"spx_prefix_{name}") for name in names],
+                        name="spx_prefix_split")
+        head += [flat, split]
+        parts = dict(zip(names, split.outputs))
         for layer in range(self.num_layers):
-            kv = op("Gather", [kv_prefix, constant(graph, f"spx_layer{layer}", np.array(layer, np.int64))],
-                    f"spx_kv{layer}", axis=1)
-            head.append(kv)
-            for which, (past_name, present_name) in enumerate([(PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE)]):
+            for past_name, present_name in [(PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE)]:
                 past_name, present_name = past_name.format(layer), present_name.format(layer)
                 if past_name not in inputs or present_name not in outputs:
                     raise ModelError(f"the exported decoder graph has no {past_name} input or {present_name} output; "
                                      "this model's ONNX export is not supported")
                 past = inputs[past_name]
-                part = op("Gather", [kv.outputs[0], constant(graph, f"spx_which{layer}_{which}",
-                                                             np.array(which, np.int64))],
-                          f"spx_prefix_{past_name}", axis=1)
-                joined = op("Concat", [part.outputs[0], past], f"spx_{past_name}", axis=2)
+                joined = op("Concat", [parts[past_name], past], f"spx_{past_name}", axis=2)
                 intercept(past, joined, 1)
-                head += [part, joined]
+                head.append(joined)
                 # the graph's present becomes the frozen model's present less the prefix
                 present = graph.outputs[outputs[present_name]]
                 caller_only = ir.node("Slice", [present, prefix_len.outputs[0], max_end, axis2],

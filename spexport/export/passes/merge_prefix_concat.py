@@ -41,10 +41,10 @@ class MergePrefixIntoPastConcatPass(InPlacePass):
 
 
 def _joins_prefix_to_past(node: ir.Node) -> bool:
-    """`Concat(prefix, past)` along the sequence axis, the prefix picked from kv_prefix by Gather and past
-    being a graph input: AddPrefixInputsPass's join."""
+    """`Concat(prefix, past)` along the sequence axis, the prefix split from kv_prefix and past being a
+    graph input: AddPrefixInputsPass's join."""
     return node.op_type == "Concat" and len(node.inputs) == 2 and integer(node, "axis") == 2 \
-        and producer(node.inputs[0], "Gather") is not None \
+        and producer(node.inputs[0], "Split") is not None \
         and node.inputs[1] is not None and node.inputs[1].is_graph_input()
 
 
