@@ -24,23 +24,25 @@ import numpy as np
 TYPES = {1: np.float32, 7: np.int64, 6: np.int32, 10: np.float16}
 
 
-def size(dim, past: int) -> int:
+def size(dim, past: int, batch: int = 1) -> int:
     if dim.dim_value or not dim.dim_param:
         return dim.dim_value
     name = dim.dim_param
-    if name in ("batch_size", "batch", "sequence_length"):
+    if name in ("batch_size", "batch"):
+        return batch
+    if name == "sequence_length":
         return 1
     if "+" in name or name.startswith("total"):
         return past + 1
     return past if "past" in name else 0
 
 
-def feeds(graph_path: Path, past: int) -> dict[str, np.ndarray]:
+def feeds(graph_path: Path, past: int, batch: int = 1) -> dict[str, np.ndarray]:
     import onnx
 
     out = {}
     for value in onnx.load(graph_path, load_external_data=False).graph.input:
-        shape = [size(d, past) for d in value.type.tensor_type.shape.dim]
+        shape = [size(d, past, batch) for d in value.type.tensor_type.shape.dim]
         dtype = TYPES[value.type.tensor_type.elem_type]
         if value.name == "position_ids":
             out[value.name] = np.full(shape, past, dtype)
@@ -53,7 +55,7 @@ def feeds(graph_path: Path, past: int) -> dict[str, np.ndarray]:
     return out
 
 
-def profile(graph_path: Path, past: int, threads: int, runs: int = 20) -> dict:
+def profile(graph_path: Path, past: int, threads: int, runs: int = 20, batch: int = 1) -> dict:
     """Per operator type: milliseconds per step, share of the step, kernels per step."""
     import onnxruntime as ort
 
@@ -64,7 +66,7 @@ def profile(graph_path: Path, past: int, threads: int, runs: int = 20) -> dict:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(folder, "profile")
         session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
-        inputs = feeds(graph_path, past)
+        inputs = feeds(graph_path, past, batch)
         for _ in range(runs + 1):
             session.run(None, inputs)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -79,7 +81,7 @@ def profile(graph_path: Path, past: int, threads: int, runs: int = 20) -> dict:
     step_ms = float(np.median([e["dur"] for e in steps[1:]])) / 1e3
     total = sum(per_op.values())
     ops = sorted(per_op, key=per_op.get, reverse=True)
-    return {"past": past, "step_ms": step_ms, "kernel_ms": total, "kernels": sum(counts.values()) // runs,
+    return {"past": past, "batch": batch, "step_ms": step_ms, "kernel_ms": total, "kernels": sum(counts.values()) // runs,
             "ops": [{"op": op, "ms": round(per_op[op], 3), "share": round(per_op[op] / total, 3),
                      "kernels": counts[op] // runs} for op in ops]}
 
@@ -102,8 +104,9 @@ def main() -> None:
     parser.add_argument("graph", type=Path)
     parser.add_argument("--past", type=int, default=80)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    print(markdown(profile(args.graph, args.past, args.threads)))
+    print(markdown(profile(args.graph, args.past, args.threads, batch=args.batch)))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ from spexport.runtime.session import VerifiedFiles
 IDS = np.array([[5, 9, 14, 22, 40, 7]], np.int64)
 
 
+# the graph the Python runtime runs in the tiny Llama artifact: the core graph (export/decoder/core_graph.py),
+# which reads the main graph's weights file
+RUNTIME_GRAPH = "core_model.onnx"
+
+
 def _copy(artifact: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(artifact, tmp_path / "artifact"))
 
@@ -138,7 +143,7 @@ def test_cli_threads_trust_remote_code_through(tiny_llama, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("rel", ["../outside.txt", "/etc/hostname", "sub/../../outside.txt"])
-@pytest.mark.parametrize("field", ["graph", "prompt_bank", "tokenizer_files", "files"])
+@pytest.mark.parametrize("field", ["graph", "core_graph", "prompt_bank", "tokenizer_files", "files"])
 def test_manifest_paths_cannot_leave_the_artifact(tiny_llama, tmp_path, field, rel):
     folder = _copy(tiny_llama["artifact"], tmp_path)
     (tmp_path / "outside.txt").write_text("secret")
@@ -146,7 +151,7 @@ def test_manifest_paths_cannot_leave_the_artifact(tiny_llama, tmp_path, field, r
     def edit(manifest):
         digest = hashlib.sha256(b"secret").hexdigest()
         manifest["files"][rel] = digest
-        if field in ("graph", "prompt_bank"):
+        if field in ("graph", "core_graph", "prompt_bank"):
             manifest[field] = rel
         elif field == "tokenizer_files":
             manifest[field].append(rel)
@@ -163,26 +168,26 @@ def test_a_symlink_out_of_the_artifact_is_refused(tiny_llama, tmp_path):
 
 def _external_graph(folder: Path) -> None:
     """Rewrite the artifact's graph with its weights as ONNX external data, in weights.bin beside it."""
-    model = onnx.load(folder / "model.onnx")
+    model = onnx.load(folder / RUNTIME_GRAPH)
     convert_model_to_external_data(model, location="weights.bin")  # tensors over 1 KB, as onnx.save does
-    onnx.save(model, folder / "model.onnx")
+    onnx.save(model, folder / RUNTIME_GRAPH)
 
 
 def _relocate(folder: Path, location: str) -> None:
     """Point every external-data reference of the artifact's graph at `location`."""
-    model = onnx.load(folder / "model.onnx", load_external_data=False)
+    model = onnx.load(folder / RUNTIME_GRAPH, load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = location
-    onnx.save(model, folder / "model.onnx")
+    onnx.save(model, folder / RUNTIME_GRAPH)
 
 
 def test_external_data_inside_the_artifact_loads(tiny_llama, tmp_path):
     folder = _copy(tiny_llama["artifact"], tmp_path)
     _external_graph(folder)
     _relocate(folder, "./weights.bin")
-    _rehash(folder, "model.onnx", "weights.bin")
+    _rehash(folder, RUNTIME_GRAPH, "weights.bin")
     expected = load(tiny_llama["artifact"]).logits(IDS, task="pt")
     np.testing.assert_array_equal(load(folder).logits(IDS, task="pt"), expected)
 
@@ -198,7 +203,7 @@ def test_external_data_outside_the_artifact_is_refused_before_onnx_runtime_reads
     if escape == "symlink":
         (folder / "link.bin").symlink_to(outside)
     _relocate(folder, location)
-    _rehash(folder, "model.onnx")
+    _rehash(folder, RUNTIME_GRAPH)
 
     def onnx_runtime_must_not_open_it(*args, **kwargs):
         raise AssertionError("ONNX Runtime was given the graph")
@@ -234,7 +239,7 @@ TRUNCATIONS = {"empty": lambda n: 0, "7 bytes": lambda n: 7, "half": lambda n: n
 
 
 @pytest.mark.parametrize("truncation", list(TRUNCATIONS))
-@pytest.mark.parametrize("rel", ["model.onnx", "prompts.safetensors", "tokenizer.json", MANIFEST])
+@pytest.mark.parametrize("rel", [RUNTIME_GRAPH, "prompts.safetensors", "tokenizer.json", MANIFEST])
 def test_a_truncated_file_is_an_artifact_error_even_unverified(tiny_llama, tmp_path, rel, truncation):
     folder = _copy(tiny_llama["artifact"], tmp_path)
     data = (folder / rel).read_bytes()

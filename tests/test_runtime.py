@@ -67,15 +67,19 @@ def test_generate_text_decodes_new_tokens(runtime_model):
 
 
 def test_generation_feeds_the_prefix_once_as_the_past(runtime_model):
-    """generate's first step gives the graph each row's prefix as its past (and empty prefix inputs),
-    so later steps pass `present` back as it is; the logits equal the graph joining the prefix itself."""
-    from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK
+    """generate's first step gives the graph each row's prefix as its past (and no prefix inputs, or
+    empty ones), so later steps pass `present` back as it is; the logits equal the main graph's, which
+    joins the prefix itself from kv_prefix and prefix_mask (what C++, C# and Node clients run)."""
+    import onnxruntime as ort
+
+    from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK, stack_prefixes
 
     tasks = ["pt", "proj"]  # 5 and 2 virtual tokens
     rows = [runtime_model.tasks.index(t) for t in tasks]
     mask = np.array([[0, 1, 1], [1, 1, 1]], np.int64)  # row 0 left-padded
     prefix, past, full_mask, positions = runtime_model._first_step(mask, rows)
-    assert prefix[KV_PREFIX].shape[4] == 0 and prefix[PREFIX_MASK].shape == (2, 0)
+    core = runtime_model.manifest.core_graph is not None
+    assert prefix == {} if core else (prefix[KV_PREFIX].shape[4] == 0 and prefix[PREFIX_MASK].shape == (2, 0))
     assert all(p.shape[2] == 5 for p in past)
     np.testing.assert_array_equal(full_mask, [[1, 1, 1, 1, 1, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(positions, [[6, 5, 6], [2, 3, 4]])
@@ -83,9 +87,16 @@ def test_generation_feeds_the_prefix_once_as_the_past(runtime_model):
     feeds = {"input_ids": ids, "attention_mask": full_mask, "position_ids": positions, **prefix,
              **dict(zip(runtime_model._past_names, past))}
     got = runtime_model.session.run(["logits"], feeds)[0]
-    want = runtime_model.logits(ids, mask, task=tasks)
+    main = ort.InferenceSession(str(runtime_model.folder / runtime_model.manifest.graph))
+    kv, prefix_mask = stack_prefixes([runtime_model._table.prompts[r] for r in rows])
+    empty = np.zeros((2, runtime_model.info.num_kv_heads, 0, runtime_model.info.head_dim), np.float32)
+    want = main.run(["logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": positions - prefix_mask.sum(
+        axis=1, keepdims=True), KV_PREFIX: kv, PREFIX_MASK: prefix_mask, **dict.fromkeys(runtime_model._past_names,
+                                                                                         empty)})[0]
     real = mask.astype(bool)
     assert np.abs(got[real] - want[real]).max() <= 1e-5
+    # logits() joins the prefix the same way (a windowed model runs its padded rows alone: float noise)
+    np.testing.assert_allclose(runtime_model.logits(ids, mask, task=tasks)[real], got[real], atol=1e-5)
 
 
 def test_one_row_first_step_reads_the_bank_without_copying_it(runtime_model):

@@ -78,6 +78,8 @@ class Manifest:
     encoder_graph: str | None = None  # seq2seq: the encoder; `graph` is then the merged decoder
     # decoder: the frozen model over virtual-token embeddings, for adding tasks without torch
     prefix_graph: str | None = None
+    # decoder, unbaked: the main graph without its prefix inputs, which the Python runtime runs
+    core_graph: str | None = None
     quantization: dict | None = None  # --quantize: how (bits, block size, ...) and the drift report
 
     def write(self, folder: Path) -> None:
@@ -85,7 +87,7 @@ class Manifest:
         for task in document["tasks"]:
             if task["head"] is None:
                 del task["head"]  # decoder tasks have none; readers before encoders know no such field
-        optional = [(document, ["encoder_graph", "prefix_graph", "quantization"]),
+        optional = [(document, ["encoder_graph", "prefix_graph", "core_graph", "quantization"]),
                     (document["model"], ["sliding_window", *SEQ2SEQ_MODEL_FIELDS])]
         for fields_of, keys in optional:
             for key in keys:
@@ -285,15 +287,17 @@ def _checked(raw: dict, path: Path) -> Manifest:
                     "null in a baked artifact" if baked else "a path (the artifact is not baked)")
     graph = top.take("graph", _path, "a path")
     prefix_graph = top.take("prefix_graph", _path, "a path", None)
+    core_graph = top.take("core_graph", _path, "a path", None)
     tokenizer_files = top.take("tokenizer_files", _paths, "a list of paths", [])
     files = top.take("files", lambda v: isinstance(v, dict) and all(_path(k) and isinstance(d, str) and
                                                                    _SHA256.fullmatch(d) for k, d in v.items()),
                      "an object of paths to sha256 hex digests", {})
-    for rel in [graph, bank, prefix_graph, *tokenizer_files]:
+    for rel in [graph, bank, prefix_graph, core_graph, *tokenizer_files]:
         if rel is not None and rel not in files:
             raise ArtifactError(f"{path}: field files has no sha256 for {rel!r}, so it cannot be checked")
     return Manifest(family=top.take("family", _text, "a string"), model=model, graph=graph, prompt_bank=bank,
                     tasks=tasks, baked=baked, tokenizer_files=tokenizer_files,
                     versions=top.take("versions", lambda v: isinstance(v, dict), "an object", {}), files=files,
                     quantization=top.take("quantization", lambda v: isinstance(v, dict), "an object", None),
-                    format_version=version, prefix_graph=prefix_graph, **top.rest(Manifest))
+                    format_version=version, prefix_graph=prefix_graph, core_graph=core_graph,
+                    **top.rest(Manifest))

@@ -47,7 +47,10 @@ class DecoderModel(GeneratingModel):
         layers = range(self.info.num_layers)
         self._past_names = [n.format(i) for i in layers for n in (PAST_KEY, PAST_VALUE)]
         self._present_names = [n.format(i) for i in layers for n in (PRESENT_KEY, PRESENT_VALUE)]
-        self._graph = inside_folder(folder, manifest.graph)
+        # an unbaked artifact's prefix is joined here, once, as the first step's past: the core graph, which
+        # has no prefix inputs, saves every step the main graph's copies of an empty prefix
+        self._core = not manifest.baked and manifest.core_graph is not None
+        self._graph = inside_folder(folder, manifest.core_graph if self._core else manifest.graph)
         self.session = open_session(self._graph, providers)
         check_ports(self.session, self._graph, *self._ports())
         self.providers = self.session.get_providers()
@@ -56,7 +59,7 @@ class DecoderModel(GeneratingModel):
         """The graph's inputs and outputs as the manifest describes them (None: any size)."""
         info = self.info
         kv = [None, info.num_kv_heads, None, info.head_dim]
-        prefix = {TASK_IDS: [None]} if self.manifest.baked else {
+        prefix = {TASK_IDS: [None]} if self.manifest.baked else {} if self._core else {
             KV_PREFIX: [None, info.num_layers, 2, info.num_kv_heads, None, info.head_dim], PREFIX_MASK: [None, None]}
         tokens = dict.fromkeys(["input_ids", "attention_mask", "position_ids"], [None, None])
         return ({**tokens, **prefix, **dict.fromkeys(self._past_names, kv)},
@@ -68,30 +71,23 @@ class DecoderModel(GeneratingModel):
         """The task list `rows` index: the one the request was checked against (TaskRows), else the current one."""
         return getattr(rows, "table", None) or self._table
 
-    def _prefix(self, rows: list[int]) -> dict[str, np.ndarray]:
-        """The graph inputs that select each row's prompt."""
-        prompts = self._rows_table(rows).prompts
-        if prompts is None:
-            return {TASK_IDS: np.array(rows, np.int64)}
-        kv, mask = stack_prefixes([prompts[r] for r in rows])
-        return {KV_PREFIX: kv, PREFIX_MASK: mask}
-
     def _first_step(self, mask: np.ndarray, rows: list[int]):
         """Generation's first feeds: (prefix inputs, past, attention mask, position ids).
 
         With a prompt bank, each row's prefix goes in as the past, with its mask ahead of the
-        caller's and positions after it, while the graph's own prefix inputs stay empty: what the
-        graph would join inside it, the caller joins once. `present` then holds prefix and tokens
-        and is passed back as it is, so no later step splits, concatenates or slices off the prefix.
+        caller's and positions after it: what the main graph would join inside it, the caller joins
+        once. The core graph has no prefix inputs (the main graph's stay empty). `present` then holds
+        prefix and tokens and is passed back as it is, so no later step splits off the prefix.
         A baked graph holds its prompts, so it is given task ids and an empty past.
         """
         prompts = self._rows_table(rows).prompts
         if prompts is None:
-            return self._prefix(rows), self._empty_past(len(rows)), mask, inputs.positions(mask)
+            return {TASK_IDS: np.array(rows, np.int64)}, self._empty_past(len(rows)), mask, inputs.positions(mask)
         info = self.info
         kv, prefix_mask = stack_prefixes([prompts[r] for r in rows])
-        empty = {KV_PREFIX: np.zeros((len(rows), info.num_layers, 2, info.num_kv_heads, 0, info.head_dim),
-                                     np.float32), PREFIX_MASK: np.zeros((len(rows), 0), np.int64)}
+        empty = {} if self._core else {
+            KV_PREFIX: np.zeros((len(rows), info.num_layers, 2, info.num_kv_heads, 0, info.head_dim), np.float32),
+            PREFIX_MASK: np.zeros((len(rows), 0), np.int64)}
         past = [np.ascontiguousarray(kv[:, layer, which]) for layer in range(info.num_layers) for which in (0, 1)]
         positions = inputs.positions(mask) + prefix_mask.sum(axis=1, keepdims=True)
         return empty, past, np.concatenate([prefix_mask, mask], axis=1), positions
@@ -185,8 +181,9 @@ class DecoderModel(GeneratingModel):
         return out
 
     def _logits(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> np.ndarray:
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": inputs.positions(mask),
-                 **self._prefix(rows), **dict(zip(self._past_names, self._empty_past(len(ids))))}
+        prefix, past, joined, positions = self._first_step(mask, rows)
+        feeds = {"input_ids": ids, "attention_mask": joined, "position_ids": positions, **prefix,
+                 **dict(zip(self._past_names, past))}
         return finite_logits(self._run(self.session, self._graph, ["logits"], feeds)[0], self._graph, mask)
 
 

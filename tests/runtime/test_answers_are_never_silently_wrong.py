@@ -31,12 +31,16 @@ def test_load_refuses_a_prompt_bank_holding_nan_or_inf(tiny_llama, tmp_path):
 def nan_weights(tiny_llama, tmp_path_factory):
     """The tiny artifact with NaN token embeddings, rehashed: it loads, and every logit is NaN."""
     folder = copy(tiny_llama["artifact"], tmp_path_factory.mktemp("nan-weights") / "artifact")
-    graph = onnx.load(folder / "model.onnx")
-    for tensor in graph.graph.initializer:
-        if tensor.name.endswith("embed_tokens.weight"):
-            tensor.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(tensor), np.nan), tensor.name))
-    onnx.save(graph, folder / "model.onnx")
-    rehash(folder, "model.onnx")
+    for name in ("model.onnx", "core_model.onnx"):  # the main graph, and the one the Python runtime runs
+        if not (folder / name).is_file():
+            continue
+        graph = onnx.load(folder / name)
+        for tensor in graph.graph.initializer:
+            if tensor.name.endswith("embed_tokens.weight"):
+                nan = np.full_like(numpy_helper.to_array(tensor), np.nan)
+                tensor.CopyFrom(numpy_helper.from_array(nan, tensor.name))
+        onnx.save(graph, folder / name)
+        rehash(folder, name)
     return load(folder)
 
 

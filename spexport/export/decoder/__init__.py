@@ -35,6 +35,7 @@ from spexport.export.common import (
 )
 from spexport.export.decoder import quality
 from spexport.export.decoder.build import Speed
+from spexport.export.decoder.core_graph import export_core_graph
 from spexport.export.decoder.graph import export_decoder
 from spexport.export.decoder.prefix_graph import export_prefix_graph
 from spexport.export.transformers_api import output_cache
@@ -72,6 +73,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             extra["quantization"] = record
         if not options.bake:  # baked graphs take task_ids, which neither tasks.py nor genai can add to
             extra["prefix_graph"] = export_prefix_graph(staging, GRAPH)  # None: the graph has no token lookup
+            extra["core_graph"] = export_core_graph(staging, GRAPH, info.num_layers)  # None: a traced graph
             write_genai_config(staging, info, GRAPH, model_dir / "config.json")
         return finish(staging, output, model_dir, family=DECODER.name, model=info, graph=GRAPH,
                       prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake, **extra)

@@ -50,7 +50,7 @@ def export_prefix_graph(folder: Path, graph: str) -> str | None:
     presents = [o for o in model.graph.output if o.name.startswith("present.")]
     del model.graph.output[:]
     model.graph.output.extend(presents)
-    _drop_unused(model.graph)
+    drop_unused(model.graph)
     if not any("input_ids" in node.input for node in nodes):  # GPT-2's unfused graph still reads its shape
         model.graph.input.remove(next(i for i in model.graph.input if i.name == "input_ids"))
     onnx.save(model, folder / PREFIX_GRAPH)
@@ -78,7 +78,7 @@ def _embedding_lookup(graph: onnx.GraphProto):
     return found[0] if len(found) == 1 else (None, None, None)
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
+def drop_unused(graph: onnx.GraphProto) -> None:
     """Remove the nodes no output needs (the LM head: the logits are not an output) and the initializers
     only they read, so a session of the prefix graph loads less of the shared weights."""
     needed = {o.name for o in graph.output}

@@ -1,0 +1,54 @@
+"""The core graph: the finished main graph without its prefix wiring, for the Python runtime.
+
+The Python runtime joins a row's prefix once, as the first step's past (runtime/decoder.py), so the
+main graph's prefix inputs are empty there; yet every step still pays for the wiring: per layer a
+Concat(empty prefix, past) and a Slice of the present, each a copy of the cache (16% of a decode
+step at batch 8 on SmolLM2). The core graph is the main graph with AddPrefixInputsPass undone: the
+caller's mask, positions and past go straight in, and `present.*` is the whole cache. It reads the
+main graph's weights file, so the artifact grows by a few kilobytes; C++, C#, Node and
+onnxruntime-genai clients keep using the main graph and its contract.
+
+Only a graph whose prefix joins are AddPrefixInputsPass's own (export/decoder/direct.py's; a traced
+graph has them merged into its own past concat) gets one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from spexport.artifact.ports import CORE_GRAPH, KV_PREFIX, PAST_KEY, PAST_VALUE, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE
+from spexport.export.decoder.prefix_graph import drop_unused
+
+JOINED = "spx_{}"  # AddPrefixInputsPass's names: the wired value of an input or output port
+
+
+def export_core_graph(folder: Path, graph: str, num_layers: int) -> str | None:
+    """Write CORE_GRAPH beside `folder/graph` (which keeps its weights in external data); None when the
+    graph's prefix joins are not AddPrefixInputsPass's own."""
+    model = onnx.load(folder / graph, load_external_data=False)
+    nodes = {output: node for node in model.graph.node for output in node.output}
+    pasts = [name.format(i) for i in range(num_layers) for name in (PAST_KEY, PAST_VALUE)]
+    presents = [name.format(i) for i in range(num_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
+    wired = {name: JOINED.format(name) for name in ["position_ids", "attention_mask", *pasts]}
+    if not all(value in nodes for value in wired.values()) or \
+            not all(name in nodes and nodes[name].op_type == "Slice" for name in presents):
+        return None
+    ports = {joined: port for port, joined in wired.items()}
+    for node in model.graph.node:  # readers of a wired input read the caller's own (the wiring goes unused)
+        if not (node.output and node.output[0] in ports):
+            node.input[:] = [ports.get(name, name) for name in node.input]
+    for name in presents:  # the frozen model's whole present is the output
+        whole = nodes[name].input[0]
+        for node in model.graph.node:
+            node.output[:] = [name if out == whole else out for out in node.output]
+            if node is not nodes[name]:
+                node.input[:] = [name if value == whole else value for value in node.input]
+        model.graph.node.remove(nodes[name])
+    inputs = [value for value in model.graph.input if value.name not in (KV_PREFIX, PREFIX_MASK)]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    drop_unused(model.graph)
+    onnx.save(model, folder / CORE_GRAPH)
+    return CORE_GRAPH
