@@ -81,7 +81,8 @@ def profile(graph_path: Path, past: int, threads: int, runs: int = 20, batch: in
     step_ms = float(np.median([e["dur"] for e in steps[1:]])) / 1e3
     total = sum(per_op.values())
     ops = sorted(per_op, key=per_op.get, reverse=True)
-    return {"past": past, "batch": batch, "step_ms": step_ms, "kernel_ms": total, "kernels": sum(counts.values()) // runs,
+    return {"past": past, "batch": batch, "step_ms": step_ms, "kernel_ms": total,
+            "kernels": sum(counts.values()) // runs,
             "ops": [{"op": op, "ms": round(per_op[op], 3), "share": round(per_op[op] / total, 3),
                      "kernels": counts[op] // runs} for op in ops]}
 

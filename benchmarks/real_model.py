@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import engines, measure, op_profile, workloads
+from spexport.artifact.manifest import Manifest
 
 INSTRUCTIONS = ["Answer the question briefly and clearly.", "Reply in the voice of a friendly pirate.",
                 "Answer in French.", "Explain it to a five year old.", "Reply with a numbered list.",
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     log("per-operator profiles of a decode step")
     loaded.clear()
     past = VIRTUAL_TOKENS + ids.shape[1] + args.new_tokens // 2
-    result["profile"] = {"spexport": op_profile.profile(built["artifact"] / "model.onnx", past, threads),
+    runs = Manifest.read(built["artifact"]).core_graph or "model.onnx"  # the graph the Python runtime runs
+    result["profile"] = {"spexport": op_profile.profile(built["artifact"] / runs, past, threads),
                          "onnxruntime-genai": op_profile.profile(built["genai"] / "model.onnx", past, threads)}
     result["summary"] = summary(result)
     args.out.mkdir(parents=True, exist_ok=True)
