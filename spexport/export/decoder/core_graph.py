@@ -50,5 +50,6 @@ def export_core_graph(folder: Path, graph: str, num_layers: int) -> str | None:
     del model.graph.input[:]
     model.graph.input.extend(inputs)
     drop_unused(model.graph)
+    del model.graph.value_info[:]  # optional; some named values it describes are gone or renamed
     onnx.save(model, folder / CORE_GRAPH)
     return CORE_GRAPH
