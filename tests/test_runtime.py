@@ -86,6 +86,8 @@ def test_generation_feeds_the_prefix_once_as_the_past(runtime_model):
     ids = np.random.default_rng(3).integers(4, 150, (2, 3)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": full_mask, "position_ids": positions, **prefix,
              **dict(zip(runtime_model._past_names, past))}
+    if "logits_positions" in {value.name for value in runtime_model.session.get_inputs()}:  # the core graph
+        feeds["logits_positions"] = np.array([[0, 1, 2]] * 2, np.int64)
     got = runtime_model.session.run(["logits"], feeds)[0]
     main = ort.InferenceSession(str(runtime_model.folder / runtime_model.manifest.graph))
     kv, prefix_mask = stack_prefixes([runtime_model._table.prompts[r] for r in rows])
@@ -97,6 +99,23 @@ def test_generation_feeds_the_prefix_once_as_the_past(runtime_model):
     assert np.abs(got[real] - want[real]).max() <= 1e-5
     # logits() joins the prefix the same way (a windowed model runs its padded rows alone: float noise)
     np.testing.assert_allclose(runtime_model.logits(ids, mask, task=tasks)[real], got[real], atol=1e-5)
+
+
+def test_core_graph_computes_the_logits_of_the_positions_asked(runtime_model):
+    """Generation asks the core graph for each row's last real token only; those logits are the ones
+    it gives for every position."""
+    if "logits_positions" not in {value.name for value in runtime_model.session.get_inputs()}:
+        pytest.skip("this family's artifact has no core graph (its graph is traced)")
+    mask = np.array([[1, 1, 1, 0], [0, 1, 1, 1]], np.int64)  # row 0 right-padded, row 1 left-padded
+    prefix, past, joined, positions = runtime_model._first_step(mask, [0, 1])
+    ids = np.random.default_rng(5).integers(4, 150, (2, 4)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": joined, "position_ids": positions, **prefix,
+             **dict(zip(runtime_model._past_names, past))}
+    run = runtime_model.session.run
+    every = run(["logits"], {**feeds, "logits_positions": np.array([[0, 1, 2, 3]] * 2, np.int64)})[0]
+    last = run(["logits"], {**feeds, "logits_positions": np.array([[2], [3]], np.int64)})[0]
+    assert last.shape == (2, 1, runtime_model.info.vocab_size)
+    np.testing.assert_allclose(last[:, 0], every[[0, 1], [2, 3]], atol=1e-5)
 
 
 def test_one_row_first_step_reads_the_bank_without_copying_it(runtime_model):

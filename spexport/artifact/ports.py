@@ -18,6 +18,7 @@ PRESENT_KEY = "present.{}.key"
 PRESENT_VALUE = "present.{}.value"
 # Decoder prefix graph (prefix_model.onnx): the frozen model over virtual-token embeddings.
 PREFIX_GRAPH = "prefix_model.onnx"
+LOGITS_POSITIONS = "logits_positions"  # the core graph's: [batch, K] positions whose logits it computes
 CORE_GRAPH = "core_model.onnx"  # decoder, unbaked: the main graph without its prefix inputs (the Python runtime's)
 INPUTS_EMBEDS = "inputs_embeds"  # [batch, n_virtual, hidden]
 # Encoder graphs (family "encoder"): virtual-token embeddings in, the body's states out.

@@ -14,6 +14,7 @@ from spexport.artifact.integrity import inside_folder
 from spexport.artifact.manifest import Manifest
 from spexport.artifact.ports import (
     KV_PREFIX,
+    LOGITS_POSITIONS,
     PAST_KEY,
     PAST_VALUE,
     PREFIX_MASK,
@@ -52,6 +53,8 @@ class DecoderModel(GeneratingModel):
         self._core = not manifest.baked and manifest.core_graph is not None
         self._graph = inside_folder(folder, manifest.core_graph if self._core else manifest.graph)
         self.session = open_session(self._graph, providers)
+        # the core graph computes logits only where asked (generation: each row's last real token)
+        self._positional = LOGITS_POSITIONS in {value.name for value in self.session.get_inputs()}
         check_ports(self.session, self._graph, *self._ports())
         self.providers = self.session.get_providers()
 
@@ -61,7 +64,8 @@ class DecoderModel(GeneratingModel):
         kv = [None, info.num_kv_heads, None, info.head_dim]
         prefix = {TASK_IDS: [None]} if self.manifest.baked else {} if self._core else {
             KV_PREFIX: [None, info.num_layers, 2, info.num_kv_heads, None, info.head_dim], PREFIX_MASK: [None, None]}
-        tokens = dict.fromkeys(["input_ids", "attention_mask", "position_ids"], [None, None])
+        tokens = dict.fromkeys(["input_ids", "attention_mask", "position_ids",
+                                *([LOGITS_POSITIONS] if self._positional else [])], [None, None])
         return ({**tokens, **prefix, **dict.fromkeys(self._past_names, kv)},
                 {"logits": [None, None, info.vocab_size], **dict.fromkeys(self._present_names, kv)})
 
@@ -184,6 +188,8 @@ class DecoderModel(GeneratingModel):
         prefix, past, joined, positions = self._first_step(mask, rows)
         feeds = {"input_ids": ids, "attention_mask": joined, "position_ids": positions, **prefix,
                  **dict(zip(self._past_names, past))}
+        if self._positional:
+            feeds[LOGITS_POSITIONS] = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
         return finite_logits(self._run(self.session, self._graph, ["logits"], feeds)[0], self._graph, mask)
 
 
@@ -227,29 +233,36 @@ class _BoundSteps:
         self.binding = model.session.io_binding()
         self.device = self.DEVICES.get(model.providers[0], "cpu")
         self.past_names, self.present_names = model._past_names, model._present_names
-        self.vocab = model.info.vocab_size
+        self.vocab, self.positional = model.info.vocab_size, model._positional
         self.logits: dict[tuple[int, int], np.ndarray] = {}
         for name, value in [*prefix.items(), *zip(self.past_names, past)]:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
         self.ids, self.last, self.mask, self.position_ids = ids, last, mask, position_ids
 
     def first(self) -> np.ndarray:
+        if self.positional:  # the graph computes the last real token's logits alone
+            return self.run(self.ids, self.mask, self.position_ids, np.asarray(self.last, np.int64)[:, None])[:, 0]
         return self.run(self.ids, self.mask, self.position_ids)[np.arange(len(self.ids)), self.last]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
         # positions count real tokens, so a row's padding (right or in gaps) takes none
         position_ids = self.mask.sum(axis=1, keepdims=True)
         self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-        return self.run(tokens[:, None], self.mask, position_ids)[:, -1]
+        keep = np.zeros((len(tokens), 1), np.int64) if self.positional else None
+        return self.run(tokens[:, None], self.mask, position_ids, keep)[:, -1]
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Run one step; its logits [batch, seq, vocab], in a buffer that the next step of this shape reuses."""
+    def run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray,
+            keep: np.ndarray | None = None) -> np.ndarray:
+        """Run one step; its logits [batch, seq or len(keep), vocab], in a buffer that the next step of this
+        shape reuses. `keep`: the positions whose logits the core graph computes."""
         binding = self.binding
-        for name, value in [("input_ids", ids), ("attention_mask", mask), ("position_ids", position_ids)]:
+        feeds = [("input_ids", ids), ("attention_mask", mask), ("position_ids", position_ids)]
+        for name, value in feeds + ([(LOGITS_POSITIONS, keep)] if keep is not None else []):
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        logits = self.logits.get(ids.shape)
+        shape = ids.shape if keep is None else keep.shape
+        logits = self.logits.get(shape)
         if logits is None:
-            logits = self.logits[ids.shape] = np.empty((*ids.shape, self.vocab), np.float32)
+            logits = self.logits[shape] = np.empty((*shape, self.vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for name in self.present_names:
             binding.bind_output(name, self.device)
