@@ -50,17 +50,16 @@ def export_core_graph(folder: Path, graph: str, num_layers: int) -> str | None:
     if not all(value in nodes for value in wired.values()) or \
             not all(name in nodes and nodes[name].op_type == "Slice" for name in presents):
         return None
+    # readers of a wired input read the caller's own (the wiring goes unused), and each present is the
+    # frozen model's whole one, which its Slice read
     ports = {joined: port for port, joined in wired.items()}
-    for node in model.graph.node:  # readers of a wired input read the caller's own (the wiring goes unused)
-        if not (node.output and node.output[0] in ports):
-            node.input[:] = [ports.get(name, name) for name in node.input]
-    for name in presents:  # the frozen model's whole present is the output
-        whole = nodes[name].input[0]
-        for node in model.graph.node:
-            node.output[:] = [name if out == whole else out for out in node.output]
-            if node is not nodes[name]:
-                node.input[:] = [name if value == whole else value for value in node.input]
+    wholes = {nodes[name].input[0]: name for name in presents}
+    for name in presents:
         model.graph.node.remove(nodes[name])
+    for node in model.graph.node:
+        if not (node.output and node.output[0] in ports):
+            node.input[:] = [ports.get(name, wholes.get(name, name)) for name in node.input]
+        node.output[:] = [wholes.get(name, name) for name in node.output]
     inputs = [value for value in model.graph.input if value.name not in (KV_PREFIX, PREFIX_MASK)]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
