@@ -43,7 +43,7 @@ def table(old_lock: str, new_lock: str) -> None:
 
 
 def failures(log: str, freeze: str, lock: str) -> int:
-    newer = ", ".join(f"{n} {was}->{now}" for n, was, now in changes(pins(lock), pins(freeze)) if was != "-")
+    newer = ", ".join(f"{n} {was}->{now}" for n, was, now in changes(pins(lock), pins(freeze)) if "-" not in (was, now))
     count = 0
     for line in Path(log).read_text(errors="replace").splitlines():
         match = OUTCOME.match(line)
