@@ -132,10 +132,20 @@ class Engine:
                 raise InputError("the engine is closed; it takes no more requests")
             self._incoming.append(request)
             self._wake.notify()
-        if self._background and self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="spexport-engine", daemon=True)
-            self._thread.start()
+        self.start()
         return request
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The loop's thread (None until started, or without background)."""
+        return self._thread
+
+    def start(self) -> None:
+        """Start the loop's thread now (submit starts it otherwise); nothing without background."""
+        with self._wake:
+            if self._background and self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="spexport-engine", daemon=True)
+                self._thread.start()
 
     def close(self) -> None:
         """Finish every request already submitted, then stop the loop's thread."""
@@ -206,14 +216,15 @@ class Engine:
                 self._decode(batch, rows)
         return bool(self._waiting or self._batches or self._joining or self._incoming)
 
-    def _running_rows(self) -> int:
+    def running_rows(self) -> int:
+        """Rows in the running batch (with those that join it at the next step)."""
         return sum(len(rows) for _, rows in self._batches) + len(self._joining)
 
     def _admit(self) -> None:
         budget = self.max_prefill_tokens
         while self._waiting and budget > 0:
             request = self._waiting[0]
-            running_rows = self._running_rows()
+            running_rows = self.running_rows()
             if running_rows and running_rows + len(request.task_ids) > self.max_running_rows:
                 return
             self._waiting.popleft()
