@@ -200,7 +200,8 @@ class Engine:
             self.step()
 
     def step(self) -> bool:
-        """One iteration: admit, step, retire. Returns whether requests remain."""
+        """One iteration: step the running rows, admit (prefill) waiting requests, retire finished rows.
+        Returns whether requests remain."""
         with self._wake:
             self._waiting.extend(self._incoming)
             self._incoming.clear()
@@ -210,10 +211,11 @@ class Engine:
         if not self.decoder:
             self._run_one()
         else:
-            self._admit()
-            self._regroup()
             for batch, rows in self._batches:
                 self._decode(batch, rows)
+            # finished rows leave and new ones join in one rebuild, before the next step
+            self._admit()
+            self._regroup()
         return bool(self._waiting or self._batches or self._joining or self._incoming)
 
     def running_rows(self) -> int:
@@ -322,7 +324,7 @@ class Engine:
             members.setdefault(id(row.request), []).append(i)
         for indices in members.values():
             request = rows[indices[0]].request
-            if request.finished:
+            if request.finished or request.cancelled:
                 continue
             try:
                 if len(indices) > 1:
