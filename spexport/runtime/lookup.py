@@ -9,14 +9,15 @@ rejected waits longer and longer before it drafts again, so open-ended text pays
 from __future__ import annotations
 
 MAX_NGRAM = 3  # the longest run of last tokens searched for (transformers' max_matching_ngram_size is 2)
+MIN_NGRAM = 2  # one matching token predicts open text too poorly to be worth a draft
 MAX_PAUSE = 16  # steps a row that keeps missing waits, at most, before drafting again
 
 
-def find_draft(tokens: list[int], count: int, max_ngram: int = MAX_NGRAM) -> list[int]:
-    """Up to `count` tokens that followed the latest earlier occurrence of the longest run (of at most
+def find_draft(tokens: list[int], count: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM) -> list[int]:
+    """Up to `count` tokens that followed the latest earlier occurrence of the longest run (of `min_ngram` to
     `max_ngram`) of the last tokens in `tokens`; empty when there is none."""
     size = len(tokens)
-    for n in range(min(max_ngram, size - 1), 0, -1):
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
         tail = tokens[size - n:]
         for start in range(size - n - 1, -1, -1):
             if tokens[start:start + n] == tail:

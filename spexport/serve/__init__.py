@@ -24,7 +24,7 @@ def require(extra: str, *modules: str) -> None:
 def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 64,
           log_level: str = "info", **engine_options) -> None:
     """Serve the artifact until SIGINT or SIGTERM; either stops accepting, finishes the requests in flight,
-    and returns. engine_options: the engine's (prompt_lookup, prefix_cache_bytes, max_prefill_tokens)."""
+    and returns. engine_options: the engine's (prompt_lookup, prefix_cache_mb, max_prefill_tokens)."""
     require("serve", "starlette", "uvicorn")
     import uvicorn
 

@@ -223,7 +223,7 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 def create_app(model, max_batch_size: int = 64, **engine_options) -> Starlette:
     """The app over a loaded model (spexport.runtime.load) or an artifact folder; engine_options go to the
-    Scheduler (prompt_lookup, prefix_cache_bytes, max_prefill_tokens)."""
+    Scheduler (prompt_lookup, prefix_cache_mb, max_prefill_tokens)."""
     if isinstance(model, (str, Path)):
         from spexport.runtime import load
 

@@ -84,14 +84,14 @@ class Scheduler:
     """The engine over one loaded decoder or encoder-decoder model, fed with jobs.
 
     max_batch_size: rows running together at most; prompt_lookup: draft length of greedy requests (0: none);
-    prefix_cache_bytes: memory for shared prompt starts; max_prefill_tokens: prompt tokens run per step.
+    prefix_cache_mb: memory for shared prompt starts (MiB); max_prefill_tokens: prompt tokens run per step.
     """
 
     def __init__(self, model, max_batch_size: int = 64, prompt_lookup: int = 0,
-                 prefix_cache_bytes: int = DEFAULT_BYTES, max_prefill_tokens: int = 2048):
+                 prefix_cache_mb: int = DEFAULT_BYTES >> 20, max_prefill_tokens: int = 2048):
         self.model = model
         self.engine = Engine(model, max_running_rows=min(max_batch_size, model.max_batch_size),
-                             max_prefill_tokens=max_prefill_tokens, prefix_cache_bytes=prefix_cache_bytes,
+                             max_prefill_tokens=max_prefill_tokens, prefix_cache_bytes=prefix_cache_mb << 20,
                              prompt_lookup_num_tokens=prompt_lookup)
 
     @property
@@ -124,7 +124,8 @@ def check_prompt(model, task: str, ids: list[int]) -> list[int]:
     tokens = len(ids)
     if tokens == 0:
         raise InputError("the prompt encodes to no tokens")
-    allowed = model.info.max_positions - model.num_virtual_tokens[task]
+    members = getattr(model, "ensembles", {}).get(task, (task,))  # an ensemble: its longest member prompt
+    allowed = model.info.max_positions - max(model.num_virtual_tokens[member] for member in members)
     if tokens >= allowed:
         raise InputError(f"prompt of {tokens} tokens is too long: task {task!r} allows {allowed - 1} prompt tokens "
                          f"and at least one new token (max positions {model.info.max_positions})")

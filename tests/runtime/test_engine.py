@@ -200,3 +200,24 @@ def test_sliding_window_and_baked_models_stay_exact(other_artifact):
     for (prompt, task), answer in zip(specs, answers):
         assert answer.tokens == alone(model, prompt, task, 12)
     assert answers[-1].usage["cached_tokens"] == 4
+
+
+def test_the_prefix_cache_stays_within_its_bytes_least_recently_used_out():
+    from spexport.runtime.prefix_cache import PrefixCache
+
+    kv = [np.zeros((1, 9, 4), np.float32)]  # 144 bytes: a prefix slot and 8 tokens
+    cache = PrefixCache(max_bytes=300, block=4)
+    for first in (1, 2, 3):
+        cache.store(("t", None), [first] + list(range(7)), kv, prefix_slots=1)
+    assert cache.bytes <= 300 and cache.lookup(("t", None), [1] + list(range(8))) is None  # the oldest went
+    past, slots, tokens = cache.lookup(("t", None), [3, 0, 1, 2, 3, 4, 5, 6, 99])
+    assert (slots, tokens, past[0].shape) == (1, 8, (1, 9, 4))
+    assert cache.lookup(("other", None), [3, 0, 1, 2, 3, 4, 5, 6, 99]) is None
+
+
+def test_drafts_follow_the_latest_earlier_match_of_the_last_tokens():
+    from spexport.runtime.lookup import find_draft
+
+    assert find_draft([5, 6, 7, 8, 1, 5, 6], 2) == [7, 8]
+    assert find_draft([5, 6, 7, 5, 6, 9, 5, 6], 3) == [9, 5, 6]
+    assert find_draft([1, 2, 3, 4], 3) == []  # no earlier match of two tokens: no draft
