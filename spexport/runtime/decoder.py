@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,7 @@ from spexport.artifact.ports import (
 from spexport.errors import AdapterError, InputError
 from spexport.runtime import inputs
 from spexport.runtime.base import TaskRows, TaskTable, finite_logits, running
-from spexport.runtime.engine import lookup_columns
+from spexport.runtime.engine import Engine
 from spexport.runtime.generation import GeneratingModel, GenerationConfig
 from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.rowbatch import StepGraph
@@ -311,3 +312,20 @@ class _BoundSteps:
         for name, value in zip(self.past_names, binding.get_outputs()[1:]):
             binding.bind_ortvalue_input(name, value)
         return logits
+
+
+def lookup_columns(model, ids: np.ndarray, mask: np.ndarray, table: TaskTable, task_ids: list[int],
+                   config: GenerationConfig, room: int, pad: int) -> Iterator[np.ndarray]:
+    """`generate`'s columns with prompt-lookup drafting: every row run through an engine of its own, in the
+    caller's thread, and its tokens (EOS included) laid out as the generation loop lays them out."""
+    engine = Engine(model, max_running_rows=max(len(ids), 1), prefix_cache_bytes=0,
+                    prompt_lookup_num_tokens=config.prompt_lookup_num_tokens, background=False)
+    names = list(table.names)
+    requests = [engine.submit(row[real == 1], names[task], min(config.max_new_tokens, room),
+                              config.do_sample, config.temperature, config.top_k, config.top_p, config.seed,
+                              config.repetition_penalty)
+                for row, real, task in zip(ids, mask, task_ids)]
+    answers = [request.collect().tokens for request in requests]
+    width = max((len(a) for a in answers), default=0)
+    for step in range(width):
+        yield np.array([a[step] if step < len(a) else pad for a in answers], np.int64)

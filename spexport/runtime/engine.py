@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from spexport.artifact.ports import LOGITS_POSITIONS
-from spexport.errors import InputError, SpexportError
+from spexport.errors import ArtifactError, InputError, SpexportError
 from spexport.runtime import inputs
 from spexport.runtime.base import TaskTable, running
 from spexport.runtime.generation import GenerationConfig
 from spexport.runtime.prefix_cache import DEFAULT_BLOCK, DEFAULT_BYTES, PrefixCache
 from spexport.runtime.requests import RUNNING, Completion, Event, LogitsProcessor, Request, TokenLogprob
 from spexport.runtime.rowbatch import RowBatch
+from spexport.runtime.session import first_line
 from spexport.runtime.text import check_stop
 
 __all__ = ["Completion", "Engine", "Event", "LogitsProcessor", "Request", "TokenLogprob"]
@@ -118,12 +119,9 @@ class Engine:
         codec = self.model.text_codec()
         if stops and codec is None:
             raise InputError(f"{self.model.folder} has no tokenizer.json, so stop strings cannot be matched")
-        positions = self.model.info.max_positions - max(self._positions(table, t) for t in task_ids)
-        if len(ids) > positions:
-            raise InputError(f"prompt of {len(ids)} tokens is too long: with its task's virtual tokens the model "
-                             f"allows {positions} (max positions {self.model.info.max_positions})")
+        count = self._count(ids, task_ids, table, max_new_tokens)
         drive = None if self._background else self._drive
-        request = Request(ids, task_ids, config, min(max_new_tokens, positions - len(ids)), codec, stops, processors,
+        request = Request(ids, task_ids, config, count, codec, stops, processors,
                           logprobs, lookup, set(self.model.info.eos_token_ids), listener, self.model.info.vocab_size,
                           drive)
         request.table, request.graph = table, self.graph.graph if self.graph is not None else None
@@ -180,9 +178,16 @@ class Engine:
         return inputs.task_indices(list(members), names, len(members)) if members is not None \
             else inputs.task_indices(task, names, 1)
 
-    def _positions(self, table: TaskTable | None, task_id: int) -> int:
-        return table.positions[task_id] if table is not None else self.model.num_virtual_tokens[
-            self.model.tasks[task_id]]
+    def _count(self, ids: list[int], task_ids: list[int], table: TaskTable | None, max_new_tokens: int) -> int:
+        """The most tokens the request may get: max_new_tokens, or fewer where its positions run out (an
+        encoder-decoder model's generation loop checks its own)."""
+        if table is None:
+            return max_new_tokens
+        positions = self.model.info.max_positions - max(table.positions[t] for t in task_ids)
+        if len(ids) > positions:
+            raise InputError(f"prompt of {len(ids)} tokens is too long: with its task's virtual tokens the model "
+                             f"allows {positions} (max positions {self.model.info.max_positions})")
+        return min(max_new_tokens, positions - len(ids))
 
     def _drive(self) -> bool:
         with self._step_lock:
@@ -197,7 +202,13 @@ class Engine:
                     self._wake.wait()
                 if self._closing and not (self._incoming or self._waiting or self._batches or self._joining):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # the loop outlives any one step: its running requests fail, in one line
+                error = ArtifactError(f"the engine failed running a step ({first_line(e)})")
+                for row in self._joining + [row for _, rows in self._batches for row in rows]:
+                    row.request.fail(error)
+                self._batches, self._joining = [], []
 
     def step(self) -> bool:
         """One iteration: step the running rows, admit (prefill) waiting requests, retire finished rows.
@@ -381,19 +392,3 @@ class Engine:
         if not request.finished:
             request.finish("length")
 
-
-def lookup_columns(model, ids: np.ndarray, mask: np.ndarray, table: TaskTable, task_ids: list[int],
-                   config: GenerationConfig, room: int, pad: int) -> Iterator[np.ndarray]:
-    """`generate`'s columns with prompt-lookup drafting: every row run through an engine of its own, in the
-    caller's thread, and its tokens (EOS included) laid out as the generation loop lays them out."""
-    engine = Engine(model, max_running_rows=max(len(ids), 1), prefix_cache_bytes=0,
-                    prompt_lookup_num_tokens=config.prompt_lookup_num_tokens, background=False)
-    names = list(table.names)
-    requests = [engine.submit(row[real == 1], names[task], min(config.max_new_tokens, room),
-                              config.do_sample, config.temperature, config.top_k, config.top_p, config.seed,
-                              config.repetition_penalty)
-                for row, real, task in zip(ids, mask, task_ids)]
-    answers = [request.collect().tokens for request in requests]
-    width = max((len(a) for a in answers), default=0)
-    for step in range(width):
-        yield np.array([a[step] if step < len(a) else pad for a in answers], np.int64)

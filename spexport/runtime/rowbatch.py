@@ -97,6 +97,7 @@ class RowBatch:
         with running(graph.graph):
             graph.session.run_with_iobinding(binding)
         self.past = binding.get_outputs()[1:]
+        self.kvs = None  # the rows' pasts are in the binding now
         for name, value in zip(graph.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
         return logits
