@@ -33,7 +33,10 @@ SYSTEM = ("You are the support assistant of Northwind Outfitters, a shop for hik
           "the item is unused and in its box; refunds reach the card in five to seven days. Tents carry a "
           "two-year warranty, boots one year against defects but not wear. We never share customer data. If a "
           "question is about something else, say you can only help with Northwind orders and products. "
-          "Opening hours: Monday to Friday, 8 am to 6 pm Mountain Time; weekends by email only.")
+          "Opening hours: Monday to Friday, 8 am to 6 pm Mountain Time; weekends by email only. Gift cards "
+          "never expire and can be used online or in our Boulder store. Price matching applies to identical items "
+          "sold by authorised dealers within 14 days of purchase. For a damaged parcel, ask the customer for a "
+          "photo of the box and the item, then open a claim with the carrier on their behalf.")
 QUESTIONS = ["Where is my order 4471?", "Can I return boots I wore once?", "Do you ship to Canada?",
              "How long is the tent warranty?", "Are you open on Sunday?", "How fast is express shipping?"]
 PASSAGE = ("The Denver warehouse opened in 2009 with four employees and a single loading dock. By 2015 it had "
@@ -105,55 +108,68 @@ def prefix_case(model, reps: int) -> dict:
             for name, engine in cases if (rep + i) % 2 == 0 else cases[::-1]:
                 runs[name].append(first_token_s(engine, ids))
     ratios = [c / u for c, u in zip(runs["cached"], runs["uncached"])]
+    result_runs = {"paired_ratios": ratios}
     same = all(warm.submit(ids, "support", max_new_tokens=24).collect().tokens
                == cold.submit(ids, "support", max_new_tokens=24).collect().tokens for ids in chat[1:3])
     return {"shared_prompt_tokens": shared, "prompt_tokens": [len(c) for c in chat],
             "ttft_uncached_s": float(np.median(runs["uncached"])), "ttft_cached_s": float(np.median(runs["cached"])),
             "ttft_ratio_cached_over_uncached": float(np.median(ratios)), "identical_tokens": same,
-            "cache_hits": warm.cache.hits}
+            "cache_hits": warm.cache.hits, **result_runs}
 
 
 def lookup_case(model, reps: int, draft: int, new_tokens: int) -> dict:
+    """Plain greedy `generate` against the same request with drafting (the engine `generate` uses for
+    prompt_lookup_num_tokens, called directly for its draft counts)."""
+    from spexport.runtime.engine import Engine
+
     out = {}
     for name, text in [("copying", COPY), ("open", OPEN)]:
         ids = np.array([model.apply_chat_template([{"role": "user", "content": text}])])
         runs = {"plain": [], "lookup": []}
-        tokens = {}
+        tokens, usage = {}, {}
         for rep in range(reps):
-            cases = [("plain", 0), ("lookup", draft)]
-            for case, n in cases if rep % 2 == 0 else cases[::-1]:
+            for case in ["plain", "lookup"] if rep % 2 == 0 else ["lookup", "plain"]:
                 start = time.perf_counter()
-                result = model.generate(ids, task="support", max_new_tokens=new_tokens,
-                                        prompt_lookup_num_tokens=n or None)
+                if case == "plain":
+                    tokens[case] = model.generate(ids, task="support", max_new_tokens=new_tokens)[0, ids.shape[1]:]
+                else:
+                    answer = Engine(model, prefix_cache_bytes=0, background=False).submit(
+                        ids[0], "support", new_tokens, prompt_lookup_num_tokens=draft).collect()
+                    tokens[case], usage = answer.tokens, answer.usage
                 elapsed = time.perf_counter() - start
-                tokens[case] = result[0, ids.shape[1]:].tolist()
+                tokens[case] = list(tokens[case])
                 runs[case].append(len(tokens[case]) / elapsed)
         ratios = [lk / pl for lk, pl in zip(runs["lookup"], runs["plain"])]
         out[name] = {"prompt_tokens": int(ids.shape[1]), "new_tokens": len(tokens["plain"]),
                      "tokens_per_s_plain": float(np.median(runs["plain"])),
                      "tokens_per_s_lookup": float(np.median(runs["lookup"])),
                      "speedup": float(np.median(ratios)), "identical_tokens": tokens["plain"] == tokens["lookup"],
+                     "paired_ratios": ratios, "draft_tokens": usage.get("draft_tokens"),
+                     "accepted_draft_tokens": usage.get("accepted_draft_tokens"),
                      "reply_start": model.text_codec().decode(tokens["plain"])[:120]}
     return out
 
 
 def markdown(result: dict) -> str:
     p, lk, env = result["prefix_reuse"], result["prompt_lookup"], result["environment"]
-    rows = [("prefix reuse: TTFT cached / uncached", p["ttft_ratio_cached_over_uncached"], "<= 0.3", p["ttft_ratio_cached_over_uncached"] <= 0.3),
-            ("prompt lookup: tokens/s on a copying prompt", lk["copying"]["speedup"], ">= 1.5", lk["copying"]["speedup"] >= 1.5),
-            ("prompt lookup: tokens/s on open chat", lk["open"]["speedup"], ">= 0.95", lk["open"]["speedup"] >= 0.95)]
-    lines = [f"Engine benchmark, SmolLM2-135M-Instruct fp32, commit {env['git_commit'][:10]}"
-             f"{' (uncommitted changes)' if env['uncommitted_changes'] else ''}, {env['cpu']}, {env['cpus']} CPUs, "
-             f"load average {env['load_average_at_start'][0]:.1f} at start; median of {result['reps']} interleaved "
-             "repetitions, ratios taken pair by pair.", "", "| target | measured | limit | met |", "| --- | --- | --- | --- |"]
+    copying, open_chat, ratio = lk["copying"], lk["open"], p["ttft_ratio_cached_over_uncached"]
+    rows = [("prefix reuse: TTFT cached / uncached", ratio, "<= 0.3", ratio <= 0.3),
+            ("prompt lookup: tokens/s on a copying prompt", copying["speedup"], ">= 1.5", copying["speedup"] >= 1.5),
+            ("prompt lookup: tokens/s on open chat", open_chat["speedup"], ">= 0.95", open_chat["speedup"] >= 0.95)]
+    dirty = " (uncommitted changes)" if env["uncommitted_changes"] else ""
+    lines = [f"Engine benchmark, SmolLM2-135M-Instruct fp32, commit {env['git_commit'][:10]}{dirty}, {env['cpu']}, "
+             f"{env['cpus']} CPUs, load average {env['load_average_at_start'][0]:.1f} at start; median of "
+             f"{result['reps']} interleaved repetitions, ratios taken pair by pair.", "",
+             "| target | measured | limit | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {value:.2f}x | {limit} | {'yes' if met else '**no**'} |" for name, value, limit, met in rows]
     lines += ["", f"Prefix: {p['shared_prompt_tokens']} shared tokens of {p['prompt_tokens'][0]}; TTFT "
-              f"{p['ttft_uncached_s'] * 1e3:.0f} ms uncached, {p['ttft_cached_s'] * 1e3:.0f} ms cached; identical tokens: "
-              f"{p['identical_tokens']}.",
-              f"Prompt lookup ({result['draft_tokens']} draft tokens): copying {lk['copying']['tokens_per_s_plain']:.1f} -> "
-              f"{lk['copying']['tokens_per_s_lookup']:.1f} tokens/s, open {lk['open']['tokens_per_s_plain']:.1f} -> "
-              f"{lk['open']['tokens_per_s_lookup']:.1f} tokens/s; identical tokens: "
-              f"{lk['copying']['identical_tokens'] and lk['open']['identical_tokens']}."]
+              f"{p['ttft_uncached_s'] * 1e3:.0f} ms uncached, {p['ttft_cached_s'] * 1e3:.0f} ms cached (medians); "
+              f"identical tokens: {p['identical_tokens']}."]
+    for name, case in [("copying", copying), ("open", open_chat)]:
+        lines.append(f"Prompt lookup, {name} ({result['draft_tokens']} draft tokens): "
+                     f"{case['tokens_per_s_plain']:.1f} -> {case['tokens_per_s_lookup']:.1f} tokens/s (medians); "
+                     f"identical tokens: {case['identical_tokens']}; drafts accepted: "
+                     f"{case['accepted_draft_tokens']} of {case['draft_tokens']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -162,9 +178,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(os.environ.get(
         "SPEXPORT_TEST_CACHE", Path.home() / ".cache" / "spexport-tests")) / "engine-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--draft", type=int, default=10)
-    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     from spexport.runtime import load
 
