@@ -153,7 +153,8 @@ class DecoderModel(GeneratingModel):
             return super()._token_columns(ids, mask, rows, config, stopped)
         eos = self.info.eos_token_ids
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
-        return lookup_columns(self, ids, mask, self._rows_table(rows), list(rows), config, self._room(ids, rows), pad)
+        return lookup_columns(self, ids, mask, self._rows_table(rows), list(rows), config, self._room(ids, rows), pad,
+                              stopped)
 
     def row_start(self, task_id: int, table: TaskTable) -> tuple[list[np.ndarray], int]:
         """A row's past before its first token, per past name [kv_heads, slots, head_dim], and its number of
@@ -315,9 +316,11 @@ class _BoundSteps:
 
 
 def lookup_columns(model, ids: np.ndarray, mask: np.ndarray, table: TaskTable, task_ids: list[int],
-                   config: GenerationConfig, room: int, pad: int) -> Iterator[np.ndarray]:
+                   config: GenerationConfig, room: int, pad: int,
+                   stopped: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """`generate`'s columns with prompt-lookup drafting: every row run through an engine of its own, in the
-    caller's thread, and its tokens (EOS included) laid out as the generation loop lays them out."""
+    caller's thread, and its tokens (EOS included) laid out as the generation loop lays them out, each column
+    as soon as every row has its token. A row the caller marks in `stopped` is cancelled."""
     engine = Engine(model, max_running_rows=max(len(ids), 1), prefix_cache_bytes=0,
                     prompt_lookup_num_tokens=config.prompt_lookup_num_tokens, background=False)
     names = list(table.names)
@@ -325,7 +328,18 @@ def lookup_columns(model, ids: np.ndarray, mask: np.ndarray, table: TaskTable, t
                               config.do_sample, config.temperature, config.top_k, config.top_p, config.seed,
                               config.repetition_penalty)
                 for row, real, task in zip(ids, mask, task_ids)]
-    answers = [request.collect().tokens for request in requests]
-    width = max((len(a) for a in answers), default=0)
-    for step in range(width):
-        yield np.array([a[step] if step < len(a) else pad for a in answers], np.int64)
+    step = 0
+    while True:
+        while any(not r.finished and len(r.tokens) <= step for r in requests):
+            if stopped is not None:
+                for request, stop in zip(requests, stopped):
+                    if stop:
+                        request.cancel()
+            engine.step()
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        if all(len(r.tokens) <= step for r in requests):
+            return
+        yield np.array([r.tokens[step] if step < len(r.tokens) else pad for r in requests], np.int64)
+        step += 1

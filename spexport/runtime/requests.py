@@ -91,6 +91,7 @@ class Request:
         self.tokens: list[int] = []
         self.cached_tokens = 0
         self.cancelled = False
+        self.error: SpexportError | None = None  # why it failed, if it did
         self._listener, self._drive = listener, drive
         self._events: queue.Queue = queue.Queue()
         self._pending: list[tuple[int, str, TokenLogprob | None]] = []
@@ -197,7 +198,7 @@ class Request:
 
     def fail(self, error: SpexportError) -> None:
         if not self.finished:
-            self.state = FINISHED
+            self.state, self.error = FINISHED, error
             self._emit(error)
 
     def usage(self) -> dict:

@@ -221,3 +221,13 @@ def test_drafts_follow_the_latest_earlier_match_of_the_last_tokens():
     assert find_draft([5, 6, 7, 8, 1, 5, 6], 2) == [7, 8]
     assert find_draft([5, 6, 7, 5, 6, 9, 5, 6], 3) == [9, 5, 6]
     assert find_draft([1, 2, 3, 4], 3) == []  # no earlier match of two tokens: no draft
+
+
+def test_the_text_verbs_take_prompt_lookup_with_the_same_text(model):
+    texts = ["the cat sat on the mat", "one two three"]
+    plain = model.generate_text(texts, task=["pt", "prefix"], max_new_tokens=20)
+    assert model.generate_text(texts, task=["pt", "prefix"], max_new_tokens=20, prompt_lookup_num_tokens=3) == plain
+    stop = plain[0][4:7]
+    assert model.generate_text(texts[0], task="pt", max_new_tokens=20, stop=stop, prompt_lookup_num_tokens=3) == \
+        model.generate_text(texts[0], task="pt", max_new_tokens=20, stop=stop)
+    assert "".join(model.stream(texts[1], task="prefix", max_new_tokens=20, prompt_lookup_num_tokens=3)) == plain[1]
