@@ -229,6 +229,18 @@ def test_a_client_that_leaves_mid_stream_frees_the_server(server, model):
                                                                                  max_new_tokens=4)[0]
 
 
+def test_engine_flags_keep_every_answer(tiny_llama, tmp_path, model):
+    """--prompt-lookup drafts and --prefix-cache-mb reuses shared starts; the answers stay the runtime's."""
+    system = "one two three four five six the cat sat on the mat "
+    with served(tiny_llama["artifact"], tmp_path, "--prompt-lookup", "4", "--prefix-cache-mb", "8",
+                "--max-prefill-tokens", "16") as (_, port):
+        for prompt in [system + "red", system + "blue", "hello world"]:
+            status, answer = post(port, "/v1/completions", {"model": "pt", "prompt": prompt, "max_tokens": 20,
+                                                            "temperature": 0})
+            assert status == 200 and answer["choices"][0]["text"] == model.generate_text(
+                prompt, task="pt", max_new_tokens=20)[0]
+
+
 # -- the scheduler, in process ------------------------------------------------------------------------
 
 
