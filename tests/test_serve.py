@@ -320,6 +320,31 @@ def test_a_cancelled_stream_stops_and_frees_its_row(model):
     assert all(job.events.get_nowait()[0] == "delta" for _ in range(job.events.qsize()))  # no answer for a gone client
 
 
+def test_n_choices_echo_and_logprobs_run_as_engine_requests(model):
+    from spexport.serve.scheduler import choices
+
+    sampling = Sampling(8, True, 0.9, 0.95, 5)
+    sampling.n, sampling.logprobs = 2, 2  # the Sampling fields the execution side consumes (CONTRACTS.md)
+
+    async def main():
+        scheduler = Scheduler(model)
+        scheduler.start()
+        jobs = choices("pt", model.tokenizer.encode("the cat sat").ids, sampling, asyncio.get_running_loop(),
+                       False, echo_text="the cat sat")
+        for job in jobs:
+            scheduler.submit(job)
+        done = [await asyncio.wait_for(job.events.get(), 60) for job in jobs]
+        await asyncio.to_thread(scheduler.stop)
+        return jobs, done
+
+    jobs, done = asyncio.run(main())
+    for i, (job, event) in enumerate(zip(jobs, done)):  # choice i is seeded with seed + i
+        reply = model.generate_text("the cat sat", task="pt", max_new_tokens=8, do_sample=True, temperature=0.9,
+                                    top_p=0.95, seed=5 + i)[0]
+        assert event[1] == "the cat sat" + reply
+        assert [lp.token for lp in job.logprobs] == job.tokens and all(len(lp.top) == 2 for lp in job.logprobs)
+
+
 # -- shutdown -----------------------------------------------------------------------------------------
 
 

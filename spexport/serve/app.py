@@ -143,7 +143,8 @@ class Server:
             for job in jobs:
                 job.cancelled = True
             raise
-        usage = {"prompt_tokens": sum(j.prompt_tokens for j in jobs), "completion_tokens": sum(d[2] for d in done)}
+        usage = {"prompt_tokens": sum(j.prompt_tokens for j in jobs if j.choice == 0),  # a prompt counts once
+                 "completion_tokens": sum(d[2] for d in done)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         answers = [choice(i, text, reason) for i, (text, reason, _) in enumerate(done)]
         for answer, job in zip(answers, jobs):

@@ -10,7 +10,7 @@ alone (greedy, or seeded: each request has its own random stream).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+import copy
 
 from spexport.errors import InputError, SpexportError
 from spexport.runtime.engine import Engine, Event
@@ -24,8 +24,9 @@ class Job:
     `logprobs` (engine TokenLogprob entries, when asked) fill in as the request runs; `usage` at its end."""
 
     def __init__(self, task: str, ids: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop,
-                 stream: bool = False, echo_text: str = ""):
+                 stream: bool = False, echo_text: str = "", choice: int = 0):
         self.task, self.ids, self.sampling, self.loop, self.stream = task, ids, sampling, loop, stream
+        self.choice = choice  # which of the prompt's n choices
         self.events: asyncio.Queue = asyncio.Queue()
         self.text = echo_text  # echo: the prompt's text leads the choice
         self.tokens: list[int] = []
@@ -75,9 +76,16 @@ class Job:
 
 def choices(task: str, ids: list[int], sampling: Sampling, loop, stream: bool, echo_text: str = "") -> list[Job]:
     """The `n` jobs of one prompt; with a seed, choice i is seeded with seed + i."""
-    n = getattr(sampling, "n", 1)
-    return [Job(task, ids, sampling if i == 0 or sampling.seed is None else replace(sampling, seed=sampling.seed + i),
-                loop, stream, echo_text) for i in range(n)]
+    return [Job(task, ids, _seeded(sampling, i), loop, stream, echo_text, i) for i in range(getattr(sampling, "n", 1))]
+
+
+def _seeded(sampling: Sampling, choice: int) -> Sampling:
+    """The settings of choice `choice`: its seed moved on by `choice` (a copy, every field kept)."""
+    if choice == 0 or sampling.seed is None:
+        return sampling
+    moved = copy.copy(sampling)
+    object.__setattr__(moved, "seed", sampling.seed + choice)  # a frozen dataclass too
+    return moved
 
 
 class Scheduler:
