@@ -294,12 +294,13 @@ def run_command(folder: Path, texts: tuple[str, ...], task: str | None, as_chat:
 @ARTIFACT
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1),
-              help="Most requests that run together in one batch.")
-@click.option("--ray", "use_ray", is_flag=True,
-              help="Run as a Ray Serve deployment: joins RAY_ADDRESS if set, else starts a local Ray.")
+@click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1), help="Rows run together.")
+@click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (joins RAY_ADDRESS if set, else a local Ray).")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Ray Serve replicas.")
-def serve_command(folder: Path, host: str, port: int, max_batch_size: int, use_ray: bool, replicas: int) -> None:
+@click.option("--prompt-lookup", default=0, type=click.IntRange(0), help="Greedy requests draft N tokens a step.")
+@click.option("--prefix-cache-mb", default=256, type=click.IntRange(0), help="KV of shared prompt starts (0: off).")
+@click.option("--max-prefill-tokens", default=2048, type=click.IntRange(1), help="Prompt tokens run per step.")
+def serve_command(folder: Path, host: str, port: int, max_batch_size: int, use_ray: bool, replicas: int, **engine):
     """Serve FOLDER as an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions,
     /v1/classify), batching concurrent requests across tasks. SIGTERM finishes the requests in flight."""
     with _one_line_errors():
@@ -312,7 +313,7 @@ def serve_command(folder: Path, host: str, port: int, max_batch_size: int, use_r
         else:
             from spexport.serve import serve
 
-            serve(folder, host, port, max_batch_size)
+            serve(folder, host, port, max_batch_size, **engine)
 
 
 @main.command("reseal")

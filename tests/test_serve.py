@@ -229,30 +229,37 @@ def test_a_client_that_leaves_mid_stream_frees_the_server(server, model):
                                                                                  max_new_tokens=4)[0]
 
 
+def test_engine_flags_keep_every_answer(tiny_llama, tmp_path, model):
+    """--prompt-lookup drafts and --prefix-cache-mb reuses shared starts; the answers stay the runtime's."""
+    system = "one two three four five six the cat sat on the mat "
+    with served(tiny_llama["artifact"], tmp_path, "--prompt-lookup", "4", "--prefix-cache-mb", "8",
+                "--max-prefill-tokens", "16") as (_, port):
+        for prompt in [system + "red", system + "blue", "hello world"]:
+            status, answer = post(port, "/v1/completions", {"model": "pt", "prompt": prompt, "max_tokens": 20,
+                                                            "temperature": 0})
+            assert status == 200 and answer["choices"][0]["text"] == model.generate_text(
+                prompt, task="pt", max_new_tokens=20)[0]
+
+
 # -- the scheduler, in process ------------------------------------------------------------------------
-
-
-class CountingModel:
-    """A model whose generate_columns counts the columns it gives and waits a little before each."""
-
-    def __init__(self, model, delay: float = 0.0):
-        self.model, self.delay, self.columns = model, delay, 0
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def generate_columns(self, *args, **kwargs):
-        for column in self.model.generate_columns(*args, **kwargs):
-            time.sleep(self.delay)
-            self.columns += 1
-            yield column
 
 
 def _jobs(loop, specs, stream=False):
     return [Job(task, ids, Sampling(n, False, 1.0, 1.0, None), loop, stream) for task, ids, n in specs]
 
 
-def test_scheduler_runs_concurrent_mixed_tasks_as_one_batch(model):
+def _slowed(scheduler, delay: float):
+    """Each engine step waits `delay` first, so that a test can act while requests run."""
+    step = scheduler.engine.step
+
+    def slow_step():
+        time.sleep(delay)
+        return step()
+    scheduler.engine.step = slow_step
+    return scheduler
+
+
+def test_scheduler_runs_concurrent_mixed_tasks_in_one_running_batch(model):
     async def main():
         scheduler = Scheduler(model)
         specs = [(["pt", "prefix"][i % 2], PROMPTS[i % len(PROMPTS)], 2 + i) for i in range(10)]
@@ -262,30 +269,80 @@ def test_scheduler_runs_concurrent_mixed_tasks_as_one_batch(model):
         scheduler.start()
         done = [await asyncio.wait_for(job.events.get(), 60) for job in jobs]
         await asyncio.to_thread(scheduler.stop)
-        return scheduler, specs, done
+        return scheduler.engine, specs, done
 
-    scheduler, specs, done = asyncio.run(main())
-    assert (scheduler.batches, scheduler.rows) == (1, 10)
+    engine, specs, done = asyncio.run(main())
+    assert engine.steps <= 11 and engine.stepped_rows > 2 * engine.steps  # rows stepped together, not one by one
     assert [d[1] for d in done] == [model.generate_text(p, task=t, max_new_tokens=n)[0] for t, p, n in specs]
 
 
-def test_a_cancelled_stream_stops_its_batch_early(model):
-    counting = CountingModel(model, delay=0.02)
-
+def test_a_stream_that_arrives_during_a_long_request_streams_and_ends_first(model):
     async def main():
-        scheduler = Scheduler(counting)
+        scheduler = _slowed(Scheduler(model), 0.01)
+        loop = asyncio.get_running_loop()
+        [long] = _jobs(loop, [("pt", model.tokenizer.encode("the cat sat").ids, 60)])
+        [short] = _jobs(loop, [("prefix", model.tokenizer.encode("hello world").ids, 5)], stream=True)
+        scheduler.start()
+        scheduler.submit(long)
+        while len(long.tokens) < 3:
+            await asyncio.sleep(0.005)
+        scheduler.submit(short)
+        events = []
+        while not events or events[-1][0] != "done":
+            events.append(await asyncio.wait_for(short.events.get(), 60))
+        running = long.request.state
+        await asyncio.to_thread(scheduler.stop)
+        return events, running, (await long.events.get())
+
+    events, running, long_done = asyncio.run(main())
+    assert running == "running"  # the short one ended while the long one still ran
+    assert events[0][0] == "delta" and events[-1][0] == "done"
+    assert "".join(e[1] for e in events[:-1]) == events[-1][1] == model.generate_text(
+        "hello world", task="prefix", max_new_tokens=5)[0]
+    assert long_done[1] == model.generate_text("the cat sat", task="pt", max_new_tokens=60)[0]
+
+
+def test_a_cancelled_stream_stops_and_frees_its_row(model):
+    async def main():
+        scheduler = _slowed(Scheduler(model), 0.02)
         [job] = _jobs(asyncio.get_running_loop(), [("pt", model.tokenizer.encode("hello").ids, 60)], stream=True)
         scheduler.start()
         scheduler.submit(job)
         first = await asyncio.wait_for(job.events.get(), 60)
         job.cancelled = True
         await asyncio.to_thread(scheduler.stop)
-        return first, job.events
+        return first, job, scheduler.engine
 
-    first, events = asyncio.run(main())
+    first, job, engine = asyncio.run(main())
     assert first[0] == "delta"
-    assert counting.columns < 30  # far fewer than the 60 tokens asked for
-    assert all(events.get_nowait()[0] == "delta" for _ in range(events.qsize()))  # no answer for a gone client
+    assert len(job.tokens) < 30  # far fewer than the 60 tokens asked for
+    assert job.request.state == "finished" and engine.running_rows() == 0
+    assert all(job.events.get_nowait()[0] == "delta" for _ in range(job.events.qsize()))  # no answer for a gone client
+
+
+def test_n_choices_echo_and_logprobs_run_as_engine_requests(model):
+    from spexport.serve.scheduler import choices
+
+    sampling = Sampling(8, True, 0.9, 0.95, 5)
+    sampling.n, sampling.logprobs = 2, 2  # the Sampling fields the execution side consumes (CONTRACTS.md)
+
+    async def main():
+        scheduler = Scheduler(model)
+        scheduler.start()
+        jobs = choices("pt", model.tokenizer.encode("the cat sat").ids, sampling, asyncio.get_running_loop(),
+                       False, echo_text="the cat sat")
+        for job in jobs:
+            scheduler.submit(job)
+        done = [await asyncio.wait_for(job.events.get(), 60) for job in jobs]
+        await asyncio.to_thread(scheduler.stop)
+        return jobs, done
+
+    jobs, done = asyncio.run(main())
+    for i, (job, event) in enumerate(zip(jobs, done)):  # choice i is seeded with seed + i
+        reply = model.generate_text("the cat sat", task="pt", max_new_tokens=8, do_sample=True, temperature=0.9,
+                                    top_p=0.95, seed=5 + i)[0]
+        assert event[1] == "the cat sat" + reply
+        assert [lp.token for lp in job.logprobs] == job.tokens and all(len(lp.top) == 2 for lp in job.logprobs)
 
 
 # -- shutdown -----------------------------------------------------------------------------------------

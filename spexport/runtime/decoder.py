@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -26,8 +27,10 @@ from spexport.artifact.ports import (
 from spexport.errors import AdapterError, InputError
 from spexport.runtime import inputs
 from spexport.runtime.base import TaskRows, TaskTable, finite_logits, running
-from spexport.runtime.generation import GeneratingModel
+from spexport.runtime.engine import Engine
+from spexport.runtime.generation import GeneratingModel, GenerationConfig
 from spexport.runtime.prefix import check_editable, new_tasks
+from spexport.runtime.rowbatch import StepGraph
 from spexport.runtime.session import check_ports, load_bank, open_session
 
 
@@ -131,6 +134,45 @@ class DecoderModel(GeneratingModel):
 
     def _sequence_start(self, ids: np.ndarray) -> np.ndarray:
         return ids
+
+    # -- what the engine (runtime/engine.py) runs a row with ------------------------------------
+
+    def step_graph(self) -> StepGraph:
+        """The graph generation steps run, and its port names, for callers that hold their own KV (the engine)."""
+        return StepGraph(self.session, self._graph, self._past_names, self._present_names, self._positional,
+                         _BoundSteps.DEVICES.get(self.providers[0], "cpu"), self.info.sliding_window is not None,
+                         self.info.vocab_size)
+
+    def task_table(self) -> TaskTable:
+        """The task list requests are checked against now (replaced whole by add_task / remove_task)."""
+        return self._table
+
+    def _token_columns(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], config: GenerationConfig,
+                       stopped: np.ndarray | None = None):
+        if not config.prompt_lookup_num_tokens:
+            return super()._token_columns(ids, mask, rows, config, stopped)
+        eos = self.info.eos_token_ids
+        pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
+        return lookup_columns(self, ids, mask, self._rows_table(rows), list(rows), config, self._room(ids, rows), pad,
+                              stopped)
+
+    def row_start(self, task_id: int, table: TaskTable) -> tuple[list[np.ndarray], int]:
+        """A row's past before its first token, per past name [kv_heads, slots, head_dim], and its number of
+        slots: its task's prefix (what `_first_step` joins for it), or nothing for a baked graph."""
+        if table.prompts is None:
+            return [past[0] for past in self._empty_past(1)], 0
+        kv = table.prompts[task_id]
+        return [kv[layer, which] for layer in range(self.info.num_layers) for which in (0, 1)], kv.shape[3]
+
+    def batch_feeds(self, task_ids: list[int]) -> dict[str, np.ndarray]:
+        """The prefix inputs of a step over rows of `task_ids` whose prefixes are already in their past."""
+        if self.manifest.baked:
+            return {TASK_IDS: np.array(task_ids, np.int64)}
+        if self._core:
+            return {}
+        info, batch = self.info, len(task_ids)
+        return {KV_PREFIX: np.zeros((batch, info.num_layers, 2, info.num_kv_heads, 0, info.head_dim), np.float32),
+                PREFIX_MASK: np.zeros((batch, 0), np.int64)}
 
     # -- tasks on a running model ----------------------------------------------------------------
 
@@ -271,3 +313,33 @@ class _BoundSteps:
         for name, value in zip(self.past_names, binding.get_outputs()[1:]):
             binding.bind_ortvalue_input(name, value)
         return logits
+
+
+def lookup_columns(model, ids: np.ndarray, mask: np.ndarray, table: TaskTable, task_ids: list[int],
+                   config: GenerationConfig, room: int, pad: int,
+                   stopped: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """`generate`'s columns with prompt-lookup drafting: every row run through an engine of its own, in the
+    caller's thread, and its tokens (EOS included) laid out as the generation loop lays them out, each column
+    as soon as every row has its token. A row the caller marks in `stopped` is cancelled."""
+    engine = Engine(model, max_running_rows=max(len(ids), 1), prefix_cache_bytes=0,
+                    prompt_lookup_num_tokens=config.prompt_lookup_num_tokens, background=False)
+    names = list(table.names)
+    requests = [engine.submit(row[real == 1], names[task], min(config.max_new_tokens, room),
+                              config.do_sample, config.temperature, config.top_k, config.top_p, config.seed,
+                              config.repetition_penalty)
+                for row, real, task in zip(ids, mask, task_ids)]
+    step = 0
+    while True:
+        while any(not r.finished and len(r.tokens) <= step for r in requests):
+            if stopped is not None:
+                for request, stop in zip(requests, stopped):
+                    if stop:
+                        request.cancel()
+            engine.step()
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        if all(len(r.tokens) <= step for r in requests):
+            return
+        yield np.array([r.tokens[step] if step < len(r.tokens) else pad for r in requests], np.int64)
+        step += 1

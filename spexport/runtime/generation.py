@@ -18,7 +18,7 @@ from spexport.errors import InputError
 from spexport.runtime import inputs, sampling
 from spexport.runtime.base import ServedArtifact, non_finite_logits
 from spexport.runtime.chat import conversations
-from spexport.runtime.text import TextStream, check_stop
+from spexport.runtime.text import TextCodec, TextStream, check_stop
 
 
 class Steps(Protocol):
@@ -36,8 +36,10 @@ class Steps(Protocol):
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to choose new tokens: greedy unless do_sample, then temperature, top-k and top-p (transformers'
-    order), repeatable with a seed; repetition_penalty first, as transformers' RepetitionPenaltyLogitsProcessor
-    (a token already in the row's sequence has its logit divided by it, or multiplied if negative)."""
+    order), repeatable with a seed (each row its own random stream, seeded alike); repetition_penalty first, as
+    transformers' RepetitionPenaltyLogitsProcessor (a token already in the row's sequence has its logit divided by
+    it, or multiplied if negative). prompt_lookup_num_tokens: greedy rows draft that many tokens from their own
+    prompt and output and keep the ones the model agrees with (decoder-only; the tokens are the same)."""
 
     max_new_tokens: int = 20
     do_sample: bool = False
@@ -46,10 +48,14 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = None
     repetition_penalty: float = 1.0
+    prompt_lookup_num_tokens: int | None = None
 
     def __post_init__(self):
         inputs.check_generation(self.max_new_tokens, self.do_sample, self.temperature, self.top_k, self.top_p,
                                 self.seed, self.repetition_penalty)
+        lookup = self.prompt_lookup_num_tokens
+        if lookup is not None and (not inputs.is_whole(lookup) or lookup < 0):
+            raise InputError(f"prompt_lookup_num_tokens must be a whole number >= 0 or None, got {lookup!r}")
 
 
 def token_columns(steps: Steps, config: GenerationConfig, room: int, eos_token_ids: list[int], pad_token_id: int,
@@ -62,19 +68,20 @@ def token_columns(steps: Steps, config: GenerationConfig, room: int, eos_token_i
     that the caller marks in `stopped` between two columns, gets the pad token from then on; the loop
     ends when every row has.
     """
-    rng = np.random.default_rng(config.seed)
     eos = np.array(eos_token_ids, np.int64)
     count = min(config.max_new_tokens, room)
     if count <= 0:
         return
     logits = steps.first()
     unfinished = np.ones(len(logits), bool)
+    # one stream per row, each seeded as that row's request alone would be
+    rngs = [np.random.default_rng(config.seed) for _ in range(len(logits))]
     for step in range(count):
         if seen is not None:
             logits = sampling.penalize_repetition(logits, seen, config.repetition_penalty)
         try:
             chosen = sampling.next_tokens(logits, config.do_sample, config.temperature, config.top_k, config.top_p,
-                                          rng)
+                                          rngs)
         except FloatingPointError:
             raise non_finite_logits(steps.graph) from None
         token = forced(step)
@@ -113,8 +120,14 @@ class GeneratingModel(ServedArtifact):
     def _forced_token(self, step: int, config: GenerationConfig) -> int | None:
         return None
 
+    def text_codec(self) -> TextCodec | None:
+        """The artifact's tokenizer and decoding rules (None without a tokenizer.json)."""
+        return self._text
+
     def _token_columns(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], config: GenerationConfig,
                        stopped: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        if config.prompt_lookup_num_tokens:
+            raise InputError(f"prompt_lookup_num_tokens is for decoder-only artifacts; this is {self.FAMILY}")
         eos = self.info.eos_token_ids
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
         seen = None
@@ -184,7 +197,7 @@ class GeneratingModel(ServedArtifact):
     def generate(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 repetition_penalty: float = 1.0) -> np.ndarray:
+                 repetition_penalty: float = 1.0, prompt_lookup_num_tokens: int | None = None) -> np.ndarray:
         """Token ids as transformers' `generate` returns them: for a decoder-only model the input followed
         by the new tokens; for an encoder-decoder model the decoder start token followed by them.
 
@@ -192,9 +205,11 @@ class GeneratingModel(ServedArtifact):
         row gets what it gets alone. Rows stop at any of the model's EOS ids (later slots hold the pad token), at
         max_new_tokens, or where the model's positions run out. An encoder-decoder model's
         forced_bos_token_id and forced_eos_token_id apply as in transformers: the first new token, and
-        the last one max_new_tokens allows.
+        the last one max_new_tokens allows. prompt_lookup_num_tokens (decoder-only): draft that many tokens
+        per step from the row's own prompt and output, as transformers does; greedy tokens are unchanged.
         """
-        config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, repetition_penalty)
+        config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
+                                  prompt_lookup_num_tokens)
         ids, mask, rows = self._prepare(input_ids, attention_mask, task)
         return np.concatenate([self._sequence_start(ids), self._new_tokens(ids, mask, rows, config)], axis=1)
 

@@ -1,5 +1,6 @@
 """Next-token choice: greedy, or sampling with temperature, top-k and top-p (transformers' order), after
-the repetition penalty."""
+the repetition penalty. Each row draws from its own random stream, so a seeded row samples what it samples
+alone, whatever else is in its batch."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import numpy as np
 
 
 def next_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                rng: np.random.Generator) -> np.ndarray:
-    """logits [batch, vocab] -> token ids [batch].
+                rngs: list[np.random.Generator]) -> np.ndarray:
+    """logits [batch, vocab] -> token ids [batch]; `rngs` holds one random stream per row (sampling only).
 
     Raises FloatingPointError when a row's largest logit is NaN or Inf, so that no token can be chosen
     from it. argmax and max count NaN as the largest value, so checking the one value each row is
@@ -33,7 +34,7 @@ def next_tokens(logits: np.ndarray, do_sample: bool, temperature: float, top_k: 
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         probs = np.where(drop, 0.0, probs)
         probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs])
+    return np.array([rng.choice(len(p), p=p) for rng, p in zip(rngs, probs)])
 
 
 def _check_finite(best: np.ndarray) -> None:

@@ -22,15 +22,15 @@ def require(extra: str, *modules: str) -> None:
 
 
 def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 64,
-          log_level: str = "info") -> None:
+          log_level: str = "info", **engine_options) -> None:
     """Serve the artifact until SIGINT or SIGTERM; either stops accepting, finishes the requests in flight,
-    and returns."""
+    and returns. engine_options: the engine's (prompt_lookup, prefix_cache_mb, max_prefill_tokens)."""
     require("serve", "starlette", "uvicorn")
     import uvicorn
 
     from spexport.serve.app import create_app
 
-    app = create_app(folder, max_batch_size)
+    app = create_app(folder, max_batch_size, **engine_options)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     # uvicorn re-raises the signal it shut down on once it is done: answer it here, so the process exits 0
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)

@@ -19,7 +19,7 @@ from starlette.routing import Route
 from spexport.errors import InputError, OptionError, SpexportError
 from spexport.serve import protocol
 from spexport.serve.protocol import RequestError
-from spexport.serve.scheduler import Job, Scheduler, check_prompt
+from spexport.serve.scheduler import Job, Scheduler, check_prompt, choices, logprobs_json
 
 GENERATES = ("decoder-only", "encoder-decoder")
 
@@ -40,14 +40,14 @@ def _as_request_error(e: Exception) -> RequestError:
 class Server:
     """One loaded model, its scheduler, and the route handlers."""
 
-    def __init__(self, model, max_batch_size: int = 64):
+    def __init__(self, model, max_batch_size: int = 64, **engine_options):
         self.model = model
         self.created = int(time.time())
         self.generates = model.FAMILY in GENERATES
         if model.tokenizer is None:
             raise OptionError(f"{model.folder} has no tokenizer.json, and the server takes text: export the artifact "
                               "from a model folder that has a tokenizer")
-        self.scheduler = Scheduler(model, max_batch_size) if self.generates else None
+        self.scheduler = Scheduler(model, max_batch_size, **engine_options) if self.generates else None
 
     # -- routes ------------------------------------------------------------------------------------
 
@@ -60,10 +60,12 @@ class Server:
         try:
             body = await self._body(request)
             task, prompts, sampling, stream = self._generation_request(body)
-            if stream and len(prompts) > 1:
-                raise RequestError("stream takes one prompt per request", param="prompt")
             encode = self.model.tokenizer.encode  # as generate_text encodes a text
-            jobs = [self._job(task, encode(p).ids, sampling, stream) for p in prompts]
+            echo = getattr(sampling, "echo", False)
+            jobs = [job for p in prompts
+                    for job in self._jobs(task, encode(p).ids, sampling, stream, p if echo else "")]
+            if stream and len(jobs) > 1:
+                raise RequestError("stream takes one prompt and n=1 per request", param="prompt")
         except (RequestError, SpexportError) as e:
             return error_response(_as_request_error(e))
         return await self._answer(jobs, task, "text_completion", stream, self._completion_choice)
@@ -79,7 +81,7 @@ class Server:
                                    f"{self.model.folder}; use POST /v1/completions with a formatted prompt",
                                    param="messages", code="chat_template_unsupported")
             ids = template(messages, add_generation_prompt=True)  # token ids, as chat encodes the conversation
-            jobs = [self._job(task, list(ids), sampling, stream)]
+            jobs = self._jobs(task, list(ids), sampling, stream)
         except (RequestError, SpexportError) as e:
             return error_response(_as_request_error(e))
         return await self._answer(jobs, task, "chat.completion", stream, self._chat_choice)
@@ -122,8 +124,9 @@ class Server:
         sampling = protocol.sampling(body, self.model.info.max_positions)
         return task, protocol.prompts(body), sampling, protocol.stream_flag(body)
 
-    def _job(self, task: str, ids: list[int], sampling, stream: bool) -> Job:
-        return Job(task, check_prompt(self.model, task, ids), sampling, asyncio.get_running_loop(), stream)
+    def _jobs(self, task: str, ids: list[int], sampling, stream: bool, echo_text: str = "") -> list[Job]:
+        return choices(task, check_prompt(self.model, task, ids), sampling, asyncio.get_running_loop(), stream,
+                       echo_text)
 
     async def _answer(self, jobs: list[Job], task: str, kind: str, stream: bool, choice):
         ident = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
@@ -140,10 +143,14 @@ class Server:
             for job in jobs:
                 job.cancelled = True
             raise
-        usage = {"prompt_tokens": sum(j.prompt_tokens for j in jobs), "completion_tokens": sum(d[2] for d in done)}
+        usage = {"prompt_tokens": sum(j.prompt_tokens for j in jobs if j.choice == 0),  # a prompt counts once
+                 "completion_tokens": sum(d[2] for d in done)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return JSONResponse({**head, "choices": [choice(i, text, reason) for i, (text, reason, _) in
-                                                 enumerate(done)], "usage": usage})
+        answers = [choice(i, text, reason) for i, (text, reason, _) in enumerate(done)]
+        for answer, job in zip(answers, jobs):
+            if getattr(job.sampling, "logprobs", None) is not None:
+                answer["logprobs"] = logprobs_json(self.model.text_codec(), job, kind == "chat.completion")
+        return JSONResponse({**head, "choices": answers, "usage": usage})
 
     @staticmethod
     async def _result(job: Job) -> tuple[str, str, int]:
@@ -168,6 +175,9 @@ class Server:
                     break
                 yield f"data: {json.dumps({**head, 'object': kind, 'choices': [chunk]})}\n\n"
                 if event[0] == "done":
+                    if getattr(job.sampling, "include_usage", False) and job.usage is not None:
+                        usage = {k: job.usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                        yield f"data: {json.dumps({**head, 'object': kind, 'choices': [], 'usage': usage})}\n\n"
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -212,13 +222,14 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
                                        code="not_found" if exc.status_code == 404 else None))
 
 
-def create_app(model, max_batch_size: int = 64) -> Starlette:
-    """The app over a loaded model (spexport.runtime.load) or an artifact folder."""
+def create_app(model, max_batch_size: int = 64, **engine_options) -> Starlette:
+    """The app over a loaded model (spexport.runtime.load) or an artifact folder; engine_options go to the
+    Scheduler (prompt_lookup, prefix_cache_mb, max_prefill_tokens)."""
     if isinstance(model, (str, Path)):
         from spexport.runtime import load
 
         model = load(model)
-    server = Server(model, max_batch_size)
+    server = Server(model, max_batch_size, **engine_options)
     app = Starlette(routes=server.routes(), lifespan=server.lifespan, exception_handlers={HTTPException: http_error})
     app.state.server = server
     return app

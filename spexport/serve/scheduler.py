@@ -1,45 +1,56 @@
-"""Dynamic batching across requests: one thread gathers the requests that arrive together and runs them
-through the runtime as one batch, tasks mixed, then hands each request its own tokens.
+"""The server's execution path: HTTP jobs run as requests of one runtime `Engine` (continuous batching).
 
-A row's answer is what `generate_text` returns for that request alone: greedy rows of any tasks share a
-batch (rows are independent in the runtime), each row is cut at its own max_tokens and first EOS, and a
-row joins a batch only if the batch leaves it the room it would have alone. Sampled requests with a seed
-run alone, since the runtime's sampler draws from one random stream per call; sampled requests without
-a seed share a batch with those of the same temperature and top_p.
+A job is one choice of one prompt. It becomes one engine request, whose events come back on the job's
+asyncio queue: a streaming client sees its first piece as soon as its own prompt has run, not after a
+batch it arrived behind, and a client that leaves frees its row at the next step. The text and stop
+strings go through the runtime's TextStream, so a reply equals `generate_text` / `chat` for that request
+alone (greedy, or seeded: each request has its own random stream).
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
-import time
-from dataclasses import dataclass, field
-
-import numpy as np
+import copy
 
 from spexport.errors import InputError, SpexportError
+from spexport.runtime.engine import Engine, Event
+from spexport.runtime.prefix_cache import DEFAULT_BYTES
 from spexport.serve.protocol import Sampling
 
-WINDOW_S = 0.005  # after the first request, how long to wait for others to join its batch
 
-
-@dataclass
 class Job:
-    """One prompt's generation. The scheduler reports to `events` (an asyncio queue on `loop`):
-    ("delta", text) while streaming, then ("done", text, finish_reason, completion_tokens) or ("error", exc)."""
+    """One choice of one prompt. The engine reports to `events` (an asyncio queue on `loop`): ("delta", text)
+    while streaming, then ("done", text, finish_reason, completion_tokens) or ("error", exc). `tokens` and
+    `logprobs` (engine TokenLogprob entries, when asked) fill in as the request runs; `usage` at its end."""
 
-    task: str
-    ids: list[int]  # the prompt's tokens
-    sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    stream: bool = False
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False  # set when the client has gone: the row stops and frees its slot
+    def __init__(self, task: str, ids: list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop,
+                 stream: bool = False, echo_text: str = "", choice: int = 0):
+        self.task, self.ids, self.sampling, self.loop, self.stream = task, ids, sampling, loop, stream
+        self.choice = choice  # which of the prompt's n choices
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.text = echo_text  # echo: the prompt's text leads the choice
+        self.tokens: list[int] = []
+        self.logprobs: list = []
+        self.usage: dict | None = None
+        self.request = None
+        self._cancelled = False
+        if stream and echo_text:
+            self.put("delta", echo_text)
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.ids)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        """Set when the client has gone: the engine stops the request and frees its row."""
+        self._cancelled = value
+        if value and self.request is not None:
+            self.request.cancel()
 
     def put(self, *event) -> None:
         try:
@@ -47,168 +58,73 @@ class Job:
         except RuntimeError:  # the event loop has closed: nobody is listening
             pass
 
+    def on_event(self, event: Event | SpexportError) -> None:
+        """The engine thread's report for this job's request."""
+        if isinstance(event, SpexportError):
+            self.put("error", event)
+            return
+        self.tokens += event.tokens
+        self.logprobs += event.logprobs
+        self.text += event.text
+        if self.stream and event.text:
+            self.put("delta", event.text)
+        if event.finish_reason is not None:
+            self.usage = event.usage
+            if event.finish_reason != "cancelled":  # a gone client gets no answer
+                self.put("done", self.text, event.finish_reason, len(self.tokens))
 
-class _Row:
-    """A job's progress inside a batch."""
 
-    def __init__(self, job: Job, tokenizer, eos: set[int]):
-        self.job, self.tokenizer, self.eos = job, tokenizer, eos
-        self.tokens: list[int] = []
-        self.text, self.sent, self.reason = "", 0, None
+def choices(task: str, ids: list[int], sampling: Sampling, loop, stream: bool, echo_text: str = "") -> list[Job]:
+    """The `n` jobs of one prompt; with a seed, choice i is seeded with seed + i."""
+    return [Job(task, ids, _seeded(sampling, i), loop, stream, echo_text, i) for i in range(getattr(sampling, "n", 1))]
 
-    @property
-    def finished(self) -> bool:
-        return self.reason is not None or self.job.cancelled
 
-    def add(self, token: int) -> None:
-        self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        stops = [i for i in (self.text.find(s) for s in self.job.sampling.stop) if i >= 0]
-        if stops:
-            self.text, self.reason = self.text[:min(stops)], "stop"
-        elif token in self.eos:
-            self.reason = "stop"
-        elif len(self.tokens) >= self.job.sampling.max_new_tokens:
-            self.reason = "length"
-        if self.job.stream:
-            self._send()
-
-    def _send(self) -> None:
-        """Stream the text that can no longer change: hold back a partial UTF-8 character and, until the
-        row ends, any tail that could begin a stop string."""
-        end = len(self.text)
-        if self.reason is None:
-            if self.text.endswith("\ufffd"):
-                return
-            for stop in self.job.sampling.stop:
-                for n in range(min(len(stop) - 1, end - self.sent), 0, -1):
-                    if self.text.endswith(stop[:n]):
-                        end = min(end, len(self.text) - n)
-                        break
-        if end > self.sent:
-            self.job.put("delta", self.text[self.sent:end])
-            self.sent = end
-
-    def finish(self) -> None:
-        self.reason = self.reason or "length"
-        if self.job.stream:
-            self._send()
-        self.job.put("done", self.text, self.reason, len(self.tokens))
+def _seeded(sampling: Sampling, choice: int) -> Sampling:
+    """The settings of choice `choice`: its seed moved on by `choice` (a copy, every field kept)."""
+    if choice == 0 or sampling.seed is None:
+        return sampling
+    moved = copy.copy(sampling)
+    object.__setattr__(moved, "seed", sampling.seed + choice)  # a frozen dataclass too
+    return moved
 
 
 class Scheduler:
-    """The batching thread over one loaded decoder or encoder-decoder model."""
+    """The engine over one loaded decoder or encoder-decoder model, fed with jobs.
 
-    def __init__(self, model, max_batch_size: int = 64, window_s: float = WINDOW_S):
-        self.model, self.max_batch_size, self.window_s = model, min(max_batch_size, model.max_batch_size), window_s
-        self.tokenizer = model.tokenizer
-        self.eos = set(model.info.eos_token_ids)
-        # an encoder-decoder model may force EOS as the last token max_new_tokens allows (BART's forced_eos_token_id)
-        self.forces_last_token = model.FAMILY != "decoder-only"
-        self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0  # batches run, and rows in them: for tests and the load report
-        self.rows = 0
-        self.thread = threading.Thread(target=self._serve, name="spexport-scheduler", daemon=True)
+    max_batch_size: rows running together at most; prompt_lookup: draft length of greedy requests (0: none);
+    prefix_cache_mb: memory for shared prompt starts (MiB); max_prefill_tokens: prompt tokens run per step.
+    """
+
+    def __init__(self, model, max_batch_size: int = 64, prompt_lookup: int = 0,
+                 prefix_cache_mb: int = DEFAULT_BYTES >> 20, max_prefill_tokens: int = 2048):
+        self.model = model
+        self.engine = Engine(model, max_running_rows=min(max_batch_size, model.max_batch_size),
+                             max_prefill_tokens=max_prefill_tokens, prefix_cache_bytes=prefix_cache_mb << 20,
+                             prompt_lookup_num_tokens=prompt_lookup)
+
+    @property
+    def thread(self):
+        return self.engine.thread
 
     def start(self) -> None:
-        self.thread.start()
+        self.engine.start()
 
     def submit(self, job: Job) -> None:
-        self.queue.put(job)
+        s = job.sampling
+        try:
+            job.request = self.engine.submit(
+                job.ids, job.task, s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
+                top_p=s.top_p, seed=s.seed, stop=s.stop, logprobs=getattr(s, "logprobs", None),
+                logits_processors=getattr(s, "logits_processors", ()), listener=job.on_event)
+        except SpexportError as e:
+            job.put("error", e)
+            return
+        if job.cancelled:
+            job.request.cancel()
 
     def stop(self) -> None:
-        """Finish every job already submitted, then end the thread."""
-        self.queue.put(None)
-        self.thread.join()
-
-    def _serve(self) -> None:
-        stopping = False
-        while not stopping:
-            jobs = [self.queue.get()]
-            deadline = time.monotonic() + self.window_s
-            while len(jobs) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                try:
-                    jobs.append(self.queue.get(timeout=left))
-                except queue.Empty:
-                    break
-            while len(jobs) < self.max_batch_size:  # whatever else is already waiting
-                try:
-                    jobs.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = None in jobs
-            for batch in self.batches_of([j for j in jobs if j is not None and not j.cancelled]):
-                self._run_safely(batch)
-
-    def batches_of(self, jobs: list[Job]) -> list[list[Job]]:
-        """Group jobs that may share a batch: greedy ones together, unseeded sampled ones by their settings,
-        seeded ones alone (encoder-decoder: only rows of equal max_tokens); a row whose max_tokens the batch's
-        width would cut short runs alone."""
-        groups: dict[tuple, list[Job]] = {}
-        alone = []
-        for job in jobs:
-            s = job.sampling
-            if s.do_sample and s.seed is not None:
-                alone.append([job])
-                continue
-            key = (s.do_sample, s.temperature, s.top_p) if s.do_sample else (False,)
-            if self.forces_last_token:  # its last new token depends on max_tokens: only equal ones share
-                key += (s.max_new_tokens,)
-            groups.setdefault(key, []).append(job)
-        info, virtual = self.model.info, self.model.num_virtual_tokens
-        batches = []
-        for group in groups.values():
-            width = max(j.prompt_tokens for j in group)
-            room = info.max_positions - max(virtual[j.task] for j in group) - width
-            fits = [j for j in group if j.sampling.max_new_tokens <= room]
-            alone += [[j] for j in group if j.sampling.max_new_tokens > room]
-            batches += [fits[i:i + self.max_batch_size] for i in range(0, len(fits), self.max_batch_size)]
-        return batches + alone
-
-    def _run_safely(self, jobs: list[Job]) -> None:
-        try:
-            self._run(jobs)
-        except SpexportError as e:
-            if len(jobs) > 1:  # find the row at fault: each alone gets its own answer or error
-                for job in jobs:
-                    self._run_safely([job])
-                return
-            jobs[0].put("error", e)
-        except Exception as e:  # the server outlives any one batch
-            for job in jobs:
-                job.put("error", e)
-
-    def _run(self, jobs: list[Job]) -> None:
-        model, first = self.model, jobs[0].sampling
-        ids, mask = padded([j.ids for j in jobs], model.info.pad_token_id or 0, model.PAD_TEXT_LEFT)
-        kwargs = first.runtime_kwargs()
-        kwargs["max_new_tokens"] = max(j.sampling.max_new_tokens for j in jobs)
-        rows = [_Row(j, self.tokenizer, self.eos) for j in jobs]
-        columns = model.generate_columns(ids, mask, [j.task for j in jobs], **kwargs)
-        self.batches, self.rows = self.batches + 1, self.rows + len(jobs)
-        try:
-            for column in columns:
-                for row, token in zip(rows, column.tolist()):
-                    if not row.finished:
-                        row.add(token)
-                if all(r.finished for r in rows):
-                    break
-        finally:
-            columns.close()
-        for row in rows:
-            if not row.job.cancelled:
-                row.finish()
-
-
-def padded(rows: list[list[int]], pad: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows padded to one width, on the left or the right, as generate_text pads them; and their mask."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for i, row in enumerate(rows):
-        slots = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, slots], mask[i, slots] = row, 1
-    return ids, mask
+        """Finish every job already submitted, then end the engine's thread."""
+        self.engine.close()
 
 
 def check_prompt(model, task: str, ids: list[int]) -> list[int]:
@@ -216,8 +132,28 @@ def check_prompt(model, task: str, ids: list[int]) -> list[int]:
     tokens = len(ids)
     if tokens == 0:
         raise InputError("the prompt encodes to no tokens")
-    allowed = model.info.max_positions - model.num_virtual_tokens[task]
+    members = getattr(model, "ensembles", {}).get(task, (task,))  # an ensemble: its longest member prompt
+    allowed = model.info.max_positions - max(model.num_virtual_tokens[member] for member in members)
     if tokens >= allowed:
         raise InputError(f"prompt of {tokens} tokens is too long: task {task!r} allows {allowed - 1} prompt tokens "
                          f"and at least one new token (max positions {model.info.max_positions})")
     return ids
+
+
+def logprobs_json(codec, job: Job, chat: bool) -> dict:
+    """A choice's logprobs in OpenAI's shape: chat's `content` list, or completions' parallel lists."""
+    def text(token: int) -> str:
+        return codec.tokenizer.decode([token], skip_special_tokens=False)
+
+    if chat:
+        def entry(token: int, logprob: float) -> dict:
+            piece = text(token)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+        return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in job.logprobs]}
+    offsets, at = [], len(job.text) - sum(len(text(lp.token)) for lp in job.logprobs)
+    for lp in job.logprobs:
+        offsets.append(max(at, 0))
+        at += len(text(lp.token))
+    return {"tokens": [text(lp.token) for lp in job.logprobs], "token_logprobs": [lp.logprob for lp in job.logprobs],
+            "top_logprobs": [{text(t): v for t, v in lp.top} for lp in job.logprobs], "text_offset": offsets}

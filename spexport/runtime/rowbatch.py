@@ -1,0 +1,117 @@
+"""The engine's running batch: rows of different lengths and tasks stepped together, each row's KV kept
+in one batched past whose missing slots are masked.
+
+A row's past is its task prefix, its prompt and its tokens so far. Rows of different lengths are
+left-padded with masked slots (the graph lets a row be padded anywhere; positions count real slots), so
+every row sees exactly its own tokens. A step feeds each row one token, or several (a prompt-lookup draft);
+a row that feeds fewer than the widest gets masked slots after its own, and a rejected draft's slots are
+masked out afterwards. The batched past is rebuilt only when the rows change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from spexport.artifact.ports import LOGITS_POSITIONS
+from spexport.runtime.base import running
+
+
+class StepGraph(NamedTuple):
+    """A decoder's step graph: its session, path, past and present names (per layer: key, value), whether it
+    takes logits_positions, the device its presents live on, whether it has sliding-window layers, its vocabulary."""
+
+    session: ort.InferenceSession
+    graph: Path
+    past_names: list[str]
+    present_names: list[str]
+    positional: bool
+    device: str
+    windowed: bool
+    vocab: int
+
+
+class RowBatch:
+    """Rows stepped together. `kvs[i]` is row i's past per past name, [kv_heads, slots, head_dim], all real."""
+
+    def __init__(self, graph: StepGraph, kvs: list[list[np.ndarray]], prefix_feeds: dict[str, np.ndarray]):
+        self.graph = graph
+        lengths = [kv[0].shape[1] for kv in kvs]
+        width = max(lengths)
+        self.mask = np.zeros((len(kvs), width), np.int64)
+        self.binding = graph.session.io_binding()
+        for name, value in prefix_feeds.items():
+            self.binding.bind_cpu_input(name, value)
+        for j, name in enumerate(graph.past_names):
+            heads, _, head_dim = kvs[0][j].shape
+            past = np.zeros((len(kvs), heads, width, head_dim), np.float32)
+            for i, kv in enumerate(kvs):
+                past[i, :, width - lengths[i]:] = kv[j]
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(past, graph.device, 0))
+        for i, n in enumerate(lengths):
+            self.mask[i, width - n:] = 1
+        self.past = None  # the latest presents, as ONNX Runtime values (None: still the numpy past bound above)
+        self.kvs = kvs
+        self.fed: list[int] = []  # each row's fed count in the last step
+        self.logits: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def size(self) -> int:
+        return len(self.mask)
+
+    @property
+    def wasted(self) -> float:
+        """The share of the batched past's slots that are masked."""
+        return 1.0 - self.mask.sum() / self.mask.size
+
+    def step(self, fed: list[list[int]]) -> np.ndarray:
+        """Feed row i the tokens fed[i] (at least one); the logits after each fed token [rows, widest, vocab]
+        (a row's slots past its own count hold anything)."""
+        counts = np.array([len(tokens) for tokens in fed])
+        width = int(counts.max())
+        ids = np.zeros((len(fed), width), np.int64)
+        new_mask = np.zeros((len(fed), width), np.int64)
+        for i, tokens in enumerate(fed):
+            ids[i, :len(tokens)], new_mask[i, :len(tokens)] = tokens, 1
+        # positions count real slots, so a row's padding takes none
+        position_ids = self.mask.sum(axis=1, keepdims=True) + np.arange(width)
+        self.mask = np.concatenate([self.mask, new_mask], axis=1)
+        self.fed = counts.tolist()
+        keep = np.minimum(np.arange(width), counts[:, None] - 1) if self.graph.positional else None
+        return self._run(ids, position_ids, keep)
+
+    def _run(self, ids: np.ndarray, position_ids: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+        binding, graph = self.binding, self.graph
+        feeds = [("input_ids", ids), ("attention_mask", self.mask), ("position_ids", position_ids)]
+        for name, value in feeds + ([(LOGITS_POSITIONS, keep.astype(np.int64))] if keep is not None else []):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        logits = self.logits.get(ids.shape)
+        if logits is None:
+            logits = self.logits[ids.shape] = np.empty((*ids.shape, graph.vocab), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        for name in graph.present_names:
+            binding.bind_output(name, graph.device)
+        with running(graph.graph):
+            graph.session.run_with_iobinding(binding)
+        self.past = binding.get_outputs()[1:]
+        self.kvs = None  # the rows' pasts are in the binding now
+        for name, value in zip(graph.past_names, self.past):
+            binding.bind_ortvalue_input(name, value)
+        return logits
+
+    def reject(self, row: int, count: int) -> None:
+        """Mask out the last `count` slots row `row` fed in the last step (a draft's rejected tokens)."""
+        if count:
+            end = self.mask.shape[1] - (max(self.fed) - self.fed[row])
+            self.mask[row, end - count:end] = 0
+
+    def take(self) -> list[list[np.ndarray]]:
+        """Each row's past, its real slots only, per past name [kv_heads, slots, head_dim]."""
+        if self.past is None:
+            return self.kvs
+        values = [value.numpy() for value in self.past]
+        real = self.mask.astype(bool)
+        return [[np.ascontiguousarray(value[i][:, real[i]]) for value in values] for i in range(self.size)]
