@@ -36,6 +36,7 @@ class Job:
     stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set when the client has gone: the row stops and frees its slot
+    on_token: object = None  # called with no arguments as each token arrives (the server's latency metrics)
 
     @property
     def prompt_tokens(self) -> int:
@@ -62,6 +63,8 @@ class _Row:
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
+        if self.job.on_token is not None:
+            self.job.on_token()
         self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         stops = [i for i in (self.text.find(s) for s in self.job.sampling.stop) if i >= 0]
         if stops:
@@ -99,7 +102,8 @@ class _Row:
 class Scheduler:
     """The batching thread over one loaded decoder or encoder-decoder model."""
 
-    def __init__(self, model, max_batch_size: int = 64, window_s: float = WINDOW_S):
+    def __init__(self, model, max_batch_size: int = 64, window_s: float = WINDOW_S, on_batch=None):
+        self.on_batch = on_batch or (lambda rows: None)  # the server's batch-size metric
         self.model, self.max_batch_size, self.window_s = model, min(max_batch_size, model.max_batch_size), window_s
         self.tokenizer = model.tokenizer
         self.eos = set(model.info.eos_token_ids)
@@ -186,6 +190,7 @@ class Scheduler:
         rows = [_Row(j, self.tokenizer, self.eos) for j in jobs]
         columns = model.generate_columns(ids, mask, [j.task for j in jobs], **kwargs)
         self.batches, self.rows = self.batches + 1, self.rows + len(jobs)
+        self.on_batch(len(jobs))
         try:
             for column in columns:
                 for row, token in zip(rows, column.tolist()):
