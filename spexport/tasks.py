@@ -19,9 +19,10 @@ from spexport.artifact import ort_adapters, tensorfile
 from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import inside_folder, sha256
 from spexport.artifact.locks import editing, release_staging
-from spexport.artifact.manifest import MANIFEST, Manifest, Task
+from spexport.artifact.manifest import CHAT_TEMPLATE, MANIFEST, Manifest, Task
 from spexport.errors import AdapterError, InputError, OutputError
 from spexport.families import DECODER
+from spexport.runtime.chat import check_template_file
 from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.session import verify_files, vouch_for
 from spexport.signing import SIGNATURE, signature_dropped
@@ -98,6 +99,8 @@ def _open(folder: Path) -> Manifest:
     manifest = Manifest.read(folder)
     check_editable(folder, manifest)
     verify_files(folder, manifest)  # nothing damaged is carried into the updated artifact
+    if CHAT_TEMPLATE in manifest.files:
+        check_template_file(folder)
     return manifest
 
 
