@@ -103,7 +103,7 @@ def _load_pickle_weights(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise AdapterError(f"{path}: a pickle checkpoint, which only torch can read safely, and torch is not installed; "
+        raise AdapterError(f"{path}: a pickle checkpoint, which only torch reads safely, and torch is not installed; "
                            "save the adapter as adapter_model.safetensors (or pip install torch)") from None
 
     try:
