@@ -139,14 +139,16 @@ class Server:
         if len(prompts) * sampling.n > self.limits.max_prompts:
             raise RequestError(f"{len(prompts)} prompts x n={sampling.n} choices is more than this server takes in "
                                f"one request ({self.limits.max_prompts})", param="n")
-        encode = self.model.tokenizer.encode  # as generate_text encodes a text
-        rows = [(p, self._checked(task, _encoded(encode, p))) for p in prompts]
+        rows = [(p, self._checked(task, _encoded(self.model.tokenizer, p))) for p in prompts]
         return task, rows, sampling, protocol.stream_flag(body)
 
     def _prepare_chat(self, raw: bytes):
         body = _parsed(raw)
         task = self._task(body)
         sampling = protocol.sampling(body, self.max_tokens, "chat", self._processors("chat"))
+        if sampling.n > self.limits.max_prompts:
+            raise RequestError(f"n={sampling.n} choices is more than this server takes in one request "
+                               f"({self.limits.max_prompts})", param="n")
         messages = protocol.messages(body, self.limits.max_prompt_chars)
         template = getattr(self.model, "apply_chat_template", None)
         if template is None:
@@ -316,9 +318,11 @@ def _parsed(raw: bytes) -> dict:
     return body
 
 
-def _encoded(encode, text: str) -> list[int]:
+def _encoded(tokenizer, text: str) -> list[int]:
+    """The tokens of `text`, as generate_text encodes it. encode_batch, unlike encode, lets go of the GIL while it
+    works, so the event loop answers other requests while a huge prompt is tokenized."""
     try:
-        return encode(text).ids
+        return tokenizer.encode_batch([text])[0].ids
     except Exception as e:  # the tokenizers library raises bare Exceptions for text it cannot take
         raise RequestError(f"the tokenizer cannot encode this prompt ({type(e).__name__})", param="prompt") from None
 
