@@ -21,7 +21,7 @@ from spexport.cli_errors import one_line_errors as _one_line_errors
 from spexport.cli_errors import stderr_console
 from spexport.cli_sign import SIGN_KEY, sign_command, verify_command
 from spexport.errors import ArtifactError, OptionError, SpexportWarning
-from spexport.serve.options import access_options, limit_options, limits_from
+from spexport.serve.options import access_options, check_ray, limit_options, limits_from
 from spexport.tables import quantization_lines, table_lines, validate_failure, validate_lines
 
 
@@ -311,15 +311,15 @@ def run_command(folder: Path, texts: tuple[str, ...], task: str | None, as_chat:
 def serve_command(folder: Path, host: str, port: int, max_batch_size: int, api_keys: tuple[str, ...],
                   allow_unauthenticated: bool, trusted_keys: tuple[Path, ...], use_ray: bool, replicas: int,
                   **limits) -> None:
-    """Serve FOLDER as an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions,
-    /v1/classify, /health, /ready, /metrics), batching concurrent requests across tasks. SIGTERM finishes the
-    requests in flight."""
+    """Serve FOLDER as an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/classify, ...),
+    batching concurrent requests across tasks. SIGTERM finishes the requests in flight."""
     with _one_line_errors():
         if replicas > 1 and not use_ray:
             raise OptionError("--replicas needs --ray; one process serves one replica")
         if use_ray:
             from spexport.serve.ray_app import serve_on_ray
 
+            check_ray(host, api_keys, trusted_keys, allow_unauthenticated, limits)
             serve_on_ray(folder, host, port, replicas, max_batch_size)
         else:
             from spexport.serve import serve

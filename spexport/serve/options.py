@@ -56,3 +56,20 @@ def limits_from(options: dict) -> Limits:
                   max_prompt_chars=options["max_prompt_chars"], max_tokens=options["max_tokens"],
                   max_queue=options["max_queue"], request_timeout_s=options["request_timeout"],
                   shutdown_timeout_s=options["shutdown_timeout"])
+
+
+def check_ray(host: str, api_keys, trusted_keys, allow_unauthenticated: bool, options: dict) -> None:
+    """OptionError for what `--ray` would silently ignore: Ray Serve's proxy takes the requests, so the keys,
+    the trusted-key check and the limits of the HTTP edge do not apply there."""
+    from spexport.errors import OptionError
+    from spexport.serve.auth import api_keys as all_keys
+    from spexport.serve.auth import check_exposure
+
+    changed = [f"--{name.replace('_', '-')}" for name, value in options.items()
+               if value != {**vars(DEFAULTS), "request_timeout": DEFAULTS.request_timeout_s,
+                            "shutdown_timeout": DEFAULTS.shutdown_timeout_s}.get(name)]
+    unsupported = (["--api-key"] if all_keys(api_keys) else []) + (["--trusted-key"] if trusted_keys else []) + changed
+    if unsupported:
+        raise OptionError(f"--ray serves through Ray Serve's own proxy, without {', '.join(unsupported)}; use the "
+                          "plain server for them, or put an authenticating proxy in front of Ray")
+    check_exposure(host, (), allow_unauthenticated)

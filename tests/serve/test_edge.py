@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -254,3 +256,62 @@ def test_a_request_over_its_time_limit_is_a_504(tiny_llama, tmp_path):
                                                                       "max_tokens": 40}, key=ENV_KEY)
         assert status == 504 and answer["error"]["code"] == "timeout"
         assert request(port, "GET", "/health", key=None)[0] == 200
+
+
+def test_ray_refuses_what_its_proxy_would_ignore(tiny_llama, monkeypatch):
+    monkeypatch.delenv("SPEXPORT_API_KEY", raising=False)
+    for extra, named in [(["--api-key", KEYS[0]], "--api-key"), (["--max-queue", "3"], "--max-queue")]:
+        result = CliRunner().invoke(main, ["serve", str(tiny_llama["artifact"]), "--ray", *extra])
+        assert result.exit_code == 2 and named in result.output and result.output.count("\n") == 1
+
+
+def test_a_slow_client_cannot_hold_shutdown_open(tiny_llama, tmp_path):
+    """A client that sends half a body and waits: SIGTERM ends the server after --shutdown-timeout."""
+    import signal
+    import socket
+
+    with served(tiny_llama["artifact"], tmp_path, "--shutdown-timeout", "1") as (process, port):
+        slow = socket.create_connection((HOST, port))
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ENV_KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.5)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+        assert time.monotonic() - started < 8
+        slow.close()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}[BOS] {{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+                 "{% if add_generation_prompt %}[BOS] assistant : {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_server(tiny_llama, tmp_path_factory):
+    from spexport.export import convert
+
+    root = tmp_path_factory.mktemp("chat")
+    model_dir = Path(shutil.copytree(tiny_llama["model"], root / "model"))
+    (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    convert(model_dir, [("pt", tiny_llama["adapters"]["pt"])], root / "artifact", optimize=False)
+    with served(root / "artifact", root) as (_, port):
+        yield port, load(root / "artifact")
+
+
+def test_openai_client_chat_honours_max_completion_tokens_and_content_parts(chat_server):
+    port, model = chat_server
+    c = client(port, ENV_KEY)
+    messages = [{"role": "system", "content": [{"type": "text", "text": "red "}, {"type": "text", "text": "green"}]},
+                {"role": "user", "content": "one two"}]
+    answer = c.chat.completions.create(model="pt", messages=messages, max_completion_tokens=3, temperature=0)
+    plain = [{"role": "system", "content": "red green"}, {"role": "user", "content": "one two"}]
+    assert answer.choices[0].message.content == model.chat(plain, task="pt", max_new_tokens=3)
+    assert answer.usage.completion_tokens == 3  # the red team got 16 tokens for max_completion_tokens=3
+    chunks = list(c.chat.completions.create(model="pt", messages=plain, max_completion_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == model.chat(
+        plain, task="pt", max_new_tokens=5)
+    assert chunks[-1].usage.completion_tokens == 5
+    two = c.chat.completions.create(model="pt", messages=plain, max_tokens=4, n=2, seed=3, temperature=0.7)
+    assert [ch.message.content for ch in two.choices] == [
+        model.chat(plain, task="pt", max_new_tokens=4, do_sample=True, temperature=0.7, seed=s) for s in (3, 4)]
