@@ -81,9 +81,9 @@ def verify(folder: str | Path, keys: list[str | Path] = (), chain: list[str | Pa
             config.set_hashing_config(_hashing_config(hashing, folder))
             config.verify(folder, signature)
             return str(trusted[1])
-        except (ValueError, TypeError, KeyError) as e:
+        except Exception as e:  # model-signing and OpenSSL raise many types for "not this signer"
             errors.append(_one_line(e))
-    changed = [e for e in errors if not e.startswith("Key mismatch")]
+    changed = [e for e in errors if "mismatch" in e and not e.startswith("Key mismatch")]
     if changed:  # the key fits, the files do not
         found = re.search(r"[Hh]ash mismatch for \\?'([^'\\]+)|(Extra|Missing) files?[^;\"\]]{0,120}", changed[0])
         what = (f"{found.group(1)} differs" if found and found.group(1) else found.group(0)) if found else \

@@ -198,3 +198,45 @@ def test_a_bin_adapter_on_a_runtime_only_install_is_a_one_line_error(artifact, t
     assert done.returncode == 4 and done.stderr.count("\n") == 1, done.stderr
     assert "torch is not installed" in done.stderr and "Traceback" not in done.stderr
     assert load(artifact).tasks == ["pt", "prefix"]
+
+
+def certificates(folder: Path, name: str) -> None:
+    """A root CA (`name`-ca.pem) and a code-signing leaf under it (`name`-leaf.pem, key `name`-leaf.key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False, key_agreement=False,
+                 encipher_only=False, decipher_only=False)
+
+    def certificate(subject: str, key, issuer: str, issuer_key, ca: bool):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=not ca, key_cert_sign=ca, crl_sign=ca, **usage),
+                                  critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    (folder / f"{name}-ca.pem").write_bytes(certificate(f"{name} root", ca_key, f"{name} root", ca_key, True))
+    (folder / f"{name}-leaf.pem").write_bytes(certificate("signer", leaf_key, f"{name} root", ca_key, False))
+    (folder / f"{name}-leaf.key").write_bytes(leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def test_certificate_mode_signs_offline_and_checks_the_chain(artifact, tmp_path):
+    certificates(tmp_path, "ours")
+    certificates(tmp_path, "other")
+    code, output = cli("sign", artifact, "--key", tmp_path / "ours-leaf.key", "--certificate",
+                       tmp_path / "ours-leaf.pem", "--certificate-chain", tmp_path / "ours-ca.pem")
+    assert code == 0, output
+    assert cli("verify", artifact, "--certificate-chain", tmp_path / "ours-ca.pem")[0] == 0
+    one_line_error(*cli("verify", artifact, "--certificate-chain", tmp_path / "other-ca.pem"), 5,
+                   "not by a trusted key")
