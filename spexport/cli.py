@@ -13,11 +13,15 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from spexport.errors import ArtifactError, OptionError, SpexportError, SpexportWarning
+from spexport.cli_errors import fail as _fail
+from spexport.cli_errors import one_line_errors as _one_line_errors
+from spexport.cli_errors import stderr_console
+from spexport.cli_sign import SIGN_KEY, sign_command, verify_command
+from spexport.errors import ArtifactError, OptionError, SpexportWarning
+from spexport.serve.options import access_options, check_ray, limit_options, limits_from
 from spexport.tables import quantization_lines, table_lines, validate_failure, validate_lines
 
 
@@ -123,30 +127,32 @@ def _steps(console, expected: int):
 @ARTIFACT
 @ADAPTERS
 @click.option("--replace", is_flag=True, help="Replace tasks of the same names instead of refusing them.")
+@SIGN_KEY
 @QUIET
 @AS_JSON
-def add_command(folder: Path, adapters, replace: bool, quiet: bool, as_json: bool) -> None:
+def add_command(folder: Path, adapters, replace: bool, sign_key: Path | None, quiet: bool, as_json: bool) -> None:
     """Add tasks to a decoder or seq2seq artifact in place, without torch (atomic: a failure leaves it as it was)."""
     from spexport.tasks import add_tasks
 
     before = _task_names(folder)
-    with _one_line_errors(), _terminated_as_interrupted():
-        manifest = add_tasks(folder, adapters, replace=replace)
+    with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(stderr_console(quiet)):
+        manifest = add_tasks(folder, adapters, replace=replace, sign_key=sign_key)
     _report_tasks(folder, manifest, before, quiet, as_json)
 
 
 @main.command("remove")
 @ARTIFACT
 @click.argument("names", nargs=-1, required=True)
+@SIGN_KEY
 @QUIET
 @AS_JSON
-def remove_command(folder: Path, names: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+def remove_command(folder: Path, names: tuple[str, ...], sign_key: Path | None, quiet: bool, as_json: bool) -> None:
     """Remove tasks NAMES from a decoder or seq2seq artifact in place; later tasks' ids move down."""
     from spexport.tasks import remove_tasks
 
     before = _task_names(folder)
-    with _one_line_errors(), _terminated_as_interrupted():
-        manifest = remove_tasks(folder, list(names))
+    with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(stderr_console(quiet)):
+        manifest = remove_tasks(folder, list(names), sign_key=sign_key)
     _report_tasks(folder, manifest, before, quiet, as_json)
 
 
@@ -292,28 +298,36 @@ def run_command(folder: Path, texts: tuple[str, ...], task: str | None, as_chat:
 
 @main.command("serve")
 @ARTIFACT
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; one other than loopback needs --api-key or --allow-unauthenticated.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1), help="Rows run together.")
+@access_options
+@limit_options
 @click.option("--ray", "use_ray", is_flag=True, help="Run on Ray Serve (joins RAY_ADDRESS if set, else a local Ray).")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Ray Serve replicas.")
 @click.option("--prompt-lookup", default=0, type=click.IntRange(0), help="Greedy requests draft N tokens a step.")
 @click.option("--prefix-cache-mb", default=256, type=click.IntRange(0), help="KV of shared prompt starts (0: off).")
 @click.option("--max-prefill-tokens", default=2048, type=click.IntRange(1), help="Prompt tokens run per step.")
-def serve_command(folder: Path, host: str, port: int, max_batch_size: int, use_ray: bool, replicas: int, **engine):
-    """Serve FOLDER as an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions,
-    /v1/classify), batching concurrent requests across tasks. SIGTERM finishes the requests in flight."""
+def serve_command(folder: Path, host: str, port: int, max_batch_size: int, api_keys: tuple[str, ...],
+                  allow_unauthenticated: bool, trusted_keys: tuple[Path, ...], use_ray: bool, replicas: int,
+                  prompt_lookup: int, prefix_cache_mb: int, max_prefill_tokens: int, **limits) -> None:
+    """Serve FOLDER as an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/classify, ...),
+    batching concurrent requests across tasks continuously. SIGTERM finishes the requests in flight."""
     with _one_line_errors():
         if replicas > 1 and not use_ray:
             raise OptionError("--replicas needs --ray; one process serves one replica")
         if use_ray:
             from spexport.serve.ray_app import serve_on_ray
 
+            check_ray(host, api_keys, trusted_keys, allow_unauthenticated, limits)
             serve_on_ray(folder, host, port, replicas, max_batch_size)
         else:
             from spexport.serve import serve
 
-            serve(folder, host, port, max_batch_size, **engine)
+            serve(folder, host, port, max_batch_size, limits=limits_from(limits), api_keys=api_keys,
+                  allow_unauthenticated=allow_unauthenticated, trusted_keys=list(trusted_keys) or None,
+                  prompt_lookup=prompt_lookup, prefix_cache_mb=prefix_cache_mb, max_prefill_tokens=max_prefill_tokens)
 
 
 @main.command("reseal")
@@ -381,20 +395,8 @@ def _one_line_warnings(console):
                     console.print(f"warning: {w.message}", markup=False, highlight=False, soft_wrap=True)
 
 
-@contextlib.contextmanager
-def _one_line_errors():
-    """What a user caused ends as one line on stderr and its class's exit code, after any progress bar is
-    cleared."""
-    try:
-        yield
-    except SpexportError as e:
-        _fail(str(e), e.exit_code)
-
-
-def _fail(message: str, exit_code: int) -> NoReturn:
-    click.echo("error: " + " ".join(message.splitlines()), err=True)
-    sys.exit(exit_code)
-
+for _command in (sign_command, verify_command):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -18,20 +18,30 @@ import numpy as np
 from spexport.artifact import ort_adapters, tensorfile
 from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import inside_folder, sha256
-from spexport.artifact.manifest import MANIFEST, Manifest, Task
+from spexport.artifact.locks import editing, release_staging
+from spexport.artifact.manifest import CHAT_TEMPLATE, MANIFEST, Manifest, Task
 from spexport.errors import AdapterError, InputError, OutputError
 from spexport.families import DECODER
+from spexport.runtime.chat import check_template_file
 from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.session import verify_files, vouch_for
+from spexport.signing import SIGNATURE, signature_dropped
 
 
 def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: bool = False,
-              providers: list[str] | None = None) -> Manifest:
+              providers: list[str] | None = None, sign_key: str | Path | None = None) -> Manifest:
     """Add the tasks of `adapters` ([(NAME, PATH)], as `convert --adapter`) to the artifact at `folder`.
 
-    A name the artifact already has is refused unless `replace`; a replaced task keeps its task id.
+    A name the artifact already has is refused unless `replace`; a replaced task keeps its task id. A second
+    writer of the same artifact waits for this one (artifact.locks). A signed artifact is signed again with
+    `sign_key`, or loses its signature with a warning.
     """
     folder = Path(folder)
+    with editing(folder):
+        return _signed_again(folder, sign_key, lambda: _add(folder, adapters, replace, providers))
+
+
+def _add(folder: Path, adapters: list[tuple[str, Path]], replace: bool, providers) -> Manifest:
     manifest = _open(folder)
     added = new_tasks(folder, manifest, adapters, providers)
     tasks, bank = list(manifest.tasks), _bank(folder, manifest)
@@ -56,9 +66,22 @@ def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: boo
     return _rewrite(folder, manifest, tasks, bank, written)
 
 
-def remove_tasks(folder: str | Path, names: list[str]) -> Manifest:
-    """Remove the named tasks from the artifact at `folder`; later tasks' ids move down by one per removal."""
+def remove_tasks(folder: str | Path, names: list[str], sign_key: str | Path | None = None) -> Manifest:
+    """Remove the named tasks from the artifact at `folder`; later tasks' ids move down by one per removal.
+    Locking and signing as `add_tasks`."""
     folder = Path(folder)
+    with editing(folder):
+        return _signed_again(folder, sign_key, lambda: _remove(folder, names))
+
+
+def _signed_again(folder: Path, sign_key, edit) -> Manifest:
+    had_signature = (folder / SIGNATURE).is_file()
+    manifest = edit()
+    signature_dropped(folder, had_signature, sign_key)
+    return manifest
+
+
+def _remove(folder: Path, names: list[str]) -> Manifest:
     manifest = _open(folder)
     have = [t.name for t in manifest.tasks]
     unknown = [n for n in names if n not in have]
@@ -76,6 +99,8 @@ def _open(folder: Path) -> Manifest:
     manifest = Manifest.read(folder)
     check_editable(folder, manifest)
     verify_files(folder, manifest)  # nothing damaged is carried into the updated artifact
+    if CHAT_TEMPLATE in manifest.files:
+        check_template_file(folder)
     return manifest
 
 
@@ -103,6 +128,7 @@ def _rewrite(folder: Path, manifest: Manifest, tasks: list[Task], bank: dict[str
         Manifest.read(staging)  # what the runtime would refuse must fail here, not at the next load
         replace_artifact(staging, folder)
     except BaseException as e:
+        release_staging(staging)
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):
             raise OutputError(f"updating {folder} failed ({e}); the artifact is unchanged") from e

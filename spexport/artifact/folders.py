@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from spexport.artifact.locks import hold_staging, release_staging
 from spexport.errors import OutputError
 
 
@@ -26,6 +27,7 @@ def staging_folder(output: Path) -> tuple[Path, Path | None]:
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep the artifact from other users, e.g. a server's
+        hold_staging(staging)  # a later writer removes it only once this process is gone
         return staging, made
     except OSError as e:
         if made is not None:
@@ -36,6 +38,7 @@ def staging_folder(output: Path) -> tuple[Path, Path | None]:
 def replace_artifact(staging: Path, output: Path) -> None:
     """Move the finished artifact into place. An old one is exchanged with it in one step, so `output`
     always holds a whole artifact, and is then removed from where the new one was built."""
+    release_staging(staging)
     if not output.exists():
         staging.rename(output)
         return

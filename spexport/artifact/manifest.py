@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from spexport.artifact.integrity import MISSING, OK, file_status, inside_folder
+from spexport.artifact.locks import editing
 from spexport.errors import ArtifactError
 
 MANIFEST = "spexport.json"
@@ -140,6 +141,11 @@ def reseal(folder: Path) -> tuple[Manifest, bool]:
     """Add the SEAL to a manifest written without one, trusting its content as it stands once every file
     it lists matches its sha256. Returns the manifest and whether a seal was added (False: it had one,
     and it matched). A seal that does not match is refused, never replaced."""
+    with editing(folder):  # one writer at a time: add, remove and reseal take turns
+        return _reseal(folder)
+
+
+def _reseal(folder: Path) -> tuple[Manifest, bool]:
     manifest = Manifest.read(folder, sealed=False)
     path = Path(folder) / MANIFEST
     raw = json.loads(path.read_bytes())

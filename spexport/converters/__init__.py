@@ -100,7 +100,11 @@ def _load_pickle_weights(path: Path) -> dict[str, np.ndarray]:
     import pickle
     import re
 
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise AdapterError(f"{path}: a pickle checkpoint, which only torch reads safely, and torch is not installed; "
+                           "save the adapter as adapter_model.safetensors (or pip install torch)") from None
 
     try:
         # weights_only refuses any pickle that would build objects other than tensors: no code runs.

@@ -21,15 +21,28 @@ def read(path: Path) -> tuple[str, np.ndarray]:
     """The file's prompt tensor, and what to call it in a message."""
     if path.suffix == ".npy":
         try:
+            check_npy_size(path)
             return "its tensor", np.load(path, allow_pickle=False)  # a pickled object array would run code
         except (ValueError, OSError, EOFError) as e:
-            raise AdapterError(f"{path}: not a plain .npy tensor ({e})") from None
+            raise AdapterError(f"{path}: not a plain .npy tensor ({' '.join(str(e).split())[:200]})") from None
     tensors = read_safetensors(path)
     if "prompt_embeddings" in tensors:
         return "prompt_embeddings", tensors["prompt_embeddings"]
     if len(tensors) != 1:
         raise AdapterError(f"{path}: holds {len(tensors)} tensors; expected one prompt tensor")
     return next(iter(tensors.items()))
+
+
+def check_npy_size(path: Path) -> None:
+    """ValueError if the .npy header promises more data than the file holds (before anything is allocated)."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        promised = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        held = path.stat().st_size - f.tell()
+    if promised != held:
+        raise ValueError(f"its header promises {promised} bytes of data, the file holds {held}")
 
 
 def convert(path: Path, model: ModelInfo) -> SoftPrompt:

@@ -21,6 +21,7 @@ from spexport.artifact.manifest import CHAT_TEMPLATE, Manifest, ModelInfo, is_ar
 from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
 from spexport.errors import AdapterError, ModelError, OutputError, SpexportWarning
 from spexport.families import Family
+from spexport.runtime.chat import check_template_file
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", CHAT_TEMPLATE]
@@ -236,6 +237,7 @@ def finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
         shutil.copy2(model_dir / f, staging / f)
     if CHAT_TEMPLATE not in copied and _write_chat_template(model_dir, staging / CHAT_TEMPLATE):
         copied.append(CHAT_TEMPLATE)
+    check_template_file(staging)  # a template that hangs or floods is refused before it is in an artifact
     files = {p.relative_to(staging).as_posix(): sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
     manifest = Manifest(**fields, tokenizer_files=[f for f in copied if f in TOKENIZER_FILES], versions=versions(),
                         files=files)

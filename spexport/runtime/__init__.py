@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spexport.artifact.manifest import Manifest
+from spexport.artifact.manifest import MANIFEST, Manifest
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime.base import ServedArtifact
 from spexport.runtime.decoder import DecoderModel
@@ -21,18 +21,22 @@ from spexport.runtime.inputs import MAX_BATCH_SIZE, is_whole
 from spexport.runtime.seq2seq import Seq2SeqModel
 from spexport.runtime.session import pick_providers, release_freed_memory, verify_files
 
+SWAP_RETRIES = 5
 RUNTIMES: dict[str, type[ServedArtifact]] = {"decoder": DecoderModel, "encoder": EncoderModel,
                                              "seq2seq": Seq2SeqModel}
 
 
 def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,
-         max_batch_size: int = MAX_BATCH_SIZE) -> DecoderModel | EncoderModel | Seq2SeqModel:
+         max_batch_size: int = MAX_BATCH_SIZE, trusted_keys: list[str | Path] | None = None
+         ) -> DecoderModel | EncoderModel | Seq2SeqModel:
     """Open an artifact folder written by `spexport convert`: a DecoderModel, EncoderModel or Seq2SeqModel.
 
     providers: ONNX Runtime execution providers in order of preference (default CPU); any that
     this machine lacks is dropped with a warning. verify: check every file's sha256 first (a file
     verified before and not written since is not read again). max_batch_size: the most rows one
-    call may send; a larger batch is refused before anything is allocated for it.
+    call may send; a larger batch is refused before anything is allocated for it. trusted_keys: PEM
+    public keys; the artifact must be signed by one of them (`spexport sign`) and unchanged since, else
+    ArtifactError (needs the `[sign]` extra).
     """
     if not isinstance(folder, (str, os.PathLike)):
         raise InputError(f"folder must be the path of an artifact folder, got {folder!r}")
@@ -43,6 +47,21 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
         raise InputError(f"providers must be a list of provider names such as ['CUDAExecutionProvider'], got "
                          f"{providers!r}")
     folder = Path(folder)
+    if trusted_keys is not None:
+        from spexport.signing import verify as verify_signature
+
+        verify_signature(folder, list(trusted_keys) if not isinstance(trusted_keys, (str, Path)) else [trusted_keys])
+    for attempt in range(SWAP_RETRIES):
+        before = _manifest_identity(folder)
+        try:
+            return _open(folder, providers, verify, max_batch_size)
+        except (ArtifactError, OSError):
+            # `spexport add` swapped the folder while it was being read: read the new artifact whole
+            if attempt == SWAP_RETRIES - 1 or _manifest_identity(folder) == before:
+                raise
+
+
+def _open(folder: Path, providers, verify: bool, max_batch_size: int):
     manifest = Manifest.read(folder)
     runtime = RUNTIMES.get(manifest.family)
     if runtime is None:
@@ -53,5 +72,12 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
     release_freed_memory()
     return model
 
+
+def _manifest_identity(folder: Path):
+    try:
+        st = (folder / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev, st.st_mtime_ns
 
 __all__ = ["RUNTIMES", "DecoderModel", "EncoderModel", "Seq2SeqModel", "load"]

@@ -33,6 +33,7 @@ class Job:
         self.logprobs: list = []
         self.usage: dict | None = None
         self.request = None
+        self.on_token = None  # called with no arguments as tokens arrive (the server's latency metrics)
         self._cancelled = False
         if stream and echo_text:
             self.put("delta", echo_text)
@@ -65,6 +66,8 @@ class Job:
             return
         self.tokens += event.tokens
         self.logprobs += event.logprobs
+        if event.tokens and self.on_token is not None:
+            self.on_token()
         self.text += event.text
         if self.stream and event.text:
             self.put("delta", event.text)
@@ -91,13 +94,15 @@ def _seeded(sampling: Sampling, choice: int) -> Sampling:
 class Scheduler:
     """The engine over one loaded decoder or encoder-decoder model, fed with jobs.
 
-    max_batch_size: rows running together at most; prompt_lookup: draft length of greedy requests (0: none);
+    max_batch_size: rows running together at most; on_batch: called with the running rows as events come;
+    prompt_lookup: draft length of greedy requests (0: none);
     prefix_cache_mb: memory for shared prompt starts (MiB); max_prefill_tokens: prompt tokens run per step.
     """
 
     def __init__(self, model, max_batch_size: int = 64, prompt_lookup: int = 0,
-                 prefix_cache_mb: int = DEFAULT_BYTES >> 20, max_prefill_tokens: int = 2048):
+                 prefix_cache_mb: int = DEFAULT_BYTES >> 20, max_prefill_tokens: int = 2048, on_batch=None):
         self.model = model
+        self.on_batch = on_batch or (lambda rows: None)  # the server's batch-size metric, as each event comes
         self.engine = Engine(model, max_running_rows=min(max_batch_size, model.max_batch_size),
                              max_prefill_tokens=max_prefill_tokens, prefix_cache_bytes=prefix_cache_mb << 20,
                              prompt_lookup_num_tokens=prompt_lookup)
@@ -115,12 +120,17 @@ class Scheduler:
             job.request = self.engine.submit(
                 job.ids, job.task, s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
                 top_p=s.top_p, seed=s.seed, stop=s.stop, logprobs=getattr(s, "logprobs", None),
-                logits_processors=getattr(s, "logits_processors", ()), listener=job.on_event)
+                logits_processors=getattr(s, "logits_processors", ()), listener=lambda event: self._report(job, event))
         except SpexportError as e:
             job.put("error", e)
             return
         if job.cancelled:
             job.request.cancel()
+
+    def _report(self, job: Job, event) -> None:
+        """An engine event for `job` (in the engine's thread): the batch-size metric, then the job's own handling."""
+        self.on_batch(self.engine.running_rows())
+        job.on_event(event)
 
     def stop(self) -> None:
         """Finish every job already submitted, then end the engine's thread."""
