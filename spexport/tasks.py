@@ -19,6 +19,7 @@ from spexport.artifact import ort_adapters, tensorfile
 from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import inside_folder, sha256
 from spexport.artifact.manifest import MANIFEST, Manifest, Task
+from spexport.ensembles import edited, refuse_removing_members
 from spexport.errors import AdapterError, InputError, OutputError
 from spexport.families import DECODER
 from spexport.runtime.prefix import check_editable, new_tasks
@@ -26,8 +27,9 @@ from spexport.runtime.session import verify_files, vouch_for
 
 
 def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: bool = False,
-              providers: list[str] | None = None) -> Manifest:
-    """Add the tasks of `adapters` ([(NAME, PATH)], as `convert --adapter`) to the artifact at `folder`.
+              providers: list[str] | None = None, ensembles: dict[str, list[str]] | None = None) -> Manifest:
+    """Add the tasks of `adapters` ([(NAME, PATH)], as `convert --adapter`) to the artifact at `folder`,
+    and the prompt `ensembles` ({name: member tasks}, new tasks among them) in the same update.
 
     A name the artifact already has is refused unless `replace`; a replaced task keeps its task id.
     """
@@ -42,6 +44,8 @@ def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: boo
         if other != task.name:
             raise AdapterError(f"task names {other!r} and {task.name!r} differ only in case, so their files would be "
                                "one on macOS and Windows; rename one")
+        if task.name in manifest.ensembles:
+            raise AdapterError(f"{folder} has an ensemble named {task.name!r}; a task needs a name of its own")
         if task.name in index and not replace:
             raise AdapterError(f"{folder} already has a task {task.name!r}; pass --replace (replace=True) to "
                                "replace it, or pick another name")
@@ -53,17 +57,22 @@ def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: boo
         bank[task.tensor] = kv
     # seq2seq artifacts have no adapter files: their graphs take two kinds of prompt
     written = {t.name: kv for t, kv in added} if manifest.family == DECODER.name else {}
-    return _rewrite(folder, manifest, tasks, bank, written)
+    groups = edited(folder, manifest.ensembles, tasks, manifest.family, ensembles, replace=replace)
+    return _rewrite(folder, dataclasses.replace(manifest, ensembles=groups), tasks, bank, written)
 
 
-def remove_tasks(folder: str | Path, names: list[str]) -> Manifest:
-    """Remove the named tasks from the artifact at `folder`; later tasks' ids move down by one per removal."""
+def remove_tasks(folder: str | Path, names: list[str], ensembles: list[str] = ()) -> Manifest:
+    """Remove the named tasks from the artifact at `folder`; later tasks' ids move down by one per removal.
+    A task that an ensemble has among its members is refused unless that ensemble is removed too (`ensembles`)."""
     folder = Path(folder)
     manifest = _open(folder)
+    manifest = dataclasses.replace(manifest, ensembles=edited(folder, manifest.ensembles, manifest.tasks,
+                                                              manifest.family, remove=ensembles))
     have = [t.name for t in manifest.tasks]
     unknown = [n for n in names if n not in have]
     if unknown:
         raise InputError(f"{folder} has no task {unknown[0]!r}; its tasks are {', '.join(have)}")
+    refuse_removing_members(manifest.ensembles, names)
     tasks = [t for t in manifest.tasks if t.name not in names]
     if not tasks:
         raise InputError(f"removing {', '.join(names)} would leave {folder} without tasks; an artifact keeps at "

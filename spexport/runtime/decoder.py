@@ -144,6 +144,8 @@ class DecoderModel(GeneratingModel):
             table = self._table
             names, prompts, virtual = list(table.names), list(table.prompts), list(table.virtual)
             for task, kv in added:
+                if task.name in self._ensembles:
+                    raise AdapterError(f"the model serves an ensemble named {task.name!r}; pick another name")
                 if task.name in names and not replace:
                     raise AdapterError(f"the model already serves a task {task.name!r}; pass replace=True to "
                                        "replace it, or pick another name")
@@ -164,6 +166,7 @@ class DecoderModel(GeneratingModel):
             table = self._table
             if name not in table.names:
                 raise InputError(f"no task {name!r}; this model serves {', '.join(table.names)}")
+            self._refuse_removing_member(name)
             if len(table.names) == 1:
                 raise InputError(f"{name!r} is the model's only task; a model keeps at least one")
             keep = [i for i, n in enumerate(table.names) if n != name]
@@ -174,7 +177,7 @@ class DecoderModel(GeneratingModel):
 
     def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None) -> np.ndarray:
         """Logits [batch, seq, vocab] for the caller's tokens (no virtual positions)."""
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
+        ids, mask, rows = self._prepare(input_ids, attention_mask, task, verb="logits")
         groups = self._window_groups(mask)
         if groups is None:
             return self._logits(ids, mask, rows)

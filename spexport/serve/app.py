@@ -52,9 +52,12 @@ class Server:
     # -- routes ------------------------------------------------------------------------------------
 
     async def models(self, request: Request) -> JSONResponse:
+        virtual = self.model.num_virtual_tokens
         return JSONResponse({"object": "list", "data": [
             {"id": task, "object": "model", "created": self.created, "owned_by": "spexport",
-             "num_virtual_tokens": self.model.num_virtual_tokens[task]} for task in self.model.tasks]})
+             "num_virtual_tokens": virtual[task]} for task in self.model.tasks] + [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "spexport", "ensemble": list(members)}
+            for name, members in self.model.ensembles.items()]})
 
     async def completions(self, request: Request):
         try:
@@ -90,7 +93,7 @@ class Server:
             if self.generates:
                 raise RequestError(f"/v1/classify is for encoder artifacts; this {self.model.FAMILY} artifact "
                                    f"generates text: use /v1/completions", code="unsupported_endpoint")
-            task = protocol.task_name(body, self.model.tasks)
+            task = protocol.task_name(body, self.model.tasks, self.model.ensembles)
             texts = body.get("input", body.get("inputs"))
             texts = [texts] if isinstance(texts, str) else texts
             if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
@@ -118,7 +121,7 @@ class Server:
         if not self.generates:
             raise RequestError(f"this {self.model.FAMILY} artifact classifies; use POST /v1/classify",
                                code="unsupported_endpoint")
-        task = protocol.task_name(body, self.model.tasks)
+        task = protocol.task_name(body, self.model.tasks, self.model.ensembles)
         sampling = protocol.sampling(body, self.model.info.max_positions)
         return task, protocol.prompts(body), sampling, protocol.stream_flag(body)
 
