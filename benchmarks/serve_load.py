@@ -24,6 +24,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -138,10 +139,11 @@ def run_rate(port: int, requests: list[dict], limit_s: float) -> list[dict]:
 
 def summary(results: list[dict], requests: list[dict], tokenizer) -> dict:
     done = [r for r in results if r.get("ok")]
-    ttft = [r["chunks"][0] for r in done if r["chunks"]]
-    gaps = [g for r in done for g in np.diff(r["chunks"])]
-    tokens = sum(len(tokenizer.encode(r["text"], add_special_tokens=False).ids) for r in done)
-    span = max((r["done"] for r in done), default=0) - min((r.get("sent", 0) for r in results), default=0)
+    ttft = [r["chunks"][0] for r in results if r.get("chunks")]  # unfinished requests' too
+    gaps = [g for r in results for g in np.diff(r.get("chunks", []))]
+    # every streamed token counts, a request unfinished at the deadline's too; the span ends with the last
+    tokens = sum(len(tokenizer.encode(r.get("text", ""), add_special_tokens=False).ids) for r in results)
+    span = max((r.get("done", 0) for r in results), default=0) - min((r.get("sent", 0) for r in results), default=0)
 
     def pct(values, q):
         return float(np.percentile(values, q)) if values else None
@@ -167,8 +169,10 @@ def start(kind: str, where: str, artifact: Path, work: Path, args) -> tuple[subp
         command = [args.llama_server, "-m", str(args.gguf or smollm2_gguf(work)), "--host", HOST, "--port", str(port),
                    "-np", "16", "-c", str(16 * 700), "-t", "2"]  # 16 slots of 700 tokens: 400 prompt + 256 new
         marker = "server is listening"
+    # `python -m` puts the working folder first on sys.path, ahead of PYTHONPATH: run in the tree served
+    cwd = Path(where).resolve() if kind in ("spexport", "static") else None
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     for _ in range(1800):
         text = log.read_text(errors="replace")
         if marker in text:
@@ -180,27 +184,35 @@ def start(kind: str, where: str, artifact: Path, work: Path, args) -> tuple[subp
     raise RuntimeError(f"{kind} did not start in 3 minutes")
 
 
-def measure_peer(kind: str, where: str, artifact: Path, work: Path, tokenizer, args) -> dict:
-    process, port = start(kind, where, artifact, work, args)
-    try:
-        warm = workload(tokenizer, 1, 0, seed=1)
-        run_rate(port, [{**warm[0], "max_tokens": 4}], 120)
-        lone = []
-        for i in range(3):  # a lone request: 100-token prompt, 16 new tokens
-            request = {"at": 0.0, "model": TASKS[i][0], "max_tokens": 16,
-                       "prompt": tokenizer.decode(tokenizer.encode(" ".join(WORDS * 4)).ids[:100])}
-            lone += run_rate(port, [request], 120)
-        out = {"lone_ttft_s": float(np.median([r["chunks"][0] for r in lone if r.get("chunks")] or [np.nan])),
-               "rates": {}, "texts": {}}
-        for rate in args.rates:
-            requests = workload(tokenizer, args.requests, rate, seed=int(rate * 1000))
-            results = run_rate(port, requests, args.limit_s)
-            out["rates"][str(rate)] = summary(results, requests, tokenizer)
-            out["texts"][str(rate)] = [r.get("text") if r.get("ok") else None for r in results]
-            print(f"  {kind} @ {rate}/s: {json.dumps(out['rates'][str(rate)])}", flush=True)
-        return out
-    finally:
+def lone_ttft(port: int, tokenizer) -> float:
+    """A lone request's TTFT (median of 3): a 100-token prompt, 16 new tokens, after a warm-up request."""
+    run_rate(port, [{**workload(tokenizer, 1, 0, seed=1)[0], "max_tokens": 4}], 120)
+    prompt = tokenizer.decode(tokenizer.encode(" ".join(WORDS * 4)).ids[:100])
+    lone = [run_rate(port, [{"at": 0.0, "model": TASKS[i][0], "max_tokens": 16, "prompt": prompt}], 120)[0]
+            for i in range(3)]
+    return float(np.median([r["chunks"][0] for r in lone if r.get("chunks")] or [np.nan]))
+
+
+def measure(servers: dict[str, int], tokenizer, args) -> dict:
+    """Every peer at every rate, the peers' runs of one rate back to back in a rotating order, so that a
+    neighbour's load on the shared machine falls on all of them alike."""
+    peers = {kind: {"lone_ttft_s": lone_ttft(port, tokenizer), "rates": {}, "texts": {}}
+             for kind, port in servers.items()}
+    for i, rate in enumerate(args.rates):
+        requests = workload(tokenizer, args.requests, rate, seed=int(rate * 1000))
+        kinds = list(servers)
+        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+            results = run_rate(servers[kind], requests, args.limit_s)
+            peers[kind]["rates"][str(rate)] = summary(results, requests, tokenizer)
+            peers[kind]["texts"][str(rate)] = [r.get("text") if r.get("ok") else None for r in results]
+            print(f"  {kind} @ {rate}/s: {json.dumps(peers[kind]['rates'][str(rate)])}", flush=True)
+    return peers
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
         process.terminate()
+    for process in processes:
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -261,12 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # the servers are stopped too
     args.work.mkdir(parents=True, exist_ok=True)
     artifact = build(args.work)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
-    peers, skipped = {}, {}
+    servers, processes, skipped = {}, [], {}
     for spec in args.peers.split(","):
         kind, _, where = spec.partition("=")
         if kind == "llama" and not Path(args.llama_server).is_file():
@@ -276,8 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         if kind in skipped:
             print(f"skipping {kind}: {skipped[kind]}", flush=True)
             continue
-        print(f"{kind} ({where or 'built in'}):", flush=True)
-        peers[kind] = measure_peer(kind, where, artifact, args.work, tokenizer, args)
+        print(f"starting {kind} ({where or 'built in'})", flush=True)
+        process, servers[kind] = start(kind, where, artifact, args.work, args)
+        processes.append(process)
+    try:
+        peers = measure(servers, tokenizer, args)
+    finally:
+        stop(processes)
     same = {}
     if "spexport" in peers:  # greedy answers of exact peers agree request by request
         for kind in set(peers) - {"spexport", "llama"}:
