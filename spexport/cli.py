@@ -22,7 +22,7 @@ from spexport.cli_errors import stderr_console
 from spexport.cli_sign import SIGN_KEY, sign_command, verify_command
 from spexport.errors import ArtifactError, OptionError, SpexportWarning
 from spexport.serve.options import access_options, check_ray, limit_options, limits_from
-from spexport.tables import quantization_lines, table_lines, validate_failure, validate_lines
+from spexport.tables import inspect_lines, quantization_lines, table_lines, validate_failure, validate_lines
 
 
 def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -45,9 +45,13 @@ def _tolerance(ctx, param, value: float) -> float:
 ARTIFACT = click.argument("folder", type=click.Path(path_type=Path))
 QUIET = click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
+ADAPTERS_HELP = ("NAME=PATH of a PEFT soft-prompt adapter folder, or of a .npy/.safetensors prompt tensor; repeat for "
+                 "more tasks.")
 ADAPTERS = click.option("--adapter", "adapters", multiple=True, required=True, callback=_adapter_spec,
-                        help="NAME=PATH of a PEFT soft-prompt adapter folder, or of a .npy/.safetensors prompt "
-                             "tensor; repeat for more tasks.")
+                        help=ADAPTERS_HELP)
+ENSEMBLES = click.option("--ensemble", "ensembles", multiple=True,
+                         help="NAME=TASK,TASK,...: a prompt ensemble of tasks trained for one job, served as NAME "
+                              "(the mean of its members' probabilities); repeatable.")
 MODEL = click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
                      help="Folder of the frozen Hugging Face model (config.json + weights).")
 TRUST_REMOTE_CODE = click.option("--trust-remote-code", is_flag=True,
@@ -74,11 +78,12 @@ def main() -> None:
               help="Block-wise 8- or 4-bit weights for every matrix product (CPU); prints the drift from float32.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Weight and compute type; float16 is for GPU providers.")
+@ENSEMBLES
 @TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
 def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, trust_remote_code: bool,
-            quiet: bool, as_json: bool, **speed) -> None:
+            ensembles: tuple[str, ...], quiet: bool, as_json: bool, **speed) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
@@ -87,10 +92,11 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     console = Console(stderr=True, quiet=quiet)
     with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(console), \
             _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
+        from spexport.ensembles import parse_specs
         from spexport.export import convert as run_convert
 
         manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step, **speed,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, ensembles=parse_specs(ensembles))
     if as_json:
         _print_json({"output": str(output), **summary(manifest), "files": manifest.files})
         return
@@ -125,34 +131,46 @@ def _steps(console, expected: int):
 
 @main.command("add")
 @ARTIFACT
-@ADAPTERS
-@click.option("--replace", is_flag=True, help="Replace tasks of the same names instead of refusing them.")
+@click.option("--adapter", "adapters", multiple=True, callback=_adapter_spec, help=ADAPTERS_HELP)
+@ENSEMBLES
+@click.option("--replace", is_flag=True, help="Replace tasks or ensembles of the same names instead of refusing them.")
 @SIGN_KEY
 @QUIET
 @AS_JSON
-def add_command(folder: Path, adapters, replace: bool, sign_key: Path | None, quiet: bool, as_json: bool) -> None:
-    """Add tasks to a decoder or seq2seq artifact in place, without torch (atomic: a failure leaves it as it was)."""
-    from spexport.tasks import add_tasks
+def add_command(folder: Path, adapters, ensembles, replace: bool, sign_key: Path | None, quiet: bool,
+                as_json: bool) -> None:
+    """Add tasks (decoder, seq2seq) or ensembles (any artifact) in place, without torch; a failure changes nothing."""
+    from spexport.ensembles import parse_specs
+    from spexport.tasks import add_tasks, change_ensembles
 
     before = _task_names(folder)
     with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(stderr_console(quiet)):
-        manifest = add_tasks(folder, adapters, replace=replace, sign_key=sign_key)
+        if not adapters and not ensembles:
+            raise OptionError("give the tasks to add (--adapter NAME=PATH) or ensembles (--ensemble NAME=TASK,...)")
+        ensembles = parse_specs(ensembles)
+        manifest = add_tasks(folder, adapters, replace, sign_key=sign_key, ensembles=ensembles) if adapters else \
+            change_ensembles(folder, ensembles, replace=replace, sign_key=sign_key)
     _report_tasks(folder, manifest, before, quiet, as_json)
 
 
 @main.command("remove")
 @ARTIFACT
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1)
+@click.option("--ensemble", "ensembles", multiple=True, help="Remove the ensemble of this name; repeatable.")
 @SIGN_KEY
 @QUIET
 @AS_JSON
-def remove_command(folder: Path, names: tuple[str, ...], sign_key: Path | None, quiet: bool, as_json: bool) -> None:
-    """Remove tasks NAMES from a decoder or seq2seq artifact in place; later tasks' ids move down."""
-    from spexport.tasks import remove_tasks
+def remove_command(folder: Path, names: tuple[str, ...], ensembles: tuple[str, ...], sign_key: Path | None,
+                   quiet: bool, as_json: bool) -> None:
+    """Remove tasks NAMES (decoder, seq2seq; later ids move down) or ensembles (any artifact) in place."""
+    from spexport.tasks import change_ensembles, remove_tasks
 
     before = _task_names(folder)
     with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(stderr_console(quiet)):
-        manifest = remove_tasks(folder, list(names), sign_key=sign_key)
+        if not names and not ensembles:
+            raise OptionError("name the tasks to remove, or --ensemble NAME for an ensemble")
+        manifest = remove_tasks(folder, list(names), sign_key=sign_key, ensembles=list(ensembles)) if names else \
+            change_ensembles(folder, remove=list(ensembles), sign_key=sign_key)
     _report_tasks(folder, manifest, before, quiet, as_json)
 
 
@@ -172,6 +190,8 @@ def _report_tasks(folder: Path, manifest, before: list[str], quiet: bool, as_jso
         for i, task in enumerate(manifest.tasks):
             mark = "  " if task.name in before else "+ "
             click.echo(f"{mark}{i} {task.name}: {task.method}, {task.num_virtual_tokens} virtual tokens")
+        for name, members in manifest.ensembles.items():
+            click.echo(f"  ensemble {name}: {', '.join(members)}")
         removed = [n for n in before if n not in {t.name for t in manifest.tasks}]
         click.echo(f"updated {folder} ({len(manifest.tasks)} tasks" + (f"; removed {', '.join(removed)})"
                                                                        if removed else ")"))
@@ -190,31 +210,12 @@ def inspect_command(folder: Path, quiet: bool, as_json: bool) -> None:
     if as_json:
         _print_json(report.as_dict())
     elif not quiet:
-        _print_report(report)
+        for line in inspect_lines(report):
+            click.echo(line)
     broken = {rel: status for rel, status in report.files.items() if status != "ok"}
     if broken:
         _fail(f"{folder}: " + ", ".join(f"{rel} is {status}" for rel, status in broken.items())
               + "; export the artifact again or restore these files", ArtifactError.exit_code)
-
-
-def _print_report(report) -> None:
-    s, model = report.summary, report.summary["model"]
-    click.echo(f"{report.folder}: {s['family']} ({model['model_type']}), {model['num_layers']} layers, "
-               f"vocab {model['vocab_size']}, {model['max_positions']} positions, format {s['format_version']}")
-    click.echo(f"prompt bank: {'baked into ' + s['graph'] if s['baked'] else s['prompt_bank']}")
-    if "encoder_graph" in s:
-        click.echo(f"encoder graph: {s['encoder_graph']} (ports below are the decoder's)")
-    click.echo("tasks:")
-    _print_table([["id", "name", "method", "virtual tokens", "bytes"]]
-                 + [[t["id"], t["name"], t["method"], t["num_virtual_tokens"], t["bytes"]] for t in s["tasks"]])
-    click.echo(f"graph {s['graph']}:")
-    if report.graph_error:
-        click.echo(f"  unreadable: {report.graph_error}")
-    _print_table([[kind, p.name, p.dtype, "[" + ", ".join("?" if d is None else str(d) for d in p.shape) + "]"]
-                  for kind, ports in [("input", report.inputs), ("output", report.outputs)] for p in ports])
-    click.echo("execution providers: " + ", ".join(report.providers))
-    click.echo("files:")
-    _print_table([[status, rel] for rel, status in report.files.items()])
 
 
 @main.command("validate")

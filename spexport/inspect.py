@@ -49,7 +49,8 @@ def summary(manifest: Manifest) -> dict:
             **({"encoder_graph": manifest.encoder_graph} if manifest.encoder_graph else {}),
             "tasks": [{"id": i, "name": t.name, "method": t.method, "num_virtual_tokens": t.num_virtual_tokens,
                        "bytes": int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize}
-                      for i, t in enumerate(manifest.tasks)]}
+                      for i, t in enumerate(manifest.tasks)],
+            **({"ensembles": manifest.ensembles} if manifest.ensembles else {})}
 
 
 def graph_ports(path: Path) -> tuple[list[Port], list[Port]]:

@@ -51,3 +51,25 @@ def validate_failure(checks: list, failed: list, atol: float, min_agreement: flo
         return f"error: {len(failed)} of {len(checks)} quantized tasks agree with PEFT below {min_agreement:g}: {names}"
     return (f"error: {len(failed)} of {len(checks)} tasks differ from PEFT (atol {atol:g}, all greedy tokens "
             f"equal): {names}")
+
+
+def inspect_lines(report) -> list[str]:
+    """`spexport inspect`'s text report of an `inspect.Report`."""
+    s, model = report.summary, report.summary["model"]
+    lines = [f"{report.folder}: {s['family']} ({model['model_type']}), {model['num_layers']} layers, "
+             f"vocab {model['vocab_size']}, {model['max_positions']} positions, format {s['format_version']}",
+             f"prompt bank: {'baked into ' + s['graph'] if s['baked'] else s['prompt_bank']}"]
+    if "encoder_graph" in s:
+        lines.append(f"encoder graph: {s['encoder_graph']} (ports below are the decoder's)")
+    lines += ["tasks:", *table_lines([["id", "name", "method", "virtual tokens", "bytes"]]
+                                     + [[t["id"], t["name"], t["method"], t["num_virtual_tokens"], t["bytes"]]
+                                        for t in s["tasks"]])]
+    if s.get("ensembles"):
+        lines += ["ensembles:", *table_lines([[name, ", ".join(members)] for name, members in s["ensembles"].items()])]
+    lines.append(f"graph {s['graph']}:")
+    if report.graph_error:
+        lines.append(f"  unreadable: {report.graph_error}")
+    lines += table_lines([[kind, p.name, p.dtype, "[" + ", ".join("?" if d is None else str(d) for d in p.shape) + "]"]
+                          for kind, ports in [("input", report.inputs), ("output", report.outputs)] for p in ports])
+    lines += ["execution providers: " + ", ".join(report.providers), "files:"]
+    return lines + table_lines([[status, rel] for rel, status in report.files.items()])

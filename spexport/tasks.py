@@ -20,6 +20,7 @@ from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import inside_folder, sha256
 from spexport.artifact.locks import editing, release_staging
 from spexport.artifact.manifest import CHAT_TEMPLATE, MANIFEST, Manifest, Task
+from spexport.ensembles import edit_ensembles, edited, refuse_removing_members
 from spexport.errors import AdapterError, InputError, OutputError
 from spexport.families import DECODER
 from spexport.runtime.chat import check_template_file
@@ -29,8 +30,10 @@ from spexport.signing import SIGNATURE, signature_dropped
 
 
 def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: bool = False,
-              providers: list[str] | None = None, sign_key: str | Path | None = None) -> Manifest:
-    """Add the tasks of `adapters` ([(NAME, PATH)], as `convert --adapter`) to the artifact at `folder`.
+              providers: list[str] | None = None, sign_key: str | Path | None = None,
+              ensembles: dict[str, list[str]] | None = None) -> Manifest:
+    """Add the tasks of `adapters` ([(NAME, PATH)], as `convert --adapter`) to the artifact at `folder`,
+    and the prompt `ensembles` ({name: member tasks}, new tasks among them) in the same update.
 
     A name the artifact already has is refused unless `replace`; a replaced task keeps its task id. A second
     writer of the same artifact waits for this one (artifact.locks). A signed artifact is signed again with
@@ -38,10 +41,10 @@ def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: boo
     """
     folder = Path(folder)
     with editing(folder):
-        return _signed_again(folder, sign_key, lambda: _add(folder, adapters, replace, providers))
+        return _signed_again(folder, sign_key, lambda: _add(folder, adapters, replace, providers, ensembles))
 
 
-def _add(folder: Path, adapters: list[tuple[str, Path]], replace: bool, providers) -> Manifest:
+def _add(folder: Path, adapters: list[tuple[str, Path]], replace: bool, providers, ensembles) -> Manifest:
     manifest = _open(folder)
     added = new_tasks(folder, manifest, adapters, providers)
     tasks, bank = list(manifest.tasks), _bank(folder, manifest)
@@ -52,6 +55,8 @@ def _add(folder: Path, adapters: list[tuple[str, Path]], replace: bool, provider
         if other != task.name:
             raise AdapterError(f"task names {other!r} and {task.name!r} differ only in case, so their files would be "
                                "one on macOS and Windows; rename one")
+        if task.name in manifest.ensembles:
+            raise AdapterError(f"{folder} has an ensemble named {task.name!r}; a task needs a name of its own")
         if task.name in index and not replace:
             raise AdapterError(f"{folder} already has a task {task.name!r}; pass --replace (replace=True) to "
                                "replace it, or pick another name")
@@ -63,15 +68,33 @@ def _add(folder: Path, adapters: list[tuple[str, Path]], replace: bool, provider
         bank[task.tensor] = kv
     # seq2seq artifacts have no adapter files: their graphs take two kinds of prompt
     written = {t.name: kv for t, kv in added} if manifest.family == DECODER.name else {}
-    return _rewrite(folder, manifest, tasks, bank, written)
+    groups = edited(folder, manifest.ensembles, tasks, manifest.family, ensembles, replace=replace)
+    return _rewrite(folder, dataclasses.replace(manifest, ensembles=groups), tasks, bank, written)
 
 
-def remove_tasks(folder: str | Path, names: list[str], sign_key: str | Path | None = None) -> Manifest:
+def remove_tasks(folder: str | Path, names: list[str], sign_key: str | Path | None = None,
+                 ensembles: list[str] = ()) -> Manifest:
     """Remove the named tasks from the artifact at `folder`; later tasks' ids move down by one per removal.
+    A task that an ensemble has among its members is refused unless that ensemble is removed too (`ensembles`).
     Locking and signing as `add_tasks`."""
     folder = Path(folder)
     with editing(folder):
-        return _signed_again(folder, sign_key, lambda: _remove(folder, names))
+        return _signed_again(folder, sign_key, lambda: _remove(folder, names, ensembles))
+
+
+def change_ensembles(folder: str | Path, add: dict[str, list[str]] | None = None, remove: list[str] = (),
+                     replace: bool = False, sign_key: str | Path | None = None) -> Manifest:
+    """Add or remove ensembles alone (only spexport.json changes), under the writer lock; a signature is signed
+    again with `sign_key`, or removed with a warning, as with `add_tasks`."""
+    folder = Path(folder)
+
+    def edit() -> Manifest:
+        manifest = edit_ensembles(folder, add, remove, replace)
+        (folder / SIGNATURE).unlink(missing_ok=True)  # it vouched for the manifest that was just replaced
+        return manifest
+
+    with editing(folder):
+        return _signed_again(folder, sign_key, edit)
 
 
 def _signed_again(folder: Path, sign_key, edit) -> Manifest:
@@ -81,12 +104,15 @@ def _signed_again(folder: Path, sign_key, edit) -> Manifest:
     return manifest
 
 
-def _remove(folder: Path, names: list[str]) -> Manifest:
+def _remove(folder: Path, names: list[str], ensembles) -> Manifest:
     manifest = _open(folder)
+    manifest = dataclasses.replace(manifest, ensembles=edited(folder, manifest.ensembles, manifest.tasks,
+                                                              manifest.family, remove=ensembles))
     have = [t.name for t in manifest.tasks]
     unknown = [n for n in names if n not in have]
     if unknown:
         raise InputError(f"{folder} has no task {unknown[0]!r}; its tasks are {', '.join(have)}")
+    refuse_removing_members(manifest.ensembles, names)
     tasks = [t for t in manifest.tasks if t.name not in names]
     if not tasks:
         raise InputError(f"removing {', '.join(names)} would leave {folder} without tasks; an artifact keeps at "

@@ -82,8 +82,14 @@ class Manifest:
     # decoder, unbaked: the main graph without its prefix inputs, which the Python runtime runs
     core_graph: str | None = None
     quantization: dict | None = None  # --quantize: how (bits, block size, ...) and the drift report
+    # prompt ensembles: name -> its member tasks, trained for one job and run together (left out when none)
+    ensembles: dict[str, list[str]] = field(default_factory=dict)
 
     def write(self, folder: Path) -> None:
+        (Path(folder) / MANIFEST).write_text(self.text())
+
+    def text(self) -> str:
+        """The sealed spexport.json, as `write` writes it."""
         document = asdict(self)
         for task in document["tasks"]:
             if task["head"] is None:
@@ -94,8 +100,9 @@ class Manifest:
             for key in keys:
                 if fields_of[key] is None:
                     del fields_of[key]  # likewise for readers before encoder-decoder models
-        text = json.dumps(seal(document), indent=2)
-        (Path(folder) / MANIFEST).write_text(text + "\n")
+        if not document["ensembles"]:
+            del document["ensembles"]  # and for readers before ensembles
+        return json.dumps(seal(document), indent=2) + "\n"
 
     @classmethod
     def read(cls, folder: Path, sealed: bool = True) -> Manifest:
@@ -186,6 +193,28 @@ def seal(document: dict) -> dict:
     content = {key: value for key, value in document.items() if key != SEAL}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return {**content, SEAL: hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()}
+
+
+def ensemble_problem(name: str, members, tasks: list[Task], family: str) -> str | None:
+    """Why ensemble `name` of `members` cannot be in an artifact of `tasks`, or None when it can: an ensemble
+    has at least two distinct member tasks, and its name is no task's; a classifier's members share their
+    labels and classify sequences (their probabilities are averaged label by label)."""
+    by_name = {t.name: t for t in tasks}
+    if name in by_name:
+        return f"ensemble {name!r} has the name of a task; name it otherwise"
+    if not isinstance(members, (list, tuple)) or len(members) < 2 or not all(map(_text, members)):
+        return f"ensemble {name!r} needs at least two member task names, got {_show(members)}"
+    if len(set(members)) != len(members):
+        return f"ensemble {name!r} names a task twice ({', '.join(members)}); each member is a distinct task"
+    unknown = [m for m in members if m not in by_name]
+    if unknown:
+        return f"ensemble {name!r} names {unknown[0]!r}, which is not a task; the tasks are {', '.join(by_name)}"
+    heads = [by_name[m].head for m in members]
+    if family == "encoder" and any(not isinstance(h, dict) or h.get("kind") != "sequence" for h in heads):
+        return f"ensemble {name!r}: ensembles of a classifier are of sequence classification tasks"
+    if family == "encoder" and any(h.get("labels") != heads[0].get("labels") for h in heads):
+        return f"ensemble {name!r}: its members' labels differ, so their probabilities cannot be averaged"
+    return None
 
 
 def _is_int(value) -> bool:
@@ -298,6 +327,11 @@ def _checked(raw: dict, path: Path) -> Manifest:
     files = top.take("files", lambda v: isinstance(v, dict) and all(_path(k) and isinstance(d, str) and
                                                                    _SHA256.fullmatch(d) for k, d in v.items()),
                      "an object of paths to sha256 hex digests", {})
+    ensembles = top.take("ensembles", lambda v: isinstance(v, dict) and all(map(_path, v)), "an object of names", {})
+    for name, members in ensembles.items():
+        problem = ensemble_problem(name, members, tasks, raw.get("family"))
+        if problem:
+            raise ArtifactError(f"{path}: field ensembles: {problem}")
     for rel in [graph, bank, prefix_graph, core_graph, *tokenizer_files]:
         if rel is not None and rel not in files:
             raise ArtifactError(f"{path}: field files has no sha256 for {rel!r}, so it cannot be checked")
@@ -306,4 +340,4 @@ def _checked(raw: dict, path: Path) -> Manifest:
                     versions=top.take("versions", lambda v: isinstance(v, dict), "an object", {}), files=files,
                     quantization=top.take("quantization", lambda v: isinstance(v, dict), "an object", None),
                     format_version=version, prefix_graph=prefix_graph, core_graph=core_graph,
-                    **top.rest(Manifest))
+                    ensembles={name: list(members) for name, members in ensembles.items()}, **top.rest(Manifest))

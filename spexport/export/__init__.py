@@ -30,7 +30,7 @@ __all__ = ["EXPORTERS", "ExportOptions", "convert"]
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
             bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
             optimize: bool = True, quantize: str | None = None, dtype: str = "float32",
-            trust_remote_code: bool = False) -> Manifest:
+            trust_remote_code: bool = False, ensembles: dict[str, list[str]] | None = None) -> Manifest:
     """Export `model_dir` with every adapter into one artifact at `output`, atomically.
 
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input (decoders).
@@ -40,6 +40,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     dtype="float16": fp16 weights and compute, for GPU providers. Prompts and the graph's inputs
     and outputs stay float32 either way.
     trust_remote_code: run Python code that the model folder ships (config.json's auto_map).
+    ensembles: prompt ensembles {name: [member task, ...]} to store (each of at least two tasks).
     """
     model_dir, output = Path(model_dir), Path(output)
     # Checked before transformers reads it: transformers would guess a model type from the folder's name.
@@ -53,5 +54,6 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     adapters = parse_adapters(adapters)
     output = check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     options = ExportOptions(bake=bake, optimize=optimize, quantize=quantize, dtype=dtype,
-                            trust_remote_code=trust_remote_code, on_step=on_step)
+                            trust_remote_code=trust_remote_code, on_step=on_step,
+                            ensembles={name: list(members) for name, members in (ensembles or {}).items()})
     return EXPORTERS[family.name](model_dir, adapters, output, options)

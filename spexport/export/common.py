@@ -19,6 +19,7 @@ from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import sha256
 from spexport.artifact.manifest import CHAT_TEMPLATE, Manifest, ModelInfo, is_artifact
 from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
+from spexport.ensembles import check_ensembles
 from spexport.errors import AdapterError, ModelError, OutputError, SpexportWarning
 from spexport.families import Family
 from spexport.runtime.chat import check_template_file
@@ -46,6 +47,7 @@ class ExportOptions:
     quantize: str | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
+    ensembles: dict[str, list[str]] = field(default_factory=dict)  # {name: member tasks}, checked in `finish`
     on_step: Callable[[str], None] = field(default=lambda step: None, compare=False)
 
 
@@ -231,7 +233,9 @@ def building(output: Path):
 
 def finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
     """Copy the model's tokenizer and config files into `staging`, write the manifest (`fields` plus
-    every file's sha256), and move the artifact into place at `output`."""
+    every file's sha256), and move the artifact into place at `output`. Ensembles are checked against the
+    tasks first."""
+    check_ensembles(fields.get("ensembles", {}), fields["tasks"], fields["family"])
     copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
     for f in copied:
         shutil.copy2(model_dir / f, staging / f)

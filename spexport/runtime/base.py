@@ -69,11 +69,17 @@ class TaskTable:
 
 
 class TaskRows(list):
-    """Each row's task id, with the TaskTable the ids index."""
+    """Each row's task id, with the TaskTable the ids index. A request that names an ensemble runs one row
+    per member: `owners` [rows] then holds each row's row of the request (None: one row per request row)."""
 
-    def __init__(self, rows: list[int], table: TaskTable):
+    def __init__(self, rows: list[int], table: TaskTable, owners: np.ndarray | None = None):
         super().__init__(rows)
-        self.table = table
+        self.table, self.owners = table, owners
+
+    @property
+    def firsts(self) -> np.ndarray | slice:
+        """Where each request row's first run row is (a slice of all rows when there are no ensembles)."""
+        return slice(None) if self.owners is None else np.unique(self.owners, return_index=True)[1]
 
 
 class ServedArtifact:
@@ -98,6 +104,7 @@ class ServedArtifact:
         self.info = manifest.model
         virtual = tuple(t.num_virtual_tokens for t in manifest.tasks)
         self._table = TaskTable(tuple(t.name for t in manifest.tasks), virtual, virtual)
+        self._ensembles = {name: tuple(members) for name, members in manifest.ensembles.items()}
         self._text = TextCodec.load(folder, manifest.tokenizer_files)
         # the tokenizers library's Tokenizer, its own padding and truncation turned off
         self.tokenizer = None if self._text is None else self._text.tokenizer
@@ -108,8 +115,45 @@ class ServedArtifact:
         return list(self._table.names)
 
     @property
+    def ensembles(self) -> dict[str, tuple[str, ...]]:
+        """The prompt ensembles: name -> member tasks. A name is taken wherever a task name is, and the
+        request runs once per member in one batch (classify: the mean of the members' probabilities;
+        generation: each token from the mean of the members' log-probabilities)."""
+        return dict(self._ensembles)
+
+    @property
     def num_virtual_tokens(self) -> dict[str, int]:
-        return dict(zip(self._table.names, self._table.virtual))
+        """Each task's virtual tokens; for an ensemble, the most of its members' (what bounds its prompts)."""
+        virtual = dict(zip(self._table.names, self._table.virtual))
+        return virtual | {name: max(virtual[m] for m in members) for name, members in self._ensembles.items()
+                          if all(m in virtual for m in members)}
+
+    def _members(self, task, batch: int) -> tuple[str | Sequence[str] | None, np.ndarray | None]:
+        """`task` with each ensemble row spread into one row per member, and each row's request row (the
+        owners); (task, None) when it names no ensemble."""
+        if not self._ensembles or task is None:
+            return task, None
+        names = [task] * batch if isinstance(task, str) else task
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) \
+                or not any(isinstance(n, str) and n in self._ensembles for n in names):
+            return task, None
+        spread = [(row, member) for row, name in enumerate(names)
+                  for member in (self._ensembles.get(name, (name,)) if isinstance(name, str) else (name,))]
+        return [member for _, member in spread], np.array([row for row, _ in spread], np.int64)
+
+    def _refuse_ensembles(self, task, verb: str) -> None:
+        names = [task] if isinstance(task, str) else task if isinstance(task, (list, tuple)) else []
+        name = next((n for n in names if isinstance(n, str) and n in self._ensembles), None)
+        if name is not None:
+            raise InputError(f"{verb} takes task names; {name!r} is an ensemble of {', '.join(self._ensembles[name])}"
+                             f": pass a member, or use {'classify' if self.FAMILY == 'encoder' else 'generate'}")
+
+    def _refuse_removing_member(self, task: str) -> None:
+        """An ensemble needs its members: InputError naming the first that has `task`."""
+        name = next((n for n, members in self._ensembles.items() if task in members), None)
+        if name is not None:
+            raise InputError(f"task {task!r} is a member of ensemble {name!r} ({', '.join(self._ensembles[name])});"
+                             " an ensemble needs its members")
 
     @property
     def _positions_taken(self) -> tuple[int, ...]:
@@ -142,22 +186,33 @@ class ServedArtifact:
         codec = self._require_text()
         rows = inputs.text_rows(texts, pairs)
         table = self._table
-        taken = np.array([table.positions[r] for r in inputs.task_indices(task, list(table.names), len(rows))])
+        names, owners = self._members(task, len(rows))
+        taken = np.array([table.positions[r] for r in inputs.task_indices(names, list(table.names),
+                                                                         len(rows) if owners is None else len(owners))])
+        if owners is not None:  # an ensemble's row leaves the positions its widest member leaves
+            taken = np.maximum.reduceat(taken, np.unique(owners, return_index=True)[1])
         if self.PADDING_TAKES_POSITIONS:  # every row is padded to the widest, so the widest prompt bounds all
             taken[:] = taken.max()
         encoded = codec.encode(rows, (self.info.max_positions - taken).tolist(), truncation, add_special_tokens)
         return (encoded, *inputs.pad_rows(encoded, self.info.pad_token_id, left))
 
-    def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None
+    def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None, verb: str = ""
                  ) -> tuple[np.ndarray, np.ndarray, TaskRows]:
-        """The checked request: token ids and mask [batch, seq] as int64, and each row's task id."""
+        """The checked request: token ids and mask [batch, seq] as int64, and each row's task id. A row
+        that names an ensemble becomes one row per member (see TaskRows.owners); a `verb` given refuses
+        ensembles instead."""
         table = self._table  # read once: the whole request is served with this task list
         ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
         mask = inputs.as_mask(attention_mask, ids.shape)
+        if verb:
+            self._refuse_ensembles(task, verb)
+        task, owners = self._members(task, ids.shape[0])
+        if owners is not None:
+            ids, mask = ids[owners], mask[owners]
         rows = inputs.task_indices(task, list(table.names), ids.shape[0])
         tokens = np.full(len(ids), ids.shape[1]) if self.PADDING_TAKES_POSITIONS else mask.sum(axis=1)
         self._check_length("input", tokens, [table.positions[r] for r in rows])
-        return ids, mask, TaskRows(rows, table)
+        return ids, mask, TaskRows(rows, table, owners)
 
     def _check_length(self, what: str, tokens: np.ndarray, virtual: list[int]) -> None:
         """Refuse a batch in which a row's tokens and its task's virtual tokens outnumber the positions."""

@@ -149,7 +149,8 @@ class DecoderModel(GeneratingModel):
 
     def _token_columns(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], config: GenerationConfig,
                        stopped: np.ndarray | None = None):
-        if not config.prompt_lookup_num_tokens:
+        if not config.prompt_lookup_num_tokens or getattr(rows, "owners", None) is not None:
+            # an ensemble's members share one continuation: they decode one token a step, without drafts
             return super()._token_columns(ids, mask, rows, config, stopped)
         eos = self.info.eos_token_ids
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
@@ -186,6 +187,8 @@ class DecoderModel(GeneratingModel):
             table = self._table
             names, prompts, virtual = list(table.names), list(table.prompts), list(table.virtual)
             for task, kv in added:
+                if task.name in self._ensembles:
+                    raise AdapterError(f"the model serves an ensemble named {task.name!r}; pick another name")
                 if task.name in names and not replace:
                     raise AdapterError(f"the model already serves a task {task.name!r}; pass replace=True to "
                                        "replace it, or pick another name")
@@ -206,6 +209,7 @@ class DecoderModel(GeneratingModel):
             table = self._table
             if name not in table.names:
                 raise InputError(f"no task {name!r}; this model serves {', '.join(table.names)}")
+            self._refuse_removing_member(name)
             if len(table.names) == 1:
                 raise InputError(f"{name!r} is the model's only task; a model keeps at least one")
             keep = [i for i, n in enumerate(table.names) if n != name]
@@ -216,7 +220,7 @@ class DecoderModel(GeneratingModel):
 
     def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None) -> np.ndarray:
         """Logits [batch, seq, vocab] for the caller's tokens (no virtual positions)."""
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
+        ids, mask, rows = self._prepare(input_ids, attention_mask, task, verb="logits")
         groups = self._window_groups(mask)
         if groups is None:
             return self._logits(ids, mask, rows)

@@ -89,7 +89,10 @@ class EncoderModel(ServedArtifact):
         gives them; default all 0. Rows of tasks with fewer labels than the batch's widest are padded
         with -inf, which softmax and argmax ignore.
         """
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
+        ids, mask, rows = self._prepare(input_ids, attention_mask, task, verb="logits")
+        return self._logits(ids, mask, rows, token_type_ids)
+
+    def _logits(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], token_type_ids) -> np.ndarray:
         kind = self._head_kind(rows)
         names = [o.name for o in self.session.get_outputs()]
         feeds = {"input_ids": ids, "attention_mask": mask, **self._token_types(token_type_ids, ids.shape),
@@ -119,12 +122,18 @@ class EncoderModel(ServedArtifact):
         for its tokens, special tokens and the label "O" left out.
         """
         encoded, ids, mask, types = self._encode_texts(texts, task, truncation, pairs=True)
-        logits = self.logits(ids, mask, task, token_type_ids=types)
-        names = inputs.task_indices(task, self.tasks, len(encoded))
+        ids, mask, rows = self._prepare(ids, mask, task)
+        owners = np.arange(len(ids)) if rows.owners is None else rows.owners
+        logits = self._logits(ids, mask, rows, types[owners])
         results = []
-        for row, (e, task_id) in enumerate(zip(encoded, names)):
-            labels = self.labels[self.tasks[task_id]]
-            scores = _scores(logits[row, ..., :len(labels)])
+        for row, e in enumerate(encoded):
+            members = np.flatnonzero(owners == row)
+            if len(members) > 1:
+                results.append(_ensemble_answer([rows.table.names[rows[m]] for m in members], logits[members],
+                                                self.labels[rows.table.names[rows[members[0]]]]))
+                continue
+            labels = self.labels[self.tasks[rows[members[0]]]]
+            scores = _scores(logits[members[0], ..., :len(labels)])
             if logits.ndim == 2:
                 best = int(scores.argmax())
                 results.append({"label": labels[best], "score": float(scores[best])})
@@ -137,6 +146,17 @@ class EncoderModel(ServedArtifact):
                                      "word": token, "start": start, "end": end})
             results.append(entities)
         return results
+
+
+def _ensemble_answer(members: list[str], logits: np.ndarray, labels: list[str]) -> dict:
+    """An ensemble's answer: the label of the highest mean probability over its members, that mean, and each
+    member's own answer as it gives it alone."""
+    scores = _scores(logits[:, :len(labels)])
+    mean = scores.mean(axis=0)
+    best = int(mean.argmax())
+    return {"label": labels[best], "score": float(mean[best]),
+            "members": [{"task": task, "label": labels[int(s.argmax())], "score": float(s.max())}
+                        for task, s in zip(members, scores)]}
 
 
 def _scores(logits: np.ndarray) -> np.ndarray:

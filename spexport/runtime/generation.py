@@ -58,27 +58,46 @@ class GenerationConfig:
             raise InputError(f"prompt_lookup_num_tokens must be a whole number >= 0 or None, got {lookup!r}")
 
 
+def ensemble_logits(logits: np.ndarray, owners: np.ndarray) -> np.ndarray:
+    """Per request row, what its token is chosen from [requests, vocab]: a row of its own keeps its logits;
+    an ensemble's rows (one per member, `owners` naming their request row) give the mean of their
+    log_softmax, in float64 so that the mean does not depend on the members' order beyond rounding."""
+    firsts, counts = np.unique(owners, return_index=True, return_counts=True)[1:]
+    out = logits[firsts].astype(np.float64)
+    for row in np.flatnonzero(counts > 1):
+        part = logits[owners == row].astype(np.float64)
+        top = part.max(axis=-1, keepdims=True)
+        log_probs = part - top - np.log(np.exp(part - top).sum(axis=-1, keepdims=True))
+        out[row] = log_probs.mean(axis=0)
+    return out
+
+
 def token_columns(steps: Steps, config: GenerationConfig, room: int, eos_token_ids: list[int], pad_token_id: int,
                   forced: Callable[[int], int | None], seen: np.ndarray | None = None,
-                  stopped: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """Each step's new token per row [batch], for at most max_new_tokens steps and `room` positions.
+                  stopped: np.ndarray | None = None, owners: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Each step's new token per request row, for at most max_new_tokens steps and `room` positions.
 
-    `forced(step)` is a token the model prescribes at that step, or None. `seen` [batch, vocab] marks the
+    `forced(step)` is a token the model prescribes at that step, or None. `seen` [rows, vocab] marks the
     tokens already in each row's sequence, for the repetition penalty. A row that has given an EOS, or
     that the caller marks in `stopped` between two columns, gets the pad token from then on; the loop
-    ends when every row has.
+    ends when every row has. `owners` [rows]: the request row of each row the model runs, when an
+    ensemble runs one row per member; the members' rows get their request row's token (see
+    `ensemble_logits`).
     """
     eos = np.array(eos_token_ids, np.int64)
     count = min(config.max_new_tokens, room)
     if count <= 0:
         return
     logits = steps.first()
-    unfinished = np.ones(len(logits), bool)
-    # one stream per row, each seeded as that row's request alone would be
-    rngs = [np.random.default_rng(config.seed) for _ in range(len(logits))]
+    requests = len(logits) if owners is None else owners.max() + 1
+    unfinished = np.ones(requests, bool)
+    # one stream per request row, each seeded as that request alone would be
+    rngs = [np.random.default_rng(config.seed) for _ in range(requests)]
     for step in range(count):
         if seen is not None:
             logits = sampling.penalize_repetition(logits, seen, config.repetition_penalty)
+        if owners is not None:
+            logits = ensemble_logits(logits, owners)
         try:
             chosen = sampling.next_tokens(logits, config.do_sample, config.temperature, config.top_k, config.top_p,
                                           rngs)
@@ -90,6 +109,8 @@ def token_columns(steps: Steps, config: GenerationConfig, room: int, eos_token_i
         unfinished &= ~np.isin(chosen, eos) & (True if stopped is None else ~stopped)
         if not unfinished.any() or step == count - 1:
             return
+        if owners is not None:
+            chosen = chosen[owners]  # one shared continuation for an ensemble's members
         if seen is not None:
             seen[np.arange(len(chosen)), chosen] = True
         logits = steps.next(chosen)
@@ -136,22 +157,23 @@ class GeneratingModel(ServedArtifact):
             seen = np.zeros((len(ids), self.info.vocab_size), bool)
             seen[np.nonzero(real)[0], tokens[real == 1]] = True
         return token_columns(self._steps(ids, mask, rows), config, self._room(ids, rows), eos, pad,
-                             lambda step: self._forced_token(step, config), seen, stopped)
+                             lambda step: self._forced_token(step, config), seen, stopped,
+                             getattr(rows, "owners", None))
 
     def _new_tokens(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], config: GenerationConfig) -> np.ndarray:
         columns = list(self._token_columns(ids, mask, rows, config))
-        return np.stack(columns, axis=1) if columns else np.empty((len(ids), 0), np.int64)
+        return np.stack(columns, axis=1) if columns else np.empty((len(ids[rows.firsts]), 0), np.int64)
 
     def _reply_pieces(self, ids: np.ndarray, mask: np.ndarray, task, config: GenerationConfig,
                       stop: list[str]) -> Iterator[list[str]]:
         """Each step's new piece of text per row as the tokens come; last, the rest of every row's reply.
         A row ends at an EOS or at its first stop string."""
         ids, mask, rows = self._prepare(ids, mask, task)
-        streams = [TextStream(self._require_text(), stop) for _ in rows]
-        ended = np.zeros(len(rows), bool)
+        streams = [TextStream(self._require_text(), stop) for _ in ids[rows.firsts]]
+        ended = np.zeros(len(streams), bool)
         eos = set(self.info.eos_token_ids)
         for column in self._token_columns(ids, mask, rows, config, stopped=ended):
-            pieces = [""] * len(rows)
+            pieces = [""] * len(streams)
             for row, (stream, token) in enumerate(zip(streams, column.tolist())):
                 if ended[row]:
                     continue
@@ -211,7 +233,8 @@ class GeneratingModel(ServedArtifact):
         config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
                                   prompt_lookup_num_tokens)
         ids, mask, rows = self._prepare(input_ids, attention_mask, task)
-        return np.concatenate([self._sequence_start(ids), self._new_tokens(ids, mask, rows, config)], axis=1)
+        new = self._new_tokens(ids, mask, rows, config)
+        return np.concatenate([self._sequence_start(ids[rows.firsts]), new], axis=1)
 
     def generate_text(self, texts: str | Sequence[str], task: str | Sequence[str] = None,
                       max_new_tokens: int = 20, stop: str | Sequence[str] | None = None, truncation: bool = False,

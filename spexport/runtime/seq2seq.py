@@ -138,7 +138,7 @@ class Seq2SeqModel(GeneratingModel):
                decoder_input_ids=None) -> np.ndarray:
         """Logits [batch, dec_len, vocab] of `decoder_input_ids` (default: the decoder start token)
         given the encoder input; no virtual positions on either side."""
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
+        ids, mask, rows = self._prepare(input_ids, attention_mask, task, verb="logits")
         if decoder_input_ids is None:
             decoder_ids = np.full((len(ids), 1), self._start, np.int64)
         else:

@@ -64,9 +64,12 @@ class Server:
     # -- routes ------------------------------------------------------------------------------------
 
     async def models(self, request: Request) -> JSONResponse:
+        virtual = self.model.num_virtual_tokens
         return JSONResponse({"object": "list", "data": [
             {"id": task, "object": "model", "created": self.created, "owned_by": "spexport",
-             "num_virtual_tokens": self.model.num_virtual_tokens[task]} for task in self.model.tasks]})
+             "num_virtual_tokens": virtual[task]} for task in self.model.tasks] + [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "spexport", "ensemble": list(members)}
+            for name, members in self.model.ensembles.items()]})
 
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -91,7 +94,7 @@ class Server:
             if self.generates:
                 raise RequestError(f"/v1/classify is for encoder artifacts; this {self.model.FAMILY} artifact "
                                    f"generates text: use /v1/completions", code="unsupported_endpoint")
-            task = protocol.task_name(body, self.model.tasks)
+            task = protocol.task_name(body, self.model.tasks, self.model.ensembles)
             request.state.task = task
             texts = body.get("input", body.get("inputs"))
             texts = [texts] if isinstance(texts, str) else texts
@@ -165,7 +168,7 @@ class Server:
         if not self.generates:
             raise RequestError(f"this {self.model.FAMILY} artifact classifies; use POST /v1/classify",
                                code="unsupported_endpoint")
-        return protocol.task_name(body, self.model.tasks)
+        return protocol.task_name(body, self.model.tasks, self.model.ensembles)
 
     def _processors(self, endpoint: str):
         return lambda body: structured.processors(body, self.model, endpoint)

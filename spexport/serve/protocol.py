@@ -181,12 +181,14 @@ def logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
     return bias
 
 
-def task_name(body: dict, tasks: list[str]) -> str:
+def task_name(body: dict, tasks: list[str], ensembles=()) -> str:
+    """The task or ensemble the body's `model` names."""
     model = body.get("model")
     if not isinstance(model, str):
         raise RequestError("model is required: the name of a task, see GET /v1/models", param="model")
-    if model not in tasks:
-        raise RequestError(f"the model {model[:100]!r} does not exist: this artifact's tasks are {', '.join(tasks)}",
+    if model not in tasks and model not in ensembles:
+        names = ", ".join(tasks) + (f"; its ensembles {', '.join(ensembles)}" if ensembles else "")
+        raise RequestError(f"the model {model[:100]!r} does not exist: this artifact's tasks are {names}",
                            param="model", code="model_not_found", status=404)
     return model
 

@@ -76,7 +76,8 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             extra["core_graph"] = export_core_graph(staging, GRAPH, info.num_layers)  # None: a traced graph
             write_genai_config(staging, info, GRAPH, model_dir / "config.json")
         return finish(staging, output, model_dir, family=DECODER.name, model=info, graph=GRAPH,
-                      prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake, **extra)
+                      prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake,
+                      ensembles=options.ensembles, **extra)
 
 
 def read_info(model_dir: Path, trust_remote_code: bool = False) -> ModelInfo:

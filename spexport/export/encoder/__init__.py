@@ -71,7 +71,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             on_step(f"quantizing the body to {options.quantize} and measuring its label agreement")
             quantization = quantize_body(staging, GRAPH, BANK, info, tasks, options.quantize, model_dir)
         return finish(staging, output, model_dir, family=ENCODER.name, model=info, graph=GRAPH, prompt_bank=BANK,
-                      tasks=tasks, quantization=quantization)
+                      tasks=tasks, quantization=quantization, ensembles=options.ensembles)
 
 
 def explain_unsupported(model_dir: Path, model_type: str) -> None:

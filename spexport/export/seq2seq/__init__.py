@@ -68,7 +68,8 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         with quiet_tracing():
             export_graphs(model, info.num_layers, info.num_kv_heads, info.head_dim, layout.decoder_positions, staging)
         return finish(staging, output, model_dir, family=SEQ2SEQ.name, model=info, graph=DECODER_GRAPH,
-                      encoder_graph=ENCODER_GRAPH, prompt_bank=BANK, tasks=tasks)
+                      encoder_graph=ENCODER_GRAPH, prompt_bank=BANK, tasks=tasks,
+                      ensembles=options.ensembles)
 
 
 def seq2seq_info(model_dir: Path, config, generation_config, layout: Layout) -> ModelInfo:
