@@ -57,3 +57,27 @@ def test_real_smollm2_in_float16(smollm2, tmp_path):
         ours, theirs = half.generate(ids, task=task, max_new_tokens=32), peft_generate(peft, ids, 32)
         agreed.append(int(np.argmax(np.append(ours[0, ids.shape[1]:] != theirs[0, ids.shape[1]:], True))))
     assert min(agreed) >= 8 and sorted(agreed)[1] == 32, agreed  # most replies identical, none off at once
+
+
+def test_convert_for_cuda_writes_float16_where_the_family_has_it(tiny_llama, tmp_path):
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from spexport.cli import _default_dtype, main
+    from spexport.export.passes.tag import WEIGHTS_KEY
+
+    args = ["convert", "--model", str(tiny_llama["model"]), "--output", str(tmp_path / "art"), "--device", "cuda"]
+    args += [a for name, path in tiny_llama["adapters"].items() for a in ("--adapter", f"{name}={path}")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(tmp_path / "art" / "model.onnx", load_external_data=False)
+    assert {p.key: p.value for p in graph.metadata_props}[WEIGHTS_KEY] == "float16"
+    cases = [("llama", "cpu", None, "float32"), ("llama", "cuda", "int8", "float32"), ("bert", "cuda", None, "float32"),
+             ("t5", "cuda", None, "float32")]
+    for model_type, device, quantize, expected in cases:
+        (tmp_path / model_type).mkdir(exist_ok=True)
+        (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+        assert _default_dtype(tmp_path / model_type, device, quantize) == expected
+    assert _default_dtype(tmp_path / "missing", "cuda", None) == "float32"
