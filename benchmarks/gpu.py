@@ -50,6 +50,7 @@ MODES = {
     "rehearsal": dict(sizes=["tiny"], batches=[1, 8], prompt=16, new_tokens=4, reps=1, device="cpu"),
 }
 # peak HBM bandwidth by the device's name (bytes/s), for the floor; the measured copy rate is reported beside it
+GENAI, GENAI_GRAPH = "onnxruntime-genai (base model)", "onnxruntime-genai (base model, CUDA graph)"
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12}
 
 
@@ -126,7 +127,9 @@ def speed(built: dict, mode: dict, log) -> dict:
     loaded = {"spexport": engines.Spexport(built["artifact"], mode["device"]),
               "peft+pytorch": engines.Peft(built["model"], built["adapters"], mode["device"])}
     if built["genai"] is not None:
-        loaded["onnxruntime-genai (base model)"] = engines.Genai(built["genai"])
+        loaded[GENAI] = engines.Genai(built["genai"])
+        if mode["device"] == "cuda":
+            loaded[GENAI_GRAPH] = engines.Genai(engines.genai_with_cuda_graph(built["genai"]))
     vocab = loaded["spexport"].model.info.vocab_size
     names = [name for name, _ in TASKS]
     out = {"prompt_tokens": mode["prompt"], "new_tokens": mode["new_tokens"], "batches": {}}
@@ -136,11 +139,15 @@ def speed(built: dict, mode: dict, log) -> dict:
         cases = {"spexport, one task": measure.generation(loaded["spexport"], ids, one, mode["new_tokens"]),
                  "spexport, mixed tasks": measure.generation(loaded["spexport"], ids, mixed, mode["new_tokens"]),
                  "peft+pytorch, one task": measure.generation(loaded["peft+pytorch"], ids, one, mode["new_tokens"])}
-        if "onnxruntime-genai (base model)" in loaded:
-            cases["onnxruntime-genai (base model)"] = measure.generation(
-                loaded["onnxruntime-genai (base model)"], ids, one, mode["new_tokens"])
-        for case in cases.values():  # warm-up: CUDA kernels load, cuBLAS picks its algorithms, arenas grow
-            case()
+        for name in (GENAI, GENAI_GRAPH):
+            if name in loaded:
+                cases[name] = measure.generation(loaded[name], ids, one, mode["new_tokens"])
+        for name, case in list(cases.items()):  # warm-up: CUDA kernels load, cuBLAS picks algorithms, arenas grow
+            try:
+                case()
+            except Exception as e:  # an engine that cannot serve this batch is reported, not fatal to the rest
+                out.setdefault("failed", {})[f"{name}, batch {batch}"] = f"{type(e).__name__}: {e}"
+                del cases[name]
         runs = measure.interleaved(cases, mode["reps"])
         out["batches"][str(batch)] = runs
         log(f"  batch {batch}: " + ", ".join(f"{name} {measure.median(r, 'step_s') * 1e3:.2f} ms/token"

@@ -86,6 +86,25 @@ class Genai(CpuGenai):
         super().__init__(build_dir, threads=os.cpu_count() or 1)
 
 
+def genai_with_cuda_graph(build_dir: Path) -> Path:
+    """A sibling of genai's build (its files linked, not copied) whose CUDA provider captures the decode step
+    as a CUDA graph: what capture buys on this model, which spexport's growing past cannot have yet."""
+    target = build_dir.parent / "genai-cuda-graph"
+    target.mkdir(exist_ok=True)
+    for path in build_dir.iterdir():
+        if path.name != "genai_config.json" and not (target / path.name).exists():
+            (target / path.name).symlink_to(path.resolve())
+    config = json.loads((build_dir / "genai_config.json").read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {}).setdefault("provider_options", [])
+    cuda = next((entry["cuda"] for entry in options if "cuda" in entry), None)
+    if cuda is None:
+        options.append({"cuda": {}})
+        cuda = options[-1]["cuda"]
+    cuda["enable_cuda_graph"] = "1"
+    (target / "genai_config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
 def build_genai(model_dir: Path, out: Path, cache: Path, device: str, log) -> tuple[Path | None, str]:
     """onnxruntime-genai's model builder: fp16 for CUDA, fp32 for the CPU; (folder, '') or (None, why not)."""
     if (out / "genai_config.json").is_file():

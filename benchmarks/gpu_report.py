@@ -99,7 +99,8 @@ def plot(results: dict, path: Path) -> None:
             ys = [median(runs[engine], "step_s") * 1e3 for runs in batches.values() if engine in runs]
             ax.bar(xs, ys, width, label=engine)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
-        ax.set_ylabel("decode ms/token (lower is better)")
+        ax.set_yscale("log")
+        ax.set_ylabel("decode ms/token, log scale (lower is better)")
         ax.set_title(size)
         ax.legend(fontsize=7)
     fig.tight_layout()
