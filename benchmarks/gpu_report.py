@@ -1,5 +1,5 @@
-"""benchmarks/gpu.py's results as files: gpu.json (everything), gpu.md (tables and the issue's targets) and
-gpu.png (decode ms/token by batch, per engine and model size)."""
+"""benchmarks/gpu.py's results as files, named gpu-<sizes run> (gpu-rehearsal for the CPU rehearsal): .json
+(everything), .md (tables and the issue's targets) and .png (decode ms/token by batch, per engine and size)."""
 
 from __future__ import annotations
 
@@ -108,12 +108,17 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def stem(results: dict) -> str:
+    return "gpu-rehearsal" if results["mode"] == "cpu rehearsal" else "gpu-" + "+".join(results["models"])
+
+
 def write(results: dict, out: Path) -> None:
     for model in results["models"].values():
         model["targets"] = targets(model)
-    (out / "gpu.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out / "gpu.md").write_text(markdown(results))
+    name = stem(results)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown(results))
     try:
-        plot(results, out / "gpu.png")
+        plot(results, out / f"{name}.png")
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)

@@ -9,7 +9,7 @@
 #
 #   bash benchmarks/gpu/run_on_device.sh [benchmarks/gpu.py options, e.g. --sizes smollm2-135m]
 #
-# Results land in $OUT (gpu.json, gpu.md, gpu.png, log.txt). Exit 0 also when a part was appended and
+# Results land in $OUT (gpu-<sizes>.json, .md, .png, and log.txt). Exit 0 also when a part was appended and
 # more are to come (the output says which); 2: a damaged or out-of-order part (start again from part 0).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
