@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu" / "wheel_parts.py"
 NAME = "spx_fake_gpu-1.0-py3-none-any.whl"
 
 
-def fake_wheel(folder: Path) -> Path:
+def fake_wheel(folder: Path, wheel_name: str = NAME) -> Path:
     """A pure-Python wheel pip installs offline, with an incompressible file so that it spans several parts."""
     files = {"spx_fake_gpu/__init__.py": b"VALUE = 42\n", "spx_fake_gpu/blob.bin": os.urandom(6000),
              "spx_fake_gpu-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: spx-fake-gpu\nVersion: 1.0\n",
@@ -29,7 +29,7 @@ def fake_wheel(folder: Path) -> Path:
         digest = hashlib.sha256(data).digest()
         record.write(f"{name},sha256={base64.urlsafe_b64encode(digest).rstrip(b'=').decode()},{len(data)}\n")
     record.write("spx_fake_gpu-1.0.dist-info/RECORD,,\n")
-    path = folder / NAME
+    path = folder / wheel_name
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as wheel:
         for name, data in files.items():
             wheel.writestr(name, data)
@@ -112,3 +112,15 @@ def test_an_append_cut_short_is_redone_and_a_damaged_join_is_caught(parts):
     done = run("install", stage, site, "--manifest", manifest)
     assert done.returncode == 2 and "start again from part 0" in done.stderr
     assert not partial.exists() and not (site / "spx_fake_gpu").exists()
+
+
+def test_a_wheel_pip_refuses_is_an_exit_code_and_stays_joined(tmp_path):
+    """A wheel for another Python (what a cp312 wheel is to this 3.11): pip's refusal is exit 4, not a traceback."""
+    foreign = "spx_fake_gpu-1.0-cp39-cp39-win_arm64.whl"
+    manifest = tmp_path / "wheels.json"
+    split = run("split", fake_wheel(tmp_path, foreign), "--out", tmp_path / "parts", "--manifest", manifest)
+    assert split.returncode == 0
+    assert run("append", tmp_path / "parts", tmp_path / "stage", "--manifest", manifest).returncode == 0
+    done = run("install", tmp_path / "stage", tmp_path / "site", "--manifest", manifest)
+    assert done.returncode == 4 and "pip could not install" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "stage" / foreign).read_bytes() == (tmp_path / foreign).read_bytes()

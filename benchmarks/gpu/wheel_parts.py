@@ -9,7 +9,8 @@ stay while the machine is kept warm by calls that follow each other quickly. So 
 
 The manifest (benchmarks/gpu/wheels.json, tracked) names each wheel, its sha256 and size, and its parts'.
 Parts are appended strictly in order; a part whose sha256 differs is refused, and a part already appended
-is skipped, so a call can be repeated. Exit codes: 0 done, 2 damaged or out of order, 10 parts missing.
+is skipped, so a call can be repeated. Exit codes: 0 done, 2 damaged or out of order, 4 pip failed, 10 parts
+missing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 MANIFEST = Path(__file__).with_name("wheels.json")
 PART_SIZE = 60_000_000  # a part, the repository and the call's other files stay under 64 MiB
-DAMAGED, MISSING = 2, 10
+DAMAGED, PIP_FAILED, MISSING = 2, 4, 10
 
 
 class PartsError(Exception):
@@ -129,8 +130,11 @@ def install(stage: Path, target: Path, manifest: Path = MANIFEST) -> list[Path]:
         elif not whole.exists() or sha256(whole) != wheel["sha256"]:
             raise PartsError(f"{whole} is missing or damaged; start again from part 0", DAMAGED)
         joined.append(whole)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-compile",
-                    "--upgrade", "--target", str(target), *map(str, joined)], check=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                           "--no-compile", "--upgrade", "--target", str(target), *map(str, joined)])
+    if done.returncode:
+        raise PartsError(f"pip could not install the joined wheels into {target} (exit {done.returncode}, its "
+                         f"message above); they are intact in {stage}, so a rerun tries again", PIP_FAILED)
     return joined
 
 
