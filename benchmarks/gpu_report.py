@@ -66,6 +66,7 @@ def markdown(results: dict) -> str:
                 for engine, r in runs.items():
                     lines.append(f"| {batch} | {engine} | {median(r, 'ttft_s') * 1e3:.2f} | "
                                  f"{median(r, 'step_s') * 1e3:.3f} | {median(r, 'tokens_per_s'):.0f} |")
+            lines += ["", f"Engines that failed: {speed['failed']}"] if speed.get("failed") else []
             lines += ["", f"Node placement (a short generation's profile): {speed.get('placement')}",
                       f"Host work per step on float32 logits: {speed.get('host_work_per_step_ms')}"]
         if model.get("floor", {}).get("floor_ms_at_peak"):

@@ -82,3 +82,17 @@ def test_convert_for_cuda_writes_float16_where_the_family_has_it(tiny_llama, tmp
         (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert _default_dtype(tmp_path / model_type, device, quantize) == expected
     assert _default_dtype(tmp_path / "missing", "cuda", None) == "float32"
+
+
+def test_a_graph_over_protobufs_limit_converts_to_float16(tiny_llama, tiny_half, tmp_path, monkeypatch):
+    """Past 2 GB of weights (Llama-3.2-1B in float32 is 5 GB) protobuf refuses to serialise the model, even to
+    measure it, so the pass sizes it from its tensors and converts without shape inference. Here the limit is
+    lowered so that the tiny model takes that path; a 2.2 GB graph was converted this way once, by hand."""
+    from spexport.export.passes import float16
+
+    monkeypatch.setattr(float16, "PROTOBUF_LIMIT", 0)
+    convert(tiny_llama["model"], list(tiny_llama["adapters"].items()), tmp_path / "artifact", dtype="float16")
+    large = load(tmp_path / "artifact")
+    ids = np.random.default_rng(4).integers(4, large.info.vocab_size, (2, 9))
+    tasks = ["pt", "prefix"]
+    np.testing.assert_array_equal(large.logits(ids, task=tasks), tiny_half.logits(ids, task=tasks))
