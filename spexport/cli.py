@@ -18,6 +18,7 @@ from typing import NoReturn
 import click
 
 from spexport.errors import ArtifactError, OptionError, SpexportError, SpexportWarning
+from spexport.families import default_dtype
 from spexport.tables import quantization_lines, table_lines, validate_failure, validate_lines
 
 
@@ -68,17 +69,14 @@ def main() -> None:
               help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]),
               help="Block-wise 8- or 4-bit weights for every matrix product (CPU); prints the drift from float32.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]),
-              help="Weight and compute type [default: float16 with --device cuda, else float32].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where the artifact will run; sets the default --dtype (docs/gpu.md).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), help="[default: float16 with --device cuda]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where it will run.")
 @TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
 def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, trust_remote_code: bool,
             quiet: bool, as_json: bool, device: str, **speed) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
-    speed["dtype"] = speed["dtype"] or _default_dtype(model_dir, device, speed["quantize"])
     from rich.console import Console
 
     from spexport.inspect import summary
@@ -87,7 +85,7 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(console), \
             _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
         from spexport.export import convert as run_convert
-
+        speed["dtype"] = speed["dtype"] or default_dtype(model_dir, device, speed["quantize"])
         manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step, **speed,
                                trust_remote_code=trust_remote_code)
     if as_json:
@@ -99,21 +97,6 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
         for line in quantization_lines(manifest.quantization):
             console.print(line, markup=False, soft_wrap=True)
     console.print(f"wrote {output} ({len(manifest.tasks)} tasks)", markup=False, soft_wrap=True)
-
-
-def _default_dtype(model_dir: Path, device: str, quantize: str | None) -> str:
-    """float16 for a GPU where the model's family exports it (a GPU runs fp16 at about twice the speed), else
-    float32 (quantized weights start from it). An unreadable config is left for convert to report."""
-    if device != "cuda" or quantize is not None:
-        return "float32"
-    from spexport.families import FAMILIES
-
-    try:
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return "float32"
-    family = next((f for f in FAMILIES if model_type in f.model_types), None)
-    return "float16" if family is not None and "float16" in family.dtypes else "float32"
 
 
 @contextlib.contextmanager

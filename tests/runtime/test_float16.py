@@ -66,8 +66,9 @@ def test_convert_for_cuda_writes_float16_where_the_family_has_it(tiny_llama, tmp
     import onnx
     from click.testing import CliRunner
 
-    from spexport.cli import _default_dtype, main
+    from spexport.cli import main
     from spexport.export.passes.tag import WEIGHTS_KEY
+    from spexport.families import default_dtype
 
     args = ["convert", "--model", str(tiny_llama["model"]), "--output", str(tmp_path / "art"), "--device", "cuda"]
     args += [a for name, path in tiny_llama["adapters"].items() for a in ("--adapter", f"{name}={path}")]
@@ -80,8 +81,8 @@ def test_convert_for_cuda_writes_float16_where_the_family_has_it(tiny_llama, tmp
     for model_type, device, quantize, expected in cases:
         (tmp_path / model_type).mkdir(exist_ok=True)
         (tmp_path / model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
-        assert _default_dtype(tmp_path / model_type, device, quantize) == expected
-    assert _default_dtype(tmp_path / "missing", "cuda", None) == "float32"
+        assert default_dtype(tmp_path / model_type, device, quantize) == expected
+    assert default_dtype(tmp_path / "missing", "cuda", None) == "float32"
 
 
 def test_a_graph_over_protobufs_limit_converts_to_float16(tiny_llama, tiny_half, tmp_path, monkeypatch):
