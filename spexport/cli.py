@@ -21,6 +21,7 @@ from spexport.cli_errors import one_line_errors as _one_line_errors
 from spexport.cli_errors import stderr_console
 from spexport.cli_sign import SIGN_KEY, sign_command, verify_command
 from spexport.errors import ArtifactError, OptionError, SpexportWarning
+from spexport.families import default_dtype
 from spexport.serve.options import access_options, check_ray, limit_options, limits_from
 from spexport.tables import inspect_lines, quantization_lines, table_lines, validate_failure, validate_lines
 
@@ -76,14 +77,14 @@ def main() -> None:
               help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]),
               help="Block-wise 8- or 4-bit weights for every matrix product (CPU); prints the drift from float32.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Weight and compute type; float16 is for GPU providers.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), help="[default: float16 with --device cuda]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where it will run.")
 @ENSEMBLES
 @TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
 def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, trust_remote_code: bool,
-            ensembles: tuple[str, ...], quiet: bool, as_json: bool, **speed) -> None:
+            ensembles: tuple[str, ...], quiet: bool, as_json: bool, device: str, **speed) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
@@ -94,7 +95,7 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
             _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
         from spexport.ensembles import parse_specs
         from spexport.export import convert as run_convert
-
+        speed["dtype"] = speed["dtype"] or default_dtype(model_dir, device, speed["quantize"])
         manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step, **speed,
                                trust_remote_code=trust_remote_code, ensembles=parse_specs(ensembles))
     if as_json:

@@ -5,7 +5,9 @@ its served class; nothing else branches on the family.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from spexport.artifact.manifest import ModelInfo
 from spexport.errors import ModelError, OptionError
@@ -85,3 +87,17 @@ def model_info(config, generation_config) -> ModelInfo:
         pad_token_id=pad,
         sliding_window=getattr(config, "sliding_window", None) or None,
     )
+
+
+def default_dtype(model_dir: Path, device: str, quantize: str | None) -> str:
+    """`convert`'s --dtype when none is given: float16 for a GPU ("cuda") where the model's family exports it (a
+    decode step reads half the bytes), else float32 (quantized weights start from it). A config that cannot be
+    read is left for `convert` to report."""
+    if device != "cuda" or quantize is not None:
+        return "float32"
+    try:
+        model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return "float32"
+    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    return "float16" if family is not None and "float16" in family.dtypes else "float32"

@@ -9,7 +9,7 @@ from conftest import TASKS
 
 from spexport.artifact import tensorfile
 from spexport.artifact.integrity import sha256
-from spexport.errors import ArtifactError
+from spexport.errors import ArtifactError, InputError
 from spexport.runtime import load
 
 IDS = np.array([[5, 9, 14, 22, 40, 7]], np.int64)
@@ -40,10 +40,10 @@ def test_damaged_file_is_refused(built, tmp_path):
         load(copy)
 
 
-def test_missing_provider_falls_back_to_cpu(built):
-    with pytest.warns(UserWarning, match="NoSuchExecutionProvider is not available"):
-        model = load(built["artifact"], providers=["NoSuchExecutionProvider"])
-    assert model.providers == ["CPUExecutionProvider"]
+def test_unknown_provider_is_refused(built):
+    """(tests/runtime/test_device.py: providers in full.)"""
+    with pytest.raises(InputError, match="'NoSuchExecutionProvider' is not an ONNX Runtime execution provider"):
+        load(built["artifact"], providers=["NoSuchExecutionProvider"])
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(runtime_model):

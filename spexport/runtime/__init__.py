@@ -16,23 +16,26 @@ from spexport.artifact.manifest import MANIFEST, Manifest
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime.base import ServedArtifact
 from spexport.runtime.decoder import DecoderModel
+from spexport.runtime.device import Provider, pick_providers
 from spexport.runtime.encoder import EncoderModel
 from spexport.runtime.inputs import MAX_BATCH_SIZE, is_whole
 from spexport.runtime.seq2seq import Seq2SeqModel
-from spexport.runtime.session import pick_providers, release_freed_memory, verify_files
+from spexport.runtime.session import release_freed_memory, verify_files
 
 SWAP_RETRIES = 5
 RUNTIMES: dict[str, type[ServedArtifact]] = {"decoder": DecoderModel, "encoder": EncoderModel,
                                              "seq2seq": Seq2SeqModel}
 
 
-def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,
+def load(folder: str | Path, providers: list[Provider] | None = None, verify: bool = True,
          max_batch_size: int = MAX_BATCH_SIZE, trusted_keys: list[str | Path] | None = None
          ) -> DecoderModel | EncoderModel | Seq2SeqModel:
     """Open an artifact folder written by `spexport convert`: a DecoderModel, EncoderModel or Seq2SeqModel.
 
-    providers: ONNX Runtime execution providers in order of preference (default CPU); any that
-    this machine lacks is dropped with a warning. verify: check every file's sha256 first (a file
+    providers: ONNX Runtime execution providers in order of preference, each a name or a (name,
+    options) pair, e.g. ["CUDAExecutionProvider"] (default: the CPU). CPUExecutionProvider is appended
+    last and runs the nodes the others have no kernel for; a provider this onnxruntime build lacks,
+    or one that fails to start, is an InputError (docs/gpu.md). verify: check every file's sha256 first (a file
     verified before and not written since is not read again). max_batch_size: the most rows one
     call may send; a larger batch is refused before anything is allocated for it. trusted_keys: PEM
     public keys; the artifact must be signed by one of them (`spexport sign`) and unchanged since, else
@@ -42,10 +45,7 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
         raise InputError(f"folder must be the path of an artifact folder, got {folder!r}")
     if not is_whole(max_batch_size) or max_batch_size < 1:
         raise InputError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
-    if providers is not None and (isinstance(providers, str) or not isinstance(providers, (list, tuple))
-                                  or not all(isinstance(p, str) for p in providers)):
-        raise InputError(f"providers must be a list of provider names such as ['CUDAExecutionProvider'], got "
-                         f"{providers!r}")
+    providers = pick_providers(providers)
     folder = Path(folder)
     if trusted_keys is not None:
         from spexport.signing import verify as verify_signature
@@ -68,7 +68,7 @@ def _open(folder: Path, providers, verify: bool, max_batch_size: int):
         raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
     if verify:
         verify_files(folder, manifest)
-    model = runtime(folder, manifest, pick_providers(providers), max_batch_size)
+    model = runtime(folder, manifest, providers, max_batch_size)
     release_freed_memory()
     return model
 

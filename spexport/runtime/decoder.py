@@ -27,6 +27,7 @@ from spexport.artifact.ports import (
 from spexport.errors import AdapterError, InputError
 from spexport.runtime import inputs
 from spexport.runtime.base import TaskRows, TaskTable, finite_logits, running
+from spexport.runtime.device import io_device
 from spexport.runtime.engine import Engine
 from spexport.runtime.generation import GeneratingModel, GenerationConfig
 from spexport.runtime.prefix import check_editable, new_tasks
@@ -271,18 +272,16 @@ class _BoundSteps:
     copies them.
     """
 
-    DEVICES = {"CUDAExecutionProvider": "cuda"}  # where present.* live; anything else: the CPU
-
     def __init__(self, model: DecoderModel, ids: np.ndarray, last: np.ndarray, prefix: dict[str, np.ndarray],
                  past: list[np.ndarray], mask: np.ndarray, position_ids: np.ndarray):
         self.session, self.graph = model.session, model._graph
         self.binding = model.session.io_binding()
-        self.device = self.DEVICES.get(model.providers[0], "cpu")
+        self.device, self.device_id = io_device(model.session)  # where present.* live
         self.past_names, self.present_names = model._past_names, model._present_names
         self.vocab, self.positional = model.info.vocab_size, model._positional
         self.logits: dict[tuple[int, int], np.ndarray] = {}
         for name, value in [*prefix.items(), *zip(self.past_names, past)]:
-            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, self.device_id))
         self.ids, self.last, self.mask, self.position_ids = ids, last, mask, position_ids
 
     def first(self) -> np.ndarray:
@@ -311,7 +310,7 @@ class _BoundSteps:
             logits = self.logits[shape] = np.empty((*shape, self.vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for name in self.present_names:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, self.device, self.device_id)
         with running(self.graph):
             self.session.run_with_iobinding(binding)
         for name, value in zip(self.past_names, binding.get_outputs()[1:]):

@@ -9,7 +9,6 @@ import json
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from spexport.artifact import tensorfile
 from spexport.artifact.integrity import DAMAGED, MISSING, file_status, inside_folder, sha256
 from spexport.artifact.manifest import Manifest
 from spexport.errors import ArtifactError
+from spexport.runtime.device import Provider, check_started
 from spexport.runtime.external_data import external_locations
 
 # ONNX Runtime raises its own pybind types (Fail, InvalidArgument, RuntimeException, ...), all plain Exceptions
@@ -116,21 +116,6 @@ def vouch_for(folder: Path, files: dict[str, str]) -> None:
     verified.save()
 
 
-def pick_providers(requested: list[str] | None) -> list[str]:
-    """The requested execution providers that this machine has, CPU last as the fallback."""
-    available = ort.get_available_providers()
-    chosen = []
-    for provider in requested or ["CPUExecutionProvider"]:
-        if provider in available:
-            chosen.append(provider)
-        else:
-            warnings.warn(f"ONNX Runtime provider {provider} is not available here; falling back to "
-                          f"CPUExecutionProvider (available: {', '.join(available)})", stacklevel=3)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
-
-
 def check_external_data(path: Path) -> None:
     """Refuse a graph whose external data lies outside its folder (older ONNX Runtimes would read it)."""
     try:
@@ -190,12 +175,18 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def open_session(path: Path, providers: list[str], options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+def open_session(path: Path, providers: list[Provider], options: ort.SessionOptions | None = None
+                 ) -> ort.InferenceSession:
+    """A session on `providers` (pick_providers' list). ONNX Runtime's own fallback is off: a GPU provider that
+    fails to start or to run is an error here, not a silent switch to the CPU."""
     check_external_data(path)
     try:
-        return ort.InferenceSession(str(path), sess_options=options or session_options(), providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options or session_options(), providers=providers,
+                                       enable_fallback=0)
     except Exception as e:  # ORT raises its own pybind types for unreadable graphs
         raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({first_line(e)})") from None
+    check_started(session, providers, path)
+    return session
 
 
 def check_ports(session: ort.InferenceSession, path: Path, inputs: dict[str, list], outputs: dict[str, list]) -> None:

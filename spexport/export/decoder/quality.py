@@ -15,7 +15,7 @@ def measure_drift(staging: Path, graph: str, info: ModelInfo, tasks: list[Task],
                   tokenizer) -> dict:
     """The drift record of the quantized graph `graph` against the float32 one under REFERENCE."""
     from spexport.runtime import DecoderModel
-    from spexport.runtime.session import pick_providers
+    from spexport.runtime.device import pick_providers
 
     def served(path: str):
         manifest = Manifest(family=DECODER.name, model=info, graph=path, prompt_bank=bank, tasks=tasks,

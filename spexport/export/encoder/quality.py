@@ -23,7 +23,7 @@ def quantize_body(staging: Path, graph: str, bank: str, info: ModelInfo, tasks: 
                   model_dir: Path) -> dict:
     """Quantize `staging`/`graph` in place and return the record with its drift report (label agreement)."""
     from spexport.runtime import EncoderModel
-    from spexport.runtime.session import pick_providers
+    from spexport.runtime.device import pick_providers
 
     (staging / drift.REFERENCE).mkdir()
     shutil.move(staging / graph, staging / drift.REFERENCE / graph)

@@ -15,6 +15,9 @@ class ConvertToFloat16Pass(FunctionalPass):
     def call(self, model: ir.Model) -> PassResult:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
+        # shape inference serialises the model, which protobuf refuses past 2 GB (ByteSize() too: it serialises)
+        large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) \
+            > PROTOBUF_LIMIT
         proto = ir.to_proto(ir.external_data.load_to_model(model))  # the converter reads every weight in memory
         bank_readers = []
         for i, node in enumerate(proto.graph.node):
@@ -22,7 +25,7 @@ class ConvertToFloat16Pass(FunctionalPass):
                 node.name = node.name or f"spx_bank_gather{i}"
                 bank_readers.append(node.name)
         converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=bank_readers,
-                                             disable_shape_infer=proto.ByteSize() > PROTOBUF_LIMIT)
+                                             disable_shape_infer=large)
         model = ir.from_proto(converted)
         model.graph.sort()  # the converter appends the casts of float32 inputs after their readers
         return PassResult(model, modified=True)
