@@ -141,7 +141,7 @@ class DecoderModel(GeneratingModel):
     def step_graph(self) -> StepGraph:
         """The graph generation steps run, and its port names, for callers that hold their own KV (the engine)."""
         return StepGraph(self.session, self._graph, self._past_names, self._present_names, self._positional,
-                         _BoundSteps.DEVICES.get(self.providers[0], "cpu"), self.info.sliding_window is not None,
+                         *io_device(self.session), self.info.sliding_window is not None,
                          self.info.vocab_size)
 
     def task_table(self) -> TaskTable:

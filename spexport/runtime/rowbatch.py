@@ -22,7 +22,7 @@ from spexport.runtime.base import running
 
 class StepGraph(NamedTuple):
     """A decoder's step graph: its session, path, past and present names (per layer: key, value), whether it
-    takes logits_positions, the device its presents live on, whether it has sliding-window layers, its vocabulary."""
+    takes logits_positions, the device (name, id) its presents live on, whether it has sliding-window layers, its vocabulary."""
 
     session: ort.InferenceSession
     graph: Path
@@ -30,6 +30,7 @@ class StepGraph(NamedTuple):
     present_names: list[str]
     positional: bool
     device: str
+    device_id: int
     windowed: bool
     vocab: int
 
@@ -50,7 +51,7 @@ class RowBatch:
             past = np.zeros((len(kvs), heads, width, head_dim), np.float32)
             for i, kv in enumerate(kvs):
                 past[i, :, width - lengths[i]:] = kv[j]
-            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(past, graph.device, 0))
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(past, graph.device, graph.device_id))
         for i, n in enumerate(lengths):
             self.mask[i, width - n:] = 1
         self.past = None  # the latest presents, as ONNX Runtime values (None: still the numpy past bound above)
@@ -93,7 +94,7 @@ class RowBatch:
             logits = self.logits[ids.shape] = np.empty((*ids.shape, graph.vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         for name in graph.present_names:
-            binding.bind_output(name, graph.device)
+            binding.bind_output(name, graph.device, graph.device_id)
         with running(graph.graph):
             graph.session.run_with_iobinding(binding)
         self.past = binding.get_outputs()[1:]
