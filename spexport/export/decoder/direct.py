@@ -2,20 +2,20 @@
 
 Tracing a 30-layer model gives ~2,500 kernels per decode step, a third of them shape arithmetic, and
 ONNX Runtime's Python fusions over it take most of an export. For the model types whose layer is
-the plain Llama layer (RMSNorm, rotary attention with grouped KV heads, SiLU-gated MLP), this module
-writes the graph itself, in the operators ONNX Runtime runs fastest, as onnxruntime-genai's builder
-does. Per layer: one packed QKV MatMul, a Split, two RotaryEmbedding, one ONNX Attention (opset 23:
-grouped KV heads, the past joined inside it), the output MatMul, two SkipSimplifiedLayerNormalization
-and the MLP's three MatMuls.
+the Llama layer or one of its variations (layouts.py: Qwen3's and OLMo 2's q/k norms, Gemma's norm
+offset and GeLU, Gemma 2's post-norms, soft caps and sliding windows, Phi-3's packed projections,
+Granite's multipliers), this module writes the graph itself, in the operators ONNX Runtime runs
+fastest, as onnxruntime-genai's builder does. Per layer: one packed QKV MatMul, a Split, two
+RotaryEmbedding, one ONNX Attention (opset 23: grouped KV heads, the past joined inside it, a soft cap),
+the output MatMul, two SkipSimplifiedLayerNormalization and the MLP's three MatMuls.
 
-The ports are graph.py's, so the prefix passes, the runtime and every client read it unchanged.
-The caller's mask (prefix slots and left padding included) and causality become one additive bias
-shared by every layer, and position_ids index the rotary tables, so padded rows and rows of different
-prefix lengths compute what the model computes. (ONNX Runtime's GroupQueryAttention would save the
-Split and rotary kernels, but it refuses a batch of more than one row whose prompt has a past, and
-with a prefix every prompt has one.) The weights are the loaded model's own tensors, not copies, and
-reach the file one at a time; the rotary tables are the model's own rotary module's output, so any
-static rope scaling is in them.
+The ports and the attention bias are writer.py's, and position_ids index the rotary tables, so padded
+rows and rows of different prefix lengths compute what the model computes. (ONNX Runtime's
+GroupQueryAttention would save the Split and rotary kernels, but it refuses a batch of more than one
+row whose prompt has a past, and with a prefix every prompt has one.) The rotary tables are the
+model's own rotary module's output, so any static rope scaling is in them. A multiplier is folded into
+the weights it follows (Granite's residual one into o_proj and down_proj, its logits scaling into the
+final norm), which copies those weights.
 """
 
 from __future__ import annotations
@@ -26,16 +26,12 @@ import numpy as np
 import onnx_ir as ir
 
 from spexport.artifact.manifest import ModelInfo
-from spexport.artifact.ports import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 from spexport.export.decoder.layouts import LAYOUTS, Layout, activation, layout_for, windows
 from spexport.export.decoder.layouts import fused_counts as layout_counts
 from spexport.export.decoder.prefix_graph import WEIGHTS_SUFFIX
+from spexport.export.decoder.writer import MS, GraphWriter, array
 
-MS = "com.microsoft"
-OPSET = 23  # ONNX Attention with grouped KV heads and a past, RMSNormalization (ONNX Runtime 1.23+)
-IR_VERSION = 10
-MODEL_TYPES = tuple(LAYOUTS)  # each layout.py's Layout: Llama's layer and its variations
-FLOAT = ir.DataType.FLOAT
+MODEL_TYPES = tuple(LAYOUTS)  # each layouts.py's Layout: Llama's layer and its variations
 
 
 def builds(model, info: ModelInfo) -> bool:
@@ -50,13 +46,8 @@ def fused_counts(info: ModelInfo) -> dict[str, int]:
 
 def write_decoder(model, info: ModelInfo, path: Path) -> None:
     """Write `model`'s decoder-with-past graph (graph.py's ports) to `path`, its weights in external data."""
-    graph = _Writer(model, info, layout_for(model, info)).graph()
-    ir.save(ir.Model(graph, ir_version=IR_VERSION, producer_name="spexport"), path,
-            external_data=path.name + WEIGHTS_SUFFIX, size_threshold_bytes=1024)
-
-
-def _array(tensor) -> np.ndarray:
-    return tensor.detach().numpy()
+    ir.save(_Writer(model, info, layout_for(model, info)).write(), path, external_data=path.name + WEIGHTS_SUFFIX,
+            size_threshold_bytes=1024)
 
 
 def _epsilon(norm) -> float:
@@ -64,11 +55,10 @@ def _epsilon(norm) -> float:
     return float(norm.eps if eps is None else eps)
 
 
-class _Writer:
+class _Writer(GraphWriter):
     def __init__(self, model, info: ModelInfo, layout: Layout):
-        self.model, self.info, self.layout, config = model, info, layout, model.config
-        self.nodes: list[ir.Node] = []
-        self.initializers: dict[str, ir.Value] = {}
+        super().__init__(model, info)
+        self.layout, config = layout, model.config
         # Granite's multipliers (1 elsewhere): the residual one is folded into the weights that feed the residual
         self.embedding_multiplier = float(getattr(config, "embedding_multiplier", 1.0))
         self.residual_multiplier = float(getattr(config, "residual_multiplier", 1.0))
@@ -77,65 +67,32 @@ class _Writer:
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
         self.windows = windows(config, layout)
 
-    def weight(self, name: str, array: np.ndarray) -> ir.Value:
-        kind = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=kind, const_value=ir.Tensor(array, name=name))
-        self.initializers[name] = value
-        return value
-
-    def ints(self, name: str, values: list[int]) -> ir.Value:
-        return self.initializers.get(name) or self.weight(name, np.array(values, np.int64))
-
-    def scalar(self, name: str, value: float) -> ir.Value:
-        return self.initializers.get(name) or self.weight(name, np.array(value, np.float32))
-
-    def node(self, op_type: str, inputs, name: str, outputs: int = 1, domain: str = "", **attributes):
-        node = ir.node(op_type, list(inputs), attributes or None, domain=domain, name=name,
-                       outputs=[ir.Value(name=f"{name}/output_{i}" if i else name) for i in range(outputs)])
-        self.nodes.append(node)
-        return node.outputs[0] if outputs == 1 else node.outputs
-
     def linear(self, x: ir.Value, modules, name: str, scale: float = 1.0) -> ir.Value:
         """x @ W.T (+ b) for one Linear, or for several packed along their outputs, times `scale`."""
         if len(modules) == 1:
-            weight = _array(modules[0].weight).T  # a view: the file gets it transposed, tensor by tensor
+            weight = array(modules[0].weight).T  # a view: the file gets it transposed, tensor by tensor
         else:
-            weight = np.concatenate([_array(m.weight) for m in modules]).T
+            weight = np.concatenate([array(m.weight) for m in modules]).T
         if scale != 1.0:
             weight = weight * np.float32(scale)
         y = self.node("MatMul", [x, self.weight(f"{name}.weight", weight)], f"{name}/MatMul")
         if all(getattr(m, "bias", None) is None for m in modules):
             return y
-        bias = np.concatenate([np.zeros(m.out_features, np.float32) if m.bias is None else _array(m.bias)
+        bias = np.concatenate([np.zeros(m.out_features, np.float32) if m.bias is None else array(m.bias)
                                for m in modules]) * np.float32(scale)
         return self.node("Add", [y, self.weight(f"{name}.bias", bias)], f"{name}/Add")
 
-    def graph(self) -> ir.Graph:
-        info, body, layout = self.info, self.model.model, self.layout
-        rows, steps = "batch_size", "sequence_length"
-        ids = ir.Value(name="input_ids", shape=ir.Shape([rows, steps]), type=ir.TensorType(ir.DataType.INT64))
-        mask = ir.Value(name="attention_mask", shape=ir.Shape([rows, "past_sequence_length + sequence_length"]),
-                        type=ir.TensorType(ir.DataType.INT64))
-        positions = ir.Value(name="position_ids", shape=ir.Shape([rows, steps]), type=ir.TensorType(ir.DataType.INT64))
-        kv_shape = ir.Shape([rows, info.num_kv_heads, "past_sequence_length", info.head_dim])
-        pasts = [ir.Value(name=name.format(i), shape=kv_shape, type=ir.TensorType(FLOAT))
-                 for i in range(info.num_layers) for name in (PAST_KEY, PAST_VALUE)]
-
-        biases = self.attention_biases(mask, ids)
+    def write(self) -> ir.Model:
+        body, layout = self.model.model, self.layout
+        biases = self.attention_biases(self.windows)
         cos, sin = self.rotary_tables()
-        x = self.embed(ids)
+        x = self.embed(self.ids)
         hidden = self.rms_norm(x, body.layers[0].input_layernorm, "model.layers.0.input_layernorm") \
             if layout.pre_norms else x
-        presents = []
         for i, layer in enumerate(body.layers):
             name = f"model.layers.{i}"
-            out, key, value = self.attention(hidden, layer.self_attn, biases[self.windows[i]], positions, cos, sin,
-                                             pasts[2 * i:2 * i + 2], name)
-            for present, port in ((key, PRESENT_KEY), (value, PRESENT_VALUE)):
-                present.name, present.type = port.format(i), ir.TensorType(FLOAT)
-                present.shape = ir.Shape([rows, info.num_kv_heads, "past_sequence_length + sequence_length",
-                                          info.head_dim])
-            presents += [key, value]
+            out, key, value = self.attention(hidden, layer.self_attn, biases[self.windows[i]], cos, sin, i, name)
+            self.present(i, key, value)
             attended = self.linear(out, [layer.self_attn.o_proj], f"{name}.self_attn.o_proj", self.residual_multiplier)
             if layout.post_norms:
                 attended = self.rms_norm(attended, layer.post_attention_layernorm, f"{name}.post_attention_layernorm")
@@ -150,25 +107,20 @@ class _Writer:
                 (body.layers[i + 1].input_layernorm if layout.pre_norms else None,
                  f"model.layers.{i + 1}.input_layernorm")
             hidden, x = self.skip_norm(x, down, norm, norm_name, 1 / self.logits_scaling if last else 1.0)
-        logits = self.head(hidden)
-        logits.name, logits.type = "logits", ir.TensorType(FLOAT)
-        logits.shape = ir.Shape([rows, steps, info.vocab_size])
-        return ir.Graph([ids, mask, positions, *pasts], [logits, *presents], nodes=self.nodes,
-                        initializers=list(self.initializers.values()), opset_imports={"": OPSET, MS: 1},
-                        name="spexport_decoder")
+        return self.model_of(self.head(hidden))
 
     def embed(self, ids: ir.Value) -> ir.Value:
         """The token embedding, times Gemma's sqrt(hidden) (its module's own float32 buffer) or Granite's
         multiplier."""
         table = self.model.model.embed_tokens
-        x = self.node("Gather", [self.weight("model.embed_tokens.weight", _array(table.weight)), ids],
+        x = self.node("Gather", [self.weight("model.embed_tokens.weight", array(table.weight)), ids],
                       "model.embed_tokens/Gather")
         scale = getattr(table, "embed_scale", None)
         scale = self.embedding_multiplier if scale is None else float(scale)
         return x if scale == 1.0 else self.node("Mul", [x, self.scalar("model.embed_tokens.scale", scale)],
                                                 "model.embed_tokens/Scale")
 
-    def attention(self, hidden, attention, bias, positions, cos, sin, past, name):
+    def attention(self, hidden, attention, bias, cos, sin, layer: int, name: str):
         info, heads, layout = self.info, attention.config.num_attention_heads, self.layout
         projections = [attention.qkv_proj] if layout.packed else [attention.q_proj, attention.k_proj,
                                                                    attention.v_proj]
@@ -179,12 +131,12 @@ class _Writer:
         if layout.qk_norm is not None:
             q = self.qk_norm(q, attention.q_norm, f"{name}.self_attn.q_norm")
             k = self.qk_norm(k, attention.k_norm, f"{name}.self_attn.k_norm")
-        q = self.node("RotaryEmbedding", [q, positions, cos, sin], f"{name}.self_attn/RotaryQ", domain=MS,
+        q = self.node("RotaryEmbedding", [q, self.positions, cos, sin], f"{name}.self_attn/RotaryQ", domain=MS,
                       num_heads=heads)
-        k = self.node("RotaryEmbedding", [k, positions, cos, sin], f"{name}.self_attn/RotaryK", domain=MS,
+        k = self.node("RotaryEmbedding", [k, self.positions, cos, sin], f"{name}.self_attn/RotaryK", domain=MS,
                       num_heads=info.num_kv_heads)
         capped = {} if self.softcap is None else {"softcap": float(self.softcap)}  # before the mask, as Gemma 2
-        return self.node("Attention", [q, k, v, bias, *past], f"{name}.self_attn/Attention", outputs=3,
+        return self.node("Attention", [q, k, v, bias, *self.past(layer)], f"{name}.self_attn/Attention", outputs=3,
                          q_num_heads=heads, kv_num_heads=info.num_kv_heads, scale=float(attention.scaling), **capped)
 
     def qk_norm(self, x: ir.Value, norm, name: str) -> ir.Value:
@@ -211,34 +163,6 @@ class _Writer:
         return self.linear(self.node("Mul", [act, up], f"{name}/Mul"), [mlp.down_proj], f"{name}.down_proj",
                            self.residual_multiplier)
 
-    def attention_biases(self, mask: ir.Value, ids: ir.Value) -> dict[int | None, ir.Value]:
-        """Per sliding window (None: full attention), [batch, 1, seq, past + seq]: 0 where query i (of seq)
-        may see key j (of past + seq) — the mask holds j, j <= past + i, and past + i - j < window, counted
-        in slots as the model counts them — else float32's lowest."""
-        total = self.node("Squeeze", [self.node("Shape", [mask], "spx_bias/total", start=1, end=2)], "spx_bias/T")
-        steps = self.node("Squeeze", [self.node("Shape", [ids], "spx_bias/steps", start=1, end=2)], "spx_bias/S")
-        zero = self.weight("spx_zero_i64", np.array(0, np.int64))
-        one = self.weight("spx_one_i64", np.array(1, np.int64))
-        keys = self.node("Range", [zero, total, one], "spx_bias/keys")
-        first = self.node("Sub", [total, steps], "spx_bias/first_query")
-        queries = self.node("Unsqueeze", [self.node("Range", [first, total, one], "spx_bias/queries"),
-                                          self.ints("spx_axis_1", [1])], "spx_bias/queries_column")
-        causal = self.node("LessOrEqual", [keys, queries], "spx_bias/causal")  # [seq, total]
-        held = self.node("Unsqueeze", [self.node("Cast", [mask], "spx_bias/held", to=ir.DataType.BOOL),
-                                       self.ints("spx_axes_1_2", [1, 2])], "spx_bias/held_4d")  # [batch, 1, 1, total]
-        zero_f, lowest = self.scalar("spx_zero_f32", 0.0), self.scalar("spx_lowest_f32", np.finfo(np.float32).min)
-        biases = {}
-        for window in dict.fromkeys(self.windows):
-            seen, name = causal, "spx_attention_bias"
-            if window is not None:
-                name = f"spx_attention_bias_window_{window}"
-                start = self.node("Sub", [queries, self.weight(f"{name}.size", np.array(window, np.int64))],
-                                  f"{name}/start")
-                seen = self.node("And", [causal, self.node("Greater", [keys, start], f"{name}/inside")],
-                                 f"{name}/causal")
-            biases[window] = self.node("Where", [self.node("And", [held, seen], f"{name}/seen"), zero_f, lowest], name)
-        return biases
-
     def rotary_tables(self) -> tuple[ir.Value, ir.Value]:
         """cos and sin [max_positions, head_dim / 2], from the model's own rotary module."""
         import torch
@@ -252,7 +176,7 @@ class _Writer:
     def norm_weight(self, norm, scale: float = 1.0) -> np.ndarray:
         """The RMSNorm's scale: its weight, plus Gemma's offset, times `scale` (Granite's 1 / logits_scaling on
         the final norm)."""
-        weight = _array(norm.weight)
+        weight = array(norm.weight)
         if self.layout.norm_offset:
             weight = weight + np.float32(self.layout.norm_offset)
         return weight * np.float32(scale) if scale != 1.0 else weight
@@ -279,10 +203,10 @@ class _Writer:
         if head.weight.data_ptr() == self.model.model.embed_tokens.weight.data_ptr():
             weight = self.node("Transpose", [table], "lm_head/Transpose", perm=[1, 0])
         else:
-            weight = self.weight("lm_head.weight", _array(head.weight).T)
+            weight = self.weight("lm_head.weight", array(head.weight).T)
         logits = self.node("MatMul", [hidden, weight], "lm_head/MatMul")
         if getattr(head, "bias", None) is not None:
-            logits = self.node("Add", [logits, self.weight("lm_head.bias", _array(head.bias))], "lm_head/Add")
+            logits = self.node("Add", [logits, self.weight("lm_head.bias", array(head.bias))], "lm_head/Add")
         if self.final_softcap is None:
             return logits
         cap = self.scalar("lm_head.softcap", float(self.final_softcap))
