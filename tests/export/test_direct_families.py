@@ -32,6 +32,8 @@ LLAMA_LAYER = 14
 EXTRA_PER_LAYER = {"qwen3": 6, "olmo2": 4, "gemma": -1, "gemma2": 1, "granite": 0, "phi3": 0}
 # GPT-2: QKV MatMul and Add, Split, Attention, o_proj, 2 skip norms, 2 MLP MatMuls, FastGelu
 GPT2_LAYER = 10
+# OPT: GPT-2's with ReLU for FastGelu and the fc1 bias's Add
+OPT_LAYER = 11
 
 
 def _model(family: str):
@@ -82,9 +84,10 @@ def test_a_written_type_gets_the_written_graph(exported):
     family, info, _, path = exported
     nodes = onnx.load(path, load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
-    if family == "gpt2":
+    if family in ("gpt2", "opt"):
         assert ops.count("Attention") == ops.count("SkipLayerNormalization") / 2 == info.num_layers
-        assert len([n for n in nodes if n.name.startswith("transformer.h.")]) == info.num_layers * GPT2_LAYER
+        prefix, per_layer = ("transformer.h.", GPT2_LAYER) if family == "gpt2" else ("decoder.layers.", OPT_LAYER)
+        assert len([n for n in nodes if n.name.startswith(prefix)]) == info.num_layers * per_layer
         return
     layers = [n for n in nodes if n.name.startswith("model.layers.")]
     assert ops.count("Attention") == ops.count("RotaryEmbedding") / 2 == info.num_layers

@@ -27,27 +27,32 @@ import onnx_ir as ir
 
 from spexport.artifact.manifest import ModelInfo
 from spexport.export.decoder.direct_gpt2 import Gpt2Writer, gpt2_builds, gpt2_fused_counts
+from spexport.export.decoder.direct_opt import OptWriter, opt_builds, opt_fused_counts
 from spexport.export.decoder.layouts import LAYOUTS, Layout, activation, layout_for, windows
 from spexport.export.decoder.layouts import fused_counts as layout_counts
 from spexport.export.decoder.prefix_graph import WEIGHTS_SUFFIX
 from spexport.export.decoder.writer import MS, GraphWriter, array
 
-MODEL_TYPES = (*LAYOUTS, "gpt2")  # each layouts.py's Layout (Llama's layer and its variations), and GPT-2
+MODEL_TYPES = (*LAYOUTS, "gpt2", "opt")  # each layouts.py's Layout (Llama's layer and its variations), GPT-2, OPT
 
 
 def builds(model, info: ModelInfo) -> bool:
     """Whether `model` is a layer stack that this module writes exactly (others are traced)."""
-    return layout_for(model, info) is not None or gpt2_builds(model, info)
+    return layout_for(model, info) is not None or gpt2_builds(model, info) or opt_builds(model, info)
 
 
 def fused_counts(info: ModelInfo) -> dict[str, int]:
     """The ONNX Runtime operators the graph holds, as build.py's fusion counts name them."""
-    return gpt2_fused_counts(info) if info.model_type == "gpt2" else layout_counts(info)
+    counts = {"gpt2": gpt2_fused_counts, "opt": opt_fused_counts}.get(info.model_type, layout_counts)
+    return counts(info)
 
 
 def write_decoder(model, info: ModelInfo, path: Path) -> None:
     """Write `model`'s decoder-with-past graph (graph.py's ports) to `path`, its weights in external data."""
-    writer = Gpt2Writer(model, info) if gpt2_builds(model, info) else _Writer(model, info, layout_for(model, info))
+    if gpt2_builds(model, info) or opt_builds(model, info):
+        writer = (Gpt2Writer if model.config.model_type == "gpt2" else OptWriter)(model, info)
+    else:
+        writer = _Writer(model, info, layout_for(model, info))
     ir.save(writer.write(), path, external_data=path.name + WEIGHTS_SUFFIX,
             size_threshold_bytes=1024)
 

@@ -67,7 +67,7 @@ class Gpt2Writer(GraphWriter):
             norm, norm_name = (body.ln_f, "transformer.ln_f") if last else (body.h[i + 1].ln_1,
                                                                             f"transformer.h.{i + 1}.ln_1")
             hidden, x = self.skip_norm(x, down, mlp.c_proj, norm, norm_name)
-        return self.model_of(self.head(hidden))
+        return self.model_of(self.head(hidden, "transformer.wte.weight", body.wte))
 
     def conv1d(self, x: ir.Value, conv, name: str) -> ir.Value:
         """x @ W for a Conv1D, whose weight is stored [in, out] (its bias is added by the node after)."""
@@ -83,11 +83,11 @@ class Gpt2Writer(GraphWriter):
                             name, outputs=4, domain=MS, epsilon=norm.eps)
         return outputs[0], outputs[3]
 
-    def head(self, hidden: ir.Value) -> ir.Value:
-        """The LM head, tied to the token embedding: it reads that table through a Transpose (as a traced
-        graph does, which quantize.py recognises), so the file holds the table once."""
-        head, table = self.model.lm_head, self.initializers["transformer.wte.weight"]
-        if head.weight.data_ptr() == self.model.transformer.wte.weight.data_ptr():
+    def head(self, hidden: ir.Value, table_name: str, embedding) -> ir.Value:
+        """The LM head. Tied to the token embedding (`embedding`, written as `table_name`), it reads that table
+        through a Transpose (as a traced graph does, which quantize.py recognises), so the file holds it once."""
+        head, table = self.model.lm_head, self.initializers[table_name]
+        if head.weight.data_ptr() == embedding.weight.data_ptr():
             weight = self.node("Transpose", [table], "lm_head/Transpose", perm=[1, 0])
         else:
             weight = self.weight("lm_head.weight", array(head.weight).T)
