@@ -66,7 +66,7 @@ class Speed:
             structure.append(BakePromptBankPass(*bank))
         for step in [*structure, MergePrefixIntoPastConcatPass()]:
             model = step(model).model
-        _check(model, path.parent)
+        _check(model, raw.parent)
         fusions = dict(fused or {})
         if fused is None and self.optimize and DECODER.fusion_type:
             rotary = FuseRotaryEmbeddingPass(info.max_positions)
@@ -103,7 +103,19 @@ def _weight_bytes(model: ir.Model) -> int:
 
 
 def _check(model: ir.Model, beside: Path) -> None:
-    """The ONNX checker over the wired graph, read from a file whose weights lie in external data."""
+    """The ONNX checker over the wired graph. A graph whose weights still lie in one file in `beside`
+    (the raw graph's) is checked beside that file, its weights read in place rather than copied to a
+    scratch file first (gigabytes at a 1B model)."""
+    external = [value.const_value for value in model.graph.initializers.values()
+                if isinstance(value.const_value, ir.ExternalTensor)]
+    if all(Path(tensor.base_dir) == beside for tensor in external):
+        proto = ir.to_proto(model)
+        if proto.ByteSize() < PROTOBUF_LIMIT:
+            with tempfile.NamedTemporaryFile(dir=beside, suffix=".onnx") as checked:
+                checked.write(proto.SerializeToString())
+                checked.flush()
+                onnx.checker.check_model(checked.name)
+            return
     with tempfile.TemporaryDirectory(dir=beside) as folder:
         path = Path(folder) / "checked.onnx"
         ir.save(model, path, external_data="checked.onnx.data", size_threshold_bytes=1024)

@@ -44,8 +44,13 @@ class GraphWriter:
         self.presents: list[ir.Value] = []
 
     def weight(self, name: str, values: np.ndarray) -> ir.Value:
-        kind = ir.TensorType(ir.DataType.from_numpy(values.dtype))
-        value = ir.Value(name=name, shape=ir.Shape(values.shape), type=kind, const_value=ir.Tensor(values, name=name))
+        """An initializer holding `values`. A view that is not C-contiguous (a transposed weight) is made
+        contiguous only as it is written, one tensor at a time: numpy writes a strided array to a file one
+        element per call, minutes for a 1B model, and copying every one up front would double the memory."""
+        dtype, shape = ir.DataType.from_numpy(values.dtype), ir.Shape(values.shape)
+        tensor = ir.Tensor(values, name=name) if values.flags.c_contiguous else \
+            ir.LazyTensor(lambda: ir.Tensor(np.ascontiguousarray(values)), dtype=dtype, shape=shape, name=name)
+        value = ir.Value(name=name, shape=shape, type=ir.TensorType(dtype), const_value=tensor)
         self.initializers[name] = value
         return value
 
