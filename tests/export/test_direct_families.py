@@ -34,6 +34,9 @@ EXTRA_PER_LAYER = {"qwen3": 6, "olmo2": 4, "gemma": -1, "gemma2": 1, "granite": 
 GPT2_LAYER = 10
 # OPT: GPT-2's with ReLU for FastGelu and the fc1 bias's Add
 OPT_LAYER = 11
+# GPT-NeoX: QKV MatMul and Add, Split, 2 RotaryEmbedding, Attention, dense, LayerNorm, 2 MatMuls, BiasGelu, Add,
+# one skip norm
+NEOX_LAYER = 13
 
 
 def _model(family: str):
@@ -84,9 +87,10 @@ def test_a_written_type_gets_the_written_graph(exported):
     family, info, _, path = exported
     nodes = onnx.load(path, load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
-    if family in ("gpt2", "opt"):
-        assert ops.count("Attention") == ops.count("SkipLayerNormalization") / 2 == info.num_layers
-        prefix, per_layer = ("transformer.h.", GPT2_LAYER) if family == "gpt2" else ("decoder.layers.", OPT_LAYER)
+    if family in ("gpt2", "opt", "gpt_neox"):
+        assert ops.count("Attention") == info.num_layers
+        prefix, per_layer = {"gpt2": ("transformer.h.", GPT2_LAYER), "opt": ("decoder.layers.", OPT_LAYER),
+                             "gpt_neox": ("gpt_neox.layers.", NEOX_LAYER)}[family]
         assert len([n for n in nodes if n.name.startswith(prefix)]) == info.num_layers * per_layer
         return
     layers = [n for n in nodes if n.name.startswith("model.layers.")]

@@ -27,32 +27,35 @@ import onnx_ir as ir
 
 from spexport.artifact.manifest import ModelInfo
 from spexport.export.decoder.direct_gpt2 import Gpt2Writer, gpt2_builds, gpt2_fused_counts
+from spexport.export.decoder.direct_neox import NeoxWriter, neox_builds, neox_fused_counts
 from spexport.export.decoder.direct_opt import OptWriter, opt_builds, opt_fused_counts
 from spexport.export.decoder.layouts import LAYOUTS, Layout, activation, layout_for, windows
 from spexport.export.decoder.layouts import fused_counts as layout_counts
 from spexport.export.decoder.prefix_graph import WEIGHTS_SUFFIX
 from spexport.export.decoder.writer import MS, GraphWriter, array
 
-MODEL_TYPES = (*LAYOUTS, "gpt2", "opt")  # each layouts.py's Layout (Llama's layer and its variations), GPT-2, OPT
+# each layouts.py's Layout (Llama's layer and its variations), and the LayerNorm families' own writers
+MODEL_TYPES = (*LAYOUTS, "gpt2", "opt", "gpt_neox")
+OTHER_WRITERS = {"gpt2": (gpt2_builds, Gpt2Writer, gpt2_fused_counts), "opt": (opt_builds, OptWriter, opt_fused_counts),
+                 "gpt_neox": (neox_builds, NeoxWriter, neox_fused_counts)}
 
 
 def builds(model, info: ModelInfo) -> bool:
     """Whether `model` is a layer stack that this module writes exactly (others are traced)."""
-    return layout_for(model, info) is not None or gpt2_builds(model, info) or opt_builds(model, info)
+    other = OTHER_WRITERS.get(model.config.model_type)
+    return other[0](model, info) if other else layout_for(model, info) is not None
 
 
 def fused_counts(info: ModelInfo) -> dict[str, int]:
     """The ONNX Runtime operators the graph holds, as build.py's fusion counts name them."""
-    counts = {"gpt2": gpt2_fused_counts, "opt": opt_fused_counts}.get(info.model_type, layout_counts)
-    return counts(info)
+    other = OTHER_WRITERS.get(info.model_type)
+    return other[2](info) if other else layout_counts(info)
 
 
 def write_decoder(model, info: ModelInfo, path: Path) -> None:
     """Write `model`'s decoder-with-past graph (graph.py's ports) to `path`, its weights in external data."""
-    if gpt2_builds(model, info) or opt_builds(model, info):
-        writer = (Gpt2Writer if model.config.model_type == "gpt2" else OptWriter)(model, info)
-    else:
-        writer = _Writer(model, info, layout_for(model, info))
+    other = OTHER_WRITERS.get(model.config.model_type)
+    writer = other[1](model, info) if other else _Writer(model, info, layout_for(model, info))
     ir.save(writer.write(), path, external_data=path.name + WEIGHTS_SUFFIX,
             size_threshold_bytes=1024)
 
