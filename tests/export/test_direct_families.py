@@ -37,6 +37,8 @@ OPT_LAYER = 11
 # GPT-NeoX: QKV MatMul and Add, Split, 2 RotaryEmbedding, Attention, dense, LayerNorm, 2 MatMuls, BiasGelu, Add,
 # one skip norm
 NEOX_LAYER = 13
+# BLOOM: as GPT-2 (its ALiBi lives in the shared bias)
+BLOOM_LAYER = 10
 
 
 def _model(family: str):
@@ -87,10 +89,11 @@ def test_a_written_type_gets_the_written_graph(exported):
     family, info, _, path = exported
     nodes = onnx.load(path, load_external_data=False).graph.node
     ops = [n.op_type for n in nodes]
-    if family in ("gpt2", "opt", "gpt_neox"):
+    if family in ("gpt2", "opt", "gpt_neox", "bloom"):
         assert ops.count("Attention") == info.num_layers
         prefix, per_layer = {"gpt2": ("transformer.h.", GPT2_LAYER), "opt": ("decoder.layers.", OPT_LAYER),
-                             "gpt_neox": ("gpt_neox.layers.", NEOX_LAYER)}[family]
+                             "gpt_neox": ("gpt_neox.layers.", NEOX_LAYER),
+                             "bloom": ("transformer.h.", BLOOM_LAYER)}[family]
         assert len([n for n in nodes if n.name.startswith(prefix)]) == info.num_layers * per_layer
         return
     layers = [n for n in nodes if n.name.startswith("model.layers.")]

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from spexport.artifact.manifest import ModelInfo
+from spexport.export.decoder.direct_bloom import BloomWriter, bloom_builds, bloom_fused_counts
 from spexport.export.decoder.direct_gpt2 import Gpt2Writer, gpt2_builds, gpt2_fused_counts
 from spexport.export.decoder.direct_neox import NeoxWriter, neox_builds, neox_fused_counts
 from spexport.export.decoder.direct_opt import OptWriter, opt_builds, opt_fused_counts
@@ -35,9 +36,10 @@ from spexport.export.decoder.prefix_graph import WEIGHTS_SUFFIX
 from spexport.export.decoder.writer import MS, GraphWriter, array
 
 # each layouts.py's Layout (Llama's layer and its variations), and the LayerNorm families' own writers
-MODEL_TYPES = (*LAYOUTS, "gpt2", "opt", "gpt_neox")
+MODEL_TYPES = (*LAYOUTS, "gpt2", "opt", "gpt_neox", "bloom")
 OTHER_WRITERS = {"gpt2": (gpt2_builds, Gpt2Writer, gpt2_fused_counts), "opt": (opt_builds, OptWriter, opt_fused_counts),
-                 "gpt_neox": (neox_builds, NeoxWriter, neox_fused_counts)}
+                 "gpt_neox": (neox_builds, NeoxWriter, neox_fused_counts),
+                 "bloom": (bloom_builds, BloomWriter, bloom_fused_counts)}
 
 
 def builds(model, info: ModelInfo) -> bool:

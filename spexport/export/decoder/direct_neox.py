@@ -35,7 +35,8 @@ def neox_fused_counts(info: ModelInfo) -> dict[str, int]:
     return {"Attention": layers, "RotaryEmbedding": 2 * layers, "SkipLayerNormalization": layers, "BiasGelu": layers}
 
 
-def _bias(linear) -> np.ndarray:
+def bias_of(linear) -> np.ndarray:
+    """A Linear's bias, or zeros."""
     return array(linear.bias) if linear.bias is not None else np.zeros(linear.out_features, np.float32)
 
 
@@ -53,11 +54,7 @@ class NeoxWriter(Gpt2Writer):
         hidden = self.layer_norm(x, body.layers[0].input_layernorm, "gpt_neox.layers.0.input_layernorm")
         for i, layer in enumerate(body.layers):
             name, attention, mlp = f"gpt_neox.layers.{i}", layer.attention, layer.mlp
-            qkv = self.node("Add", [self.node("MatMul", [hidden, self.weight(f"{name}.attention.qkv.weight",
-                                                                             self.qkv_weight(attention))],
-                                              f"{name}.attention.qkv/MatMul"),
-                                    self.weight(f"{name}.attention.qkv.bias", self.qkv_bias(attention))],
-                            f"{name}.attention.qkv/Add")
+            qkv = self.packed_qkv(hidden, attention.query_key_value, f"{name}.attention.qkv")
             q, k, v = self.node("Split", [qkv], f"{name}.attention/Split", outputs=3, axis=-1, num_outputs=3)
             q, k = (self.node("RotaryEmbedding", [t, self.positions, cos, sin], f"{name}.attention/Rotary{which}",
                               domain=MS, num_heads=heads, rotary_embedding_dim=rotary)
@@ -69,14 +66,14 @@ class NeoxWriter(Gpt2Writer):
             attended = self.conv1d_of(out, attention.dense, f"{name}.attention.dense")
             normed = self.layer_norm(x, layer.post_attention_layernorm, f"{name}.post_attention_layernorm")
             up = self.node("BiasGelu", [self.conv1d_of(normed, mlp.dense_h_to_4h, f"{name}.mlp.dense_h_to_4h"),
-                                        self.weight(f"{name}.mlp.dense_h_to_4h.bias", _bias(mlp.dense_h_to_4h))],
+                                        self.weight(f"{name}.mlp.dense_h_to_4h.bias", bias_of(mlp.dense_h_to_4h))],
                            f"{name}.mlp/BiasGelu", domain=MS)
             down = self.conv1d_of(up, mlp.dense_4h_to_h, f"{name}.mlp.dense_4h_to_h")
             branches = self.node("Add", [attended, down], f"{name}/Branches")
             last = i + 1 == len(body.layers)
             norm, norm_name = (body.final_layer_norm, "gpt_neox.final_layer_norm") if last else \
                 (body.layers[i + 1].input_layernorm, f"gpt_neox.layers.{i + 1}.input_layernorm")
-            both = _bias(attention.dense) + _bias(mlp.dense_4h_to_h)
+            both = bias_of(attention.dense) + bias_of(mlp.dense_4h_to_h)
             outputs = self.node("SkipLayerNormalization",
                                 [x, branches, *self.norm(norm, norm_name), self.weight(f"{norm_name}.skip_bias", both)],
                                 norm_name, outputs=4, domain=MS, epsilon=norm.eps)
@@ -90,15 +87,21 @@ class NeoxWriter(Gpt2Writer):
         """x @ W.T for a Linear (its bias is added by the node after)."""
         return self.node("MatMul", [x, self.weight(f"{name}.weight", array(linear.weight).T)], f"{name}/MatMul")
 
-    def qkv_weight(self, attention) -> np.ndarray:
+    def packed_qkv(self, hidden: ir.Value, linear, name: str) -> ir.Value:
+        """hidden @ W + b for a per-head packed query_key_value, its columns reordered for one Split."""
+        product = self.node("MatMul", [hidden, self.weight(f"{name}.weight", self.qkv_weight(linear))],
+                            f"{name}/MatMul")
+        return self.node("Add", [product, self.weight(f"{name}.bias", self.qkv_bias(linear))], f"{name}/Add")
+
+    def qkv_weight(self, linear) -> np.ndarray:
         """[hidden, 3 * hidden]: all heads' q columns, then k, then v (the Linear holds them per head)."""
-        heads, size = self.model.config.num_attention_heads, self.info.head_dim
-        weight = array(attention.query_key_value.weight).reshape(heads, 3, size, -1)
+        heads, size = self.info.num_kv_heads, self.info.head_dim
+        weight = array(linear.weight).reshape(heads, 3, size, -1)
         return weight.transpose(1, 0, 2, 3).reshape(3 * heads * size, -1).T
 
-    def qkv_bias(self, attention) -> np.ndarray:
-        heads, size = self.model.config.num_attention_heads, self.info.head_dim
-        return _bias(attention.query_key_value).reshape(heads, 3, size).transpose(1, 0, 2).reshape(-1)
+    def qkv_bias(self, linear) -> np.ndarray:
+        heads, size = self.info.num_kv_heads, self.info.head_dim
+        return bias_of(linear).reshape(heads, 3, size).transpose(1, 0, 2).reshape(-1)
 
     def rotary_tables(self, rotary_emb) -> tuple[ir.Value, ir.Value]:
         """cos and sin [max_positions, rotary_ndims / 2], from the model's own rotary module."""
