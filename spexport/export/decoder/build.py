@@ -84,13 +84,19 @@ class Speed:
             quantize = QuantizeWeightsPass(MODES[self.quantize])
             model = quantize(model).model
             record = quantize.record()
-        _save(TagGraphPass(self.weights, fusions)(model).model, path, one_file=bank is not None)
+        _save(TagGraphPass(self.weights, fusions)(model).model, path, one_file=bank is not None, in_place=raw == path)
         return record
 
 
-def _save(model: ir.Model, path: Path, one_file: bool = False) -> None:
+def _save(model: ir.Model, path: Path, one_file: bool = False, in_place: bool = False) -> None:
     """Written tensor by tensor, so no second copy of the weights is ever in memory. A baked graph
-    (`one_file`) is one file where protobuf allows: it has no prefix graph to share its weights with."""
+    (`one_file`) is one file where protobuf allows: it has no prefix graph to share its weights with.
+    `in_place`: the model was read from `path` and its weights file is the one it keeps; only the graph
+    is rewritten (the passes' few new tensors inline), so a multi-GB file is not copied."""
+    if in_place:
+        ir.save(model, path)
+        path.with_name(path.name + WEIGHTS_SUFFIX).chmod(path.stat().st_mode & 0o777)  # written private
+        return
     if one_file and _weight_bytes(model) < PROTOBUF_LIMIT:
         ir.save(ir.external_data.load_to_model(model), path)  # a directly written raw graph's weights are files
         return

@@ -10,7 +10,6 @@ after the word embeddings and GPT-NeoX's per-head packed query_key_value.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from spexport.artifact.manifest import ModelInfo
