@@ -20,7 +20,9 @@ final norm), which copies those weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -35,29 +37,38 @@ from spexport.export.decoder.layouts import fused_counts as layout_counts
 from spexport.export.decoder.prefix_graph import WEIGHTS_SUFFIX
 from spexport.export.decoder.writer import MS, GraphWriter, array
 
-# each layouts.py's Layout (Llama's layer and its variations), and the LayerNorm families' own writers
-MODEL_TYPES = (*LAYOUTS, "gpt2", "opt", "gpt_neox", "bloom")
-OTHER_WRITERS = {"gpt2": (gpt2_builds, Gpt2Writer, gpt2_fused_counts), "opt": (opt_builds, OptWriter, opt_fused_counts),
-                 "gpt_neox": (neox_builds, NeoxWriter, neox_fused_counts),
-                 "bloom": (bloom_builds, BloomWriter, bloom_fused_counts)}
+
+class OtherWriter(NamedTuple):
+    """A LayerNorm family's own writer: whether it writes a model, the writer, its fused operators."""
+
+    builds: Callable
+    writer: type
+    fused_counts: Callable
+
+
+OTHER_WRITERS = {"gpt2": OtherWriter(gpt2_builds, Gpt2Writer, gpt2_fused_counts),
+                 "opt": OtherWriter(opt_builds, OptWriter, opt_fused_counts),
+                 "gpt_neox": OtherWriter(neox_builds, NeoxWriter, neox_fused_counts),
+                 "bloom": OtherWriter(bloom_builds, BloomWriter, bloom_fused_counts)}
+MODEL_TYPES = (*LAYOUTS, *OTHER_WRITERS)  # layouts.py's Llama-style layers, and the LayerNorm families
 
 
 def builds(model, info: ModelInfo) -> bool:
     """Whether `model` is a layer stack that this module writes exactly (others are traced)."""
     other = OTHER_WRITERS.get(model.config.model_type)
-    return other[0](model, info) if other else layout_for(model, info) is not None
+    return other.builds(model, info) if other else layout_for(model, info) is not None
 
 
 def fused_counts(info: ModelInfo) -> dict[str, int]:
     """The ONNX Runtime operators the graph holds, as build.py's fusion counts name them."""
     other = OTHER_WRITERS.get(info.model_type)
-    return other[2](info) if other else layout_counts(info)
+    return other.fused_counts(info) if other else layout_counts(info)
 
 
 def write_decoder(model, info: ModelInfo, path: Path) -> None:
     """Write `model`'s decoder-with-past graph (graph.py's ports) to `path`, its weights in external data."""
     other = OTHER_WRITERS.get(model.config.model_type)
-    writer = other[1](model, info) if other else _Writer(model, info, layout_for(model, info))
+    writer = other.writer(model, info) if other else _Writer(model, info, layout_for(model, info))
     ir.save(writer.write(), path, external_data=path.name + WEIGHTS_SUFFIX,
             size_threshold_bytes=1024)
 
