@@ -44,7 +44,9 @@ def feeds(graph_path: Path, past: int, batch: int = 1) -> dict[str, np.ndarray]:
     for value in onnx.load(graph_path, load_external_data=False).graph.input:
         shape = [size(d, past, batch) for d in value.type.tensor_type.shape.dim]
         dtype = TYPES[value.type.tensor_type.elem_type]
-        if value.name == "position_ids":
+        if value.name == "logits_positions":  # the core graph's: the new token's logits, as generation asks
+            out[value.name] = np.zeros([batch, 1], dtype)
+        elif value.name == "position_ids":
             out[value.name] = np.full(shape, past, dtype)
         elif value.name in ("input_ids",):
             out[value.name] = np.full(shape, 42, dtype)

@@ -36,6 +36,7 @@ from spexport.export.common import (
 from spexport.export.decoder import quality
 from spexport.export.decoder.build import Speed
 from spexport.export.decoder.core_graph import export_core_graph
+from spexport.export.decoder.direct import builds
 from spexport.export.decoder.graph import export_decoder
 from spexport.export.decoder.prefix_graph import export_prefix_graph
 from spexport.export.transformers_api import output_cache
@@ -129,7 +130,11 @@ def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> 
     if speed.quantize:
         (out / drift.REFERENCE).mkdir()
         reference = out / drift.REFERENCE / GRAPH
-    with tempfile.TemporaryDirectory() as raw, quiet_tracing():
-        fused = export_decoder(model, info, Path(raw) / GRAPH, direct=speed.optimize)
+    with tempfile.TemporaryDirectory() as scratch, quiet_tracing():
+        # a directly written float32 unbaked graph keeps the raw graph's weights file as its own: written once,
+        # in place (the fusions of a traced graph and the other weight types write new tensors)
+        in_place = speed.weights == "float32" and bank is None and speed.optimize and builds(model, info)
+        raw = out / GRAPH if in_place else Path(scratch) / GRAPH
+        fused = export_decoder(model, info, raw, direct=speed.optimize)
         model.to("meta")
-        return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference, fused)
+        return speed.build(raw, info, out / GRAPH, bank, reference, fused)

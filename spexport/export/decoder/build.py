@@ -66,7 +66,7 @@ class Speed:
             structure.append(BakePromptBankPass(*bank))
         for step in [*structure, MergePrefixIntoPastConcatPass()]:
             model = step(model).model
-        _check(model, path.parent)
+        _check(model, raw.parent)
         fusions = dict(fused or {})
         if fused is None and self.optimize and DECODER.fusion_type:
             rotary = FuseRotaryEmbeddingPass(info.max_positions)
@@ -84,13 +84,19 @@ class Speed:
             quantize = QuantizeWeightsPass(MODES[self.quantize])
             model = quantize(model).model
             record = quantize.record()
-        _save(TagGraphPass(self.weights, fusions)(model).model, path, one_file=bank is not None)
+        _save(TagGraphPass(self.weights, fusions)(model).model, path, one_file=bank is not None, in_place=raw == path)
         return record
 
 
-def _save(model: ir.Model, path: Path, one_file: bool = False) -> None:
+def _save(model: ir.Model, path: Path, one_file: bool = False, in_place: bool = False) -> None:
     """Written tensor by tensor, so no second copy of the weights is ever in memory. A baked graph
-    (`one_file`) is one file where protobuf allows: it has no prefix graph to share its weights with."""
+    (`one_file`) is one file where protobuf allows: it has no prefix graph to share its weights with.
+    `in_place`: the model was read from `path` and its weights file is the one it keeps; only the graph
+    is rewritten (the passes' few new tensors inline), so a multi-GB file is not copied."""
+    if in_place:
+        ir.save(model, path)
+        path.with_name(path.name + WEIGHTS_SUFFIX).chmod(path.stat().st_mode & 0o777)  # written private
+        return
     if one_file and _weight_bytes(model) < PROTOBUF_LIMIT:
         ir.save(ir.external_data.load_to_model(model), path)  # a directly written raw graph's weights are files
         return
@@ -103,7 +109,19 @@ def _weight_bytes(model: ir.Model) -> int:
 
 
 def _check(model: ir.Model, beside: Path) -> None:
-    """The ONNX checker over the wired graph, read from a file whose weights lie in external data."""
+    """The ONNX checker over the wired graph. A graph whose weights still lie in one file in `beside`
+    (the raw graph's) is checked beside that file, its weights read in place rather than copied to a
+    scratch file first (gigabytes at a 1B model)."""
+    external = [value.const_value for value in model.graph.initializers.values()
+                if isinstance(value.const_value, ir.ExternalTensor)]
+    if all(Path(tensor.base_dir) == beside for tensor in external):
+        proto = ir.to_proto(model)
+        if proto.ByteSize() < PROTOBUF_LIMIT:
+            with tempfile.NamedTemporaryFile(dir=beside, suffix=".onnx") as checked:
+                checked.write(proto.SerializeToString())
+                checked.flush()
+                onnx.checker.check_model(checked.name)
+            return
     with tempfile.TemporaryDirectory(dir=beside) as folder:
         path = Path(folder) / "checked.onnx"
         ir.save(model, path, external_data="checked.onnx.data", size_threshold_bytes=1024)

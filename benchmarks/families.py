@@ -1,0 +1,146 @@
+"""Every decoder type's decode step: kernels per step, and its time beside its MatMuls alone.
+
+    python -m benchmarks.families [--work DIR] [--types llama,gpt2,...] [--reps 30] [--out benchmarks/results]
+
+Each type gets a mid-size random model where the MatMuls dominate (hidden 576 and intermediate 1536, as
+SmolLM2-135M, 8 layers, an 8k vocabulary) with its distinguishing features on, converted with one
+prompt-tuning task. The graph the Python runtime runs (the core graph where there is one) takes one
+decode step at batch 1 after a past of 64, timed interleaved with a graph of its weight matrices'
+MatMuls alone (measure.matmul_ceiling); the kernels per step come from ONNX Runtime's profiler
+(op_profile). Writes families.json and families.md into --out, with the git commit, package versions
+and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import measure, op_profile, workloads
+from benchmarks.run import environment
+
+PAST = 64
+LLAMA = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9,
+             num_key_value_heads=3, head_dim=64, max_position_embeddings=2048)
+CONFIGS = {
+    "llama": LLAMA, "mistral": {**LLAMA, "sliding_window": None}, "qwen2": LLAMA, "qwen3": LLAMA,
+    "granite": {**LLAMA, "embedding_multiplier": 12.0, "attention_multiplier": 0.015625, "residual_multiplier": 0.22,
+                "logits_scaling": 8.0},
+    "phi3": {k: v for k, v in LLAMA.items() if k != "head_dim"}, "gemma": LLAMA, "olmo2": LLAMA,
+    "gemma2": {**LLAMA, "sliding_window": 4096, "query_pre_attn_scalar": 64, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0},
+    "gpt2": dict(n_embd=576, n_layer=8, n_head=9, n_positions=2048),
+    "gpt_neox": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9,
+                     max_position_embeddings=2048, rotary_pct=0.25),
+    "opt": dict(hidden_size=576, ffn_dim=1536, num_hidden_layers=8, num_attention_heads=9,
+                max_position_embeddings=2048, word_embed_proj_dim=576),
+    "bloom": dict(hidden_size=576, n_layer=8, n_head=9),
+}
+VOCAB = 8192
+
+
+def build(model_type: str, work: Path) -> Path:
+    """The type's random model and its artifact with one task, built once."""
+    folder, artifact = work / model_type / "model", work / model_type / "artifact"
+    if (artifact / "manifest.json").is_file() and workloads.built_by_this_source(artifact):
+        return artifact
+    if not (folder / "config.json").is_file():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(model_type, **CONFIGS[model_type], vocab_size=VOCAB,
+                                      **workloads.NO_SPECIAL_TOKENS)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(folder)
+        workloads.save_tokenizer(folder)
+        workloads.build_prompt_adapter(model, folder, work / model_type / "task", 8, seed=1)
+    subprocess.run([sys.executable, "-c", "from spexport.cli import main; main()", "convert", "--model", str(folder),
+                    "--adapter", f"task={work / model_type / 'task'}", "--output", str(artifact), "--overwrite",
+                    "--quiet"], check=True)
+    workloads.stamp_source(artifact)
+    return artifact
+
+
+def step_timer(graph: Path, threads: int, reps: int):
+    """A case for measure.interleaved: the median of `reps` decode steps of `graph` as `step_s`."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    feeds = op_profile.feeds(graph, PAST)
+    session.run(None, feeds)
+
+    def run() -> dict:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        return {"step_s": float(np.median(times))}
+    return run
+
+
+def measure_type(model_type: str, work: Path, threads: int, reps: int) -> dict:
+    from spexport.artifact.manifest import Manifest
+
+    artifact = build(model_type, work)
+    manifest = Manifest.read(artifact)
+    graph = artifact / (manifest.core_graph or "model.onnx")
+    runs = measure.interleaved({"step": step_timer(graph, threads, reps),
+                                "matmuls": measure.matmul_ceiling(graph, threads, reps)}, 5)
+    profile = op_profile.profile(graph, PAST, threads, runs=5)
+    step, matmuls = measure.median(runs["step"], "step_s"), measure.median(runs["matmuls"], "step_s")
+    return {"graph": graph.name, "written": "Attention" in {op["op"] for op in profile["ops"]},
+            "kernels_per_step": profile["kernels"], "kernels_per_layer": profile["kernels"] / manifest.model.num_layers,
+            "step_ms": step * 1e3, "matmuls_ms": matmuls * 1e3, "step_over_matmuls": step / matmuls,
+            "paired_ratio": measure.paired_ratio(runs["step"], runs["matmuls"], "step_s"),
+            "top_ops": profile["ops"][:6]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "spexport-families")
+    parser.add_argument("--types", default=",".join(CONFIGS))
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    threads = measure.threads()
+    results = {}
+    for model_type in args.types.split(","):
+        print(f"{time.strftime('%H:%M:%S')} {model_type}", file=sys.stderr, flush=True)
+        results[model_type] = measure_type(model_type, args.work, threads, args.reps)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    result = {"commit": commit, "environment": environment(threads), "past": PAST, "vocab": VOCAB,
+              "configs": {t: CONFIGS[t] for t in results}, "types": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "families.json").write_text(json.dumps(result, indent=2, default=str))
+    (args.out / "families.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Decode step, batch 1, past {result['past']}, {result['environment']['threads']} threads, commit "
+             f"{result['commit'][:10]}, {result['environment']['cpu']}", "",
+             "| type | graph | kernels / step | kernels / layer | step ms | MatMuls alone ms | step / MatMuls |",
+             "|---|---|---|---|---|---|---|"]
+    for model_type, r in result["types"].items():
+        kind = "written" if r["written"] else "traced"
+        lines.append(f"| {model_type} | {kind} | {r['kernels_per_step']} | {r['kernels_per_layer']:.1f} | "
+                     f"{r['step_ms']:.2f} | {r['matmuls_ms']:.2f} | {r['paired_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
