@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import workloads
+from benchmarks.environment import environment
 
 HOST = "127.0.0.1"
 TASKS = [("t0", 8), ("t1", 16), ("t2", 24), ("t3", 32)]
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             reference[key] = model.generate_text(key[1], task=key[0], max_new_tokens=key[2])[0]
         mismatches += r["ok"] and r["answer"]["choices"][0]["text"] != reference[key]
     results = {
+        "environment": environment(len(os.sched_getaffinity(0))),
         "model": "random GPT-2 small (124M), 4 prompt-tuning tasks of 8-32 virtual tokens",
         "tokenizer": str(args.tokenizer or "workloads' small BPE"), "threads": len(os.sched_getaffinity(0)),
         "load": {"requests": len(load), "errors": sum(not r["ok"] for r in load), "wall_s": load_s,
