@@ -1,8 +1,7 @@
 """spexport's performance benchmark, side by side with PEFT + PyTorch, optimum's ORTModelForCausalLM,
-onnxruntime-genai and the memory-bandwidth floor.
+onnxruntime-genai and the memory-bandwidth floor (benchmarks/README.md: the install it needs).
 
-    .venv/bin/pip install -e ".[export,bench]"
-    .venv/bin/python -m benchmarks.run [--quick] [--out benchmarks/results] [--work DIR]
+    .venv-bench/bin/python -m benchmarks.run [--quick] [--out benchmarks/results] [--work DIR]
 
 Writes results.json, results.md and PNG plots into --out. Models, adapters and artifacts are
 built once into --work (random weights, nothing downloaded) and reused by later runs (an artifact
