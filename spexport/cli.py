@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
@@ -21,27 +21,57 @@ from spexport.errors import ArtifactError, OptionError, SpexportError, SpexportW
 from spexport.tables import quantization_lines, table_lines, validate_failure, validate_lines
 
 
-def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
-    specs = []
-    for value in values:
+class NamedPath(click.ParamType):
+    """`--adapter NAME=PATH`: the pair (name, Path), or click's BadParameter naming the form expected."""
+
+    name = "NAME=PATH"
+
+    def convert(self, value, param, ctx) -> tuple[str, Path]:
+        if isinstance(value, tuple):
+            return value
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
-            _fail(f"--adapter {value!r} is not NAME=PATH, e.g. --adapter sentiment=adapters/sentiment",
-                  OptionError.exit_code)
-        specs.append((name, Path(path)))
-    return specs
+            self.fail(f"{value!r} is not NAME=PATH, e.g. --adapter sentiment=adapters/sentiment", param, ctx)
+        return name, Path(path)
 
 
-def _tolerance(ctx, param, value: float) -> float:
-    if not 0 <= value < float("inf"):  # NaN fails every comparison
-        raise click.BadParameter(f"{value} is not a tolerance; give a number >= 0, such as 1e-4")
-    return value
+class FiniteRange(click.FloatRange):
+    """click's FloatRange that also refuses NaN and infinities (NaN passes every range check)."""
+
+    def convert(self, value, param, ctx) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class CommandError(click.ClickException):
+    """A SpexportError as the command line reports it: one `error:` line on stderr, its class's exit code."""
+
+    def __init__(self, error: SpexportError):
+        super().__init__(" ".join(str(error).splitlines()))
+        self.exit_code = error.exit_code
+
+    def show(self, file=None) -> None:
+        click.echo("error: " + self.format_message(), err=True, file=file)
+
+
+class SpexportGroup(click.Group):
+    """The one place where what a user caused becomes a one-line error: every command's SpexportError ends
+    as a CommandError (after any progress bar has been cleared, since it leaves the command's `with` blocks
+    first)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpexportError as error:
+            raise CommandError(error) from error
 
 
 ARTIFACT = click.argument("folder", type=click.Path(path_type=Path))
 QUIET = click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
-ADAPTERS = click.option("--adapter", "adapters", multiple=True, required=True, callback=_adapter_spec,
+ADAPTERS = click.option("--adapter", "adapters", multiple=True, required=True, type=NamedPath(),
                         help="NAME=PATH of a PEFT soft-prompt adapter folder, or of a .npy/.safetensors prompt "
                              "tensor; repeat for more tasks.")
 MODEL = click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
@@ -51,7 +81,7 @@ TRUST_REMOTE_CODE = click.option("--trust-remote-code", is_flag=True,
                                       "without it such a model is refused.")
 
 
-@click.group()
+@click.group(cls=SpexportGroup)
 @click.version_option(package_name="spexport")
 def main() -> None:
     """Export soft-prompted Hugging Face models to ONNX and serve them without torch."""
@@ -78,10 +108,10 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
-    from spexport.inspect import summary
+    from spexport.inspection import summary
 
     console = Console(stderr=True, quiet=quiet)
-    with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(console), \
+    with _terminated_as_interrupted(), _one_line_warnings(console), \
             _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
         from spexport.export import convert as run_convert
 
@@ -130,7 +160,7 @@ def add_command(folder: Path, adapters, replace: bool, quiet: bool, as_json: boo
     from spexport.tasks import add_tasks
 
     before = _task_names(folder)
-    with _one_line_errors(), _terminated_as_interrupted():
+    with _terminated_as_interrupted():
         manifest = add_tasks(folder, adapters, replace=replace)
     _report_tasks(folder, manifest, before, quiet, as_json)
 
@@ -145,7 +175,7 @@ def remove_command(folder: Path, names: tuple[str, ...], quiet: bool, as_json: b
     from spexport.tasks import remove_tasks
 
     before = _task_names(folder)
-    with _one_line_errors(), _terminated_as_interrupted():
+    with _terminated_as_interrupted():
         manifest = remove_tasks(folder, list(names))
     _report_tasks(folder, manifest, before, quiet, as_json)
 
@@ -153,12 +183,11 @@ def remove_command(folder: Path, names: tuple[str, ...], quiet: bool, as_json: b
 def _task_names(folder: Path) -> list[str]:
     from spexport.artifact.manifest import Manifest
 
-    with _one_line_errors():
-        return [t.name for t in Manifest.read(folder).tasks]
+    return [t.name for t in Manifest.read(folder).tasks]
 
 
 def _report_tasks(folder: Path, manifest, before: list[str], quiet: bool, as_json: bool) -> None:
-    from spexport.inspect import summary
+    from spexport.inspection import summary
 
     if as_json:
         _print_json({"output": str(folder), **summary(manifest), "files": manifest.files})
@@ -177,18 +206,17 @@ def _report_tasks(folder: Path, manifest, before: list[str], quiet: bool, as_jso
 @AS_JSON
 def inspect_command(folder: Path, quiet: bool, as_json: bool) -> None:
     """Show an artifact's tasks, graph, providers and file integrity; exit 5 if a file is damaged."""
-    from spexport.inspect import inspect
+    from spexport.inspection import inspect
 
-    with _one_line_errors():
-        report = inspect(folder)
+    report = inspect(folder)
     if as_json:
         _print_json(report.as_dict())
     elif not quiet:
         _print_report(report)
     broken = {rel: status for rel, status in report.files.items() if status != "ok"}
     if broken:
-        _fail(f"{folder}: " + ", ".join(f"{rel} is {status}" for rel, status in broken.items())
-              + "; export the artifact again or restore these files", ArtifactError.exit_code)
+        raise ArtifactError(f"{folder}: " + ", ".join(f"{rel} is {status}" for rel, status in broken.items())
+                            + "; export the artifact again or restore these files")
 
 
 def _print_report(report) -> None:
@@ -215,10 +243,10 @@ def _print_report(report) -> None:
 @ARTIFACT
 @MODEL
 @ADAPTERS
-@click.option("--atol", default=1e-4, show_default=True, callback=_tolerance, help="Largest allowed |Δlogits|.")
+@click.option("--atol", default=1e-4, show_default=True, type=FiniteRange(min=0), help="Largest allowed |Δlogits|.")
 @click.option("--new-tokens", default=12, show_default=True, type=click.IntRange(min=0),
               help="Greedy tokens to generate and compare.")
-@click.option("--min-agreement", default=0.9, show_default=True,
+@click.option("--min-agreement", default=0.9, show_default=True, type=FiniteRange(0, 1),
               help="Quantized artifacts: the least teacher-forced top-1 agreement with PEFT a task passes at.")
 @TRUST_REMOTE_CODE
 @QUIET
@@ -229,7 +257,7 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
 
     A quantized artifact is compared in its drift report's terms: teacher-forced top-1 agreement with
     PEFT along PEFT's greedy text on fixed prompts, beside the agreement convert recorded against float32."""
-    with _one_line_errors(), _stdout_to_stderr():
+    with _stdout_to_stderr():
         from spexport.validate import validate
 
         checks = validate(folder, model_dir, adapters, atol=atol, new_tokens=new_tokens,
@@ -257,9 +285,9 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
 @click.option("--stop", multiple=True, help="End the output where this string first appears (left out); repeatable.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True, type=FiniteRange(min=0, min_open=True))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps every token.")
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteRange(0, 1, min_open=True))
 @click.option("--seed", type=int, help="Seed for --sample, for repeatable output.")
 @click.option("--quiet", is_flag=True, help="Print the generated text only, no warnings.")
 @AS_JSON
@@ -275,7 +303,7 @@ def run_command(folder: Path, texts: tuple[str, ...], task: str | None, as_chat:
     settings = dict(task=task, max_new_tokens=max_new_tokens, stop=list(stop) or None, do_sample=sample,
                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompts = [[{"role": "user", "content": text}] if as_chat else text for text in texts]
-    with _one_line_errors(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore")
         model = load(folder)
@@ -302,17 +330,16 @@ def run_command(folder: Path, texts: tuple[str, ...], task: str | None, as_chat:
 def serve_command(folder: Path, host: str, port: int, max_batch_size: int, use_ray: bool, replicas: int) -> None:
     """Serve FOLDER as an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions,
     /v1/classify), batching concurrent requests across tasks. SIGTERM finishes the requests in flight."""
-    with _one_line_errors():
-        if replicas > 1 and not use_ray:
-            raise OptionError("--replicas needs --ray; one process serves one replica")
-        if use_ray:
-            from spexport.serve.ray_app import serve_on_ray
+    if replicas > 1 and not use_ray:
+        raise OptionError("--replicas needs --ray; one process serves one replica")
+    if use_ray:
+        from spexport.serve.ray_app import serve_on_ray
 
-            serve_on_ray(folder, host, port, replicas, max_batch_size)
-        else:
-            from spexport.serve import serve
+        serve_on_ray(folder, host, port, replicas, max_batch_size)
+    else:
+        from spexport.serve import serve
 
-            serve(folder, host, port, max_batch_size)
+        serve(folder, host, port, max_batch_size)
 
 
 @main.command("reseal")
@@ -322,8 +349,7 @@ def reseal_command(folder: Path) -> None:
     manifests), trusting the manifest as it stands once every file it lists matches its sha256."""
     from spexport.artifact.manifest import reseal
 
-    with _one_line_errors():
-        manifest, added = reseal(folder)
+    manifest, added = reseal(folder)
     if not added:
         click.echo(f"{folder}: already sealed; nothing to do")
         return
@@ -378,21 +404,6 @@ def _one_line_warnings(console):
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
                 elif succeeded:
                     console.print(f"warning: {w.message}", markup=False, highlight=False, soft_wrap=True)
-
-
-@contextlib.contextmanager
-def _one_line_errors():
-    """What a user caused ends as one line on stderr and its class's exit code, after any progress bar is
-    cleared."""
-    try:
-        yield
-    except SpexportError as e:
-        _fail(str(e), e.exit_code)
-
-
-def _fail(message: str, exit_code: int) -> NoReturn:
-    click.echo("error: " + " ".join(message.splitlines()), err=True)
-    sys.exit(exit_code)
 
 
 if __name__ == "__main__":
