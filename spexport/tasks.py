@@ -20,7 +20,7 @@ from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import inside_folder, sha256
 from spexport.artifact.manifest import MANIFEST, Manifest, Task
 from spexport.errors import AdapterError, InputError, OutputError
-from spexport.families import DECODER
+from spexport.families import family_named
 from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.session import verify_files, vouch_for
 
@@ -51,8 +51,7 @@ def add_tasks(folder: str | Path, adapters: list[tuple[str, Path]], replace: boo
         else:
             tasks.append(task)
         bank[task.tensor] = kv
-    # seq2seq artifacts have no adapter files: their graphs take two kinds of prompt
-    written = {t.name: kv for t, kv in added} if manifest.family == DECODER.name else {}
+    written = {t.name: kv for t, kv in added} if family_named(manifest.family, folder).adapter_files else {}
     return _rewrite(folder, manifest, tasks, bank, written)
 
 

@@ -59,7 +59,7 @@ def assert_chat_is_transformers(runtime, tokenizer, chats: list[list[dict]]) -> 
 
 def skip_unless_peft_runs(peft: PeftModel, inputs) -> None:
     """Skip a test that trains with PEFT where PEFT cannot run the adapter at all (prefix tuning of an
-    encoder classifier under transformers 5); the transformers 4 stack runs it (docs/install.md: transformers 4 and 5)."""
+    encoder classifier under transformers 5); the transformers 4 stack runs it (docs/install.md)."""
     try:
         with torch.no_grad():
             peft(**inputs)

@@ -88,7 +88,7 @@ def test_malformed_adapter_option(inputs, tmp_path, spec):
 
 def test_the_group_maps_every_spexport_error_to_one_line_and_its_exit_code():
     """Errors are handled once, in the group's invoke: a command only raises."""
-    from spexport.cli import SpexportGroup
+    from spexport.cliparams import SpexportGroup
     from spexport.errors import SpexportError
 
     group = SpexportGroup()

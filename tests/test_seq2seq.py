@@ -314,7 +314,7 @@ def test_clear_errors(built, tmp_path):
         assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="decoder_input_ids has 2 rows"):
         m.logits(_rows()[0], task="pt", decoder_input_ids=[[0], [0]])
-    with pytest.raises(InputError, match="classify is for classifier artifacts"):
+    with pytest.raises(InputError, match="classify is for encoder artifacts; this encoder-decoder artifact generates"):
         m.classify(["text"], task="pt")
 
 

@@ -155,7 +155,7 @@ def base_model_name(config: dict) -> str | None:
 
 
 def _convert_peft(folder: Path, raw: dict, weights: dict, model: ModelInfo, family: Family):
-    methods = methods_for(family.name)
+    methods = methods_for(family)
     peft_type = raw.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in methods:
         raise AdapterError(f"{folder}: adapter method {peft_type} is not supported; "

@@ -1,6 +1,6 @@
 """`spexport convert`: frozen model + soft-prompt adapters -> one ONNX artifact folder.
 
-The model's family (families.py) picks the exporter; each family package builds its graphs and
+The model's family (families.py) names the exporter; each family package builds its graphs and
 prompt bank in a staging folder, and common.py seals and moves the artifact into place. Needs the
 `[export]` extra (torch, transformers, peft, onnx, onnx-ir).
 """
@@ -18,13 +18,11 @@ from typing import Callable  # noqa: E402
 
 from spexport.artifact.manifest import Manifest  # noqa: E402
 from spexport.errors import ModelError  # noqa: E402
-from spexport.export import decoder, encoder, seq2seq  # noqa: E402
+from spexport.export import encoder  # noqa: E402
 from spexport.export.common import ExportOptions, check_output, parse_adapters, read_model_type  # noqa: E402
-from spexport.families import DECODER, ENCODER, SEQ2SEQ, family_for  # noqa: E402
+from spexport.families import family_for  # noqa: E402
 
-EXPORTERS = {DECODER.name: decoder.convert, ENCODER.name: encoder.convert, SEQ2SEQ.name: seq2seq.convert}
-
-__all__ = ["EXPORTERS", "ExportOptions", "convert"]
+__all__ = ["ExportOptions", "convert"]
 
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
@@ -54,4 +52,4 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     output = check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     options = ExportOptions(bake=bake, optimize=optimize, quantize=quantize, dtype=dtype,
                             trust_remote_code=trust_remote_code, on_step=on_step)
-    return EXPORTERS[family.name](model_dir, adapters, output, options)
+    return family.exporter(model_dir, adapters, output, options)

@@ -14,15 +14,12 @@ from pathlib import Path
 
 from spexport.artifact.manifest import Manifest
 from spexport.errors import ArtifactError, InputError
-from spexport.runtime.base import ServedArtifact
+from spexport.families import family_named
 from spexport.runtime.decoder import DecoderModel
 from spexport.runtime.encoder import EncoderModel
 from spexport.runtime.inputs import MAX_BATCH_SIZE, is_whole
 from spexport.runtime.seq2seq import Seq2SeqModel
 from spexport.runtime.session import pick_providers, release_freed_memory, verify_files
-
-RUNTIMES: dict[str, type[ServedArtifact]] = {"decoder": DecoderModel, "encoder": EncoderModel,
-                                             "seq2seq": Seq2SeqModel}
 
 
 def load(folder: str | Path, providers: list[str] | None = None, verify: bool = True,
@@ -44,14 +41,17 @@ def load(folder: str | Path, providers: list[str] | None = None, verify: bool = 
                          f"{providers!r}")
     folder = Path(folder)
     manifest = Manifest.read(folder)
-    runtime = RUNTIMES.get(manifest.family)
-    if runtime is None:
-        raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
+    family = family_named(manifest.family, folder)
+    if not family.embeddings_in_bank:
+        for task in manifest.tasks:
+            if len(task.shape) != 5:
+                raise ArtifactError(f"{folder}: task {task.name!r} holds embeddings {task.shape}, which a "
+                                    f"{family.display_name} artifact's bank cannot hold; export it again")
     if verify:
         verify_files(folder, manifest)
-    model = runtime(folder, manifest, pick_providers(providers), max_batch_size)
+    model = family.runtime(folder, manifest, pick_providers(providers), max_batch_size)
     release_freed_memory()
     return model
 
 
-__all__ = ["RUNTIMES", "DecoderModel", "EncoderModel", "Seq2SeqModel", "load"]
+__all__ = ["DecoderModel", "EncoderModel", "Seq2SeqModel", "load"]

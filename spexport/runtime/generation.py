@@ -94,6 +94,7 @@ class GeneratingModel(ServedArtifact):
     VERBS = ("logits", "generate", "generate_text", "stream", "chat", "apply_chat_template")
     DOES = "generates text"
     PAD_TEXT_LEFT = True  # generate_text's padding side: a decoder-only model continues each row at its right end
+    FORCES_LAST_TOKEN = False  # may force a token as the last one max_new_tokens allows (BART's forced EOS)
 
     def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> Steps:
         raise NotImplementedError

@@ -21,8 +21,6 @@ from spexport.serve import protocol
 from spexport.serve.protocol import RequestError
 from spexport.serve.scheduler import Job, Scheduler, check_prompt
 
-GENERATES = ("decoder-only", "encoder-decoder")
-
 
 def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
@@ -43,7 +41,7 @@ class Server:
     def __init__(self, model, max_batch_size: int = 64):
         self.model = model
         self.created = int(time.time())
-        self.generates = model.FAMILY in GENERATES
+        self.generates = model.family.generates
         if model.tokenizer is None:
             raise OptionError(f"{model.folder} has no tokenizer.json, and the server takes text: export the artifact "
                               "from a model folder that has a tokenizer")
@@ -73,12 +71,8 @@ class Server:
             body = await self._body(request)
             task, _, sampling, stream = self._generation_request({**body, "prompt": "-"})
             messages = protocol.messages(body)
-            template = getattr(self.model, "apply_chat_template", None)
-            if template is None:
-                raise RequestError(f"this server's runtime has no chat template support yet for artifact "
-                                   f"{self.model.folder}; use POST /v1/completions with a formatted prompt",
-                                   param="messages", code="chat_template_unsupported")
-            ids = template(messages, add_generation_prompt=True)  # token ids, as chat encodes the conversation
+            # token ids, as chat encodes the conversation
+            ids = self.model.apply_chat_template(messages, add_generation_prompt=True)
             jobs = [self._job(task, list(ids), sampling, stream)]
         except (RequestError, SpexportError) as e:
             return error_response(_as_request_error(e))
@@ -88,8 +82,8 @@ class Server:
         try:
             body = await self._body(request)
             if self.generates:
-                raise RequestError(f"/v1/classify is for encoder artifacts; this {self.model.FAMILY} artifact "
-                                   f"generates text: use /v1/completions", code="unsupported_endpoint")
+                raise RequestError(f"/v1/classify is for encoder artifacts; this {self.model.family.display_name} "
+                                   f"artifact generates text: use /v1/completions", code="unsupported_endpoint")
             task = protocol.task_name(body, self.model.tasks)
             texts = body.get("input", body.get("inputs"))
             texts = [texts] if isinstance(texts, str) else texts
@@ -116,7 +110,7 @@ class Server:
 
     def _generation_request(self, body: dict):
         if not self.generates:
-            raise RequestError(f"this {self.model.FAMILY} artifact classifies; use POST /v1/classify",
+            raise RequestError(f"this {self.model.family.display_name} artifact classifies; use POST /v1/classify",
                                code="unsupported_endpoint")
         task = protocol.task_name(body, self.model.tasks)
         sampling = protocol.sampling(body, self.model.info.max_positions)

@@ -104,7 +104,7 @@ class Scheduler:
         self.tokenizer = model.tokenizer
         self.eos = set(model.info.eos_token_ids)
         # an encoder-decoder model may force EOS as the last token max_new_tokens allows (BART's forced_eos_token_id)
-        self.forces_last_token = model.FAMILY != "decoder-only"
+        self.forces_last_token = model.FORCES_LAST_TOKEN
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.batches = 0  # batches run, and rows in them: for tests and the load report
         self.rows = 0
