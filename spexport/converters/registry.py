@@ -31,11 +31,11 @@ METHODS: list[Method] = []
 def register_method(peft_type: str, config_cls: type[PromptConfig], convert: Convert,
                     families: tuple[Family, ...] = tuple(FAMILIES)) -> None:
     for family in families:
-        if any(m.peft_type == peft_type and m.family == family for m in METHODS):
+        if any(m.peft_type == peft_type and m.family is family for m in METHODS):
             raise ValueError(f"{peft_type} is registered twice for {family.name}")
         METHODS.append(Method(peft_type, config_cls, convert, family))
 
 
 def methods_for(family: Family) -> dict[str, Method]:
     """The methods a family's artifacts take, by PEFT peft_type."""
-    return {m.peft_type: m for m in METHODS if m.family == family}
+    return {m.peft_type: m for m in METHODS if m.family is family}
