@@ -16,7 +16,6 @@ from spexport.artifact.integrity import MISSING, OK, file_status, inside_folder
 from spexport.errors import ArtifactError
 
 MANIFEST = "spexport.json"
-CHAT_TEMPLATE = "chat_template.jinja"  # the model's chat template, among the tokenizer files when it has one
 FORMAT = "spexport"
 FORMAT_VERSION = 1
 SEAL = "manifest_sha256"  # spexport.json's own checksum (see seal)

@@ -15,18 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 from spexport import __version__
+from spexport.artifact.files import BANK, CHAT_TEMPLATE, GRAPH, MODEL_FILES, TOKENIZER_FILES  # noqa: F401
 from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import sha256
-from spexport.artifact.manifest import CHAT_TEMPLATE, Manifest, ModelInfo, is_artifact
+from spexport.artifact.manifest import Manifest, ModelInfo, is_artifact
 from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
 from spexport.errors import AdapterError, ModelError, OutputError, SpexportWarning
 from spexport.families import Family
-
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", CHAT_TEMPLATE]
-MODEL_FILES = ["config.json", "generation_config.json"]
-GRAPH = "model.onnx"
-BANK = "prompts.safetensors"
 
 
 @dataclass(frozen=True)

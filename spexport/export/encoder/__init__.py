@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from spexport.artifact import tensorfile
+from spexport.artifact.files import HEADS
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.converters import SoftPrompt, read_peft_adapter
 from spexport.converters.heads import Head, read_head
@@ -32,8 +33,6 @@ from spexport.export.encoder.graph import detach_body, export_body, export_head,
 from spexport.export.encoder.quality import quantize_body
 from spexport.export.transformers_api import cache_argument
 from spexport.families import ENCODER, model_info
-
-HEADS = "heads"
 
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spexport.artifact import tensorfile
+from spexport.artifact.files import DECODER_GRAPH, ENCODER_GRAPH
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.errors import ModelError
 from spexport.export.common import (
@@ -24,7 +25,7 @@ from spexport.export.common import (
     read_configs,
     read_model_type,
 )
-from spexport.export.seq2seq.graph import DECODER_GRAPH, ENCODER_GRAPH, export_graphs
+from spexport.export.seq2seq.graph import export_graphs
 from spexport.families import NO_POSITION_LIMIT, SEQ2SEQ
 
 
