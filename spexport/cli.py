@@ -55,8 +55,7 @@ def main() -> None:
 @TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
-def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, trust_remote_code: bool,
-            quiet: bool, as_json: bool, **speed) -> None:
+def convert(model_dir: Path, adapters, output: Path, overwrite: bool, quiet: bool, as_json: bool, **choices) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
@@ -65,10 +64,11 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool
     console = Console(stderr=True, quiet=quiet)
     with _terminated_as_interrupted(), _one_line_warnings(console), \
             _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
+        from spexport.export import ExportOptions
         from spexport.export import convert as run_convert
 
-        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step, **speed,
-                               trust_remote_code=trust_remote_code)
+        options = ExportOptions(**choices, on_step=on_step)  # bake, optimize, quantize, dtype, trust_remote_code
+        manifest = run_convert(model_dir, adapters, output, overwrite, options)
     if as_json:
         _print_json({"output": str(output), **summary(manifest), "files": manifest.files})
         return

@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
 
 from spexport.artifact.manifest import Manifest  # noqa: E402
 from spexport.errors import ModelError  # noqa: E402
@@ -26,11 +25,11 @@ __all__ = ["ExportOptions", "convert"]
 
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
-            bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
-            optimize: bool = True, quantize: str | None = None, dtype: str = "float32",
-            trust_remote_code: bool = False) -> Manifest:
+            options: ExportOptions | None = None, **choices) -> Manifest:
     """Export `model_dir` with every adapter into one artifact at `output`, atomically.
 
+    options: how to build it, one ExportOptions that goes unchanged to the family's exporter and its graph
+    passes; or its fields as keywords (`choices`), as follows.
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input (decoders).
     optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators (faster;
     the graph then needs ONNX Runtime). quantize="int8" / "int4": block-wise 8- or 4-bit weights for every
@@ -38,7 +37,12 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     dtype="float16": fp16 weights and compute, for GPU providers. Prompts and the graph's inputs
     and outputs stay float32 either way.
     trust_remote_code: run Python code that the model folder ships (config.json's auto_map).
+    on_step: called with each step's description as it starts (the CLI's progress bar).
     """
+    if options is None:
+        options = ExportOptions(**choices)
+    elif choices:
+        raise TypeError(f"pass options or its fields, not both: {', '.join(choices)}")
     model_dir, output = Path(model_dir), Path(output)
     # Checked before transformers reads it: transformers would guess a model type from the folder's name.
     model_type, _ = read_model_type(model_dir)
@@ -47,9 +51,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     except ModelError as e:
         encoder.explain_unsupported(model_dir, model_type)
         raise ModelError(f"{model_dir}: {e}") from None
-    family.check(bake, quantize, dtype)
+    family.check(options.bake, options.quantize, options.dtype)
     adapters = parse_adapters(adapters)
     output = check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
-    options = ExportOptions(bake=bake, optimize=optimize, quantize=quantize, dtype=dtype,
-                            trust_remote_code=trust_remote_code, on_step=on_step)
     return family.exporter(model_dir, adapters, output, options)

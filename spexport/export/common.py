@@ -20,7 +20,8 @@ from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import sha256
 from spexport.artifact.manifest import Manifest, ModelInfo, is_artifact
 from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
-from spexport.errors import AdapterError, ModelError, OutputError, SpexportWarning
+from spexport.converters.bank import adapter_prompts
+from spexport.errors import ModelError, OutputError, SpexportWarning
 from spexport.families import Family
 
 
@@ -41,6 +42,11 @@ class ExportOptions:
     dtype: str = "float32"
     trust_remote_code: bool = False
     on_step: Callable[[str], None] = field(default=lambda step: None, compare=False)
+
+    @property
+    def weights(self) -> str:
+        """The weights' type: the quantization, else the dtype."""
+        return self.quantize or self.dtype
 
 
 def versions() -> dict[str, str]:
@@ -144,23 +150,16 @@ def convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo, family: 
 
 def adapter_tasks(adapters: list[tuple[str, Path]], info: ModelInfo, family: Family,
                   model_dir: Path) -> list[tuple[str, dict[str, SoftPrompt]]]:
-    """Each adapter's name and the tasks it yields, all checked (their names too) before any model loads.
-    A task name given twice is refused; an adapter that names another base model than `model_dir` is
+    """Each adapter's name and the tasks it yields, all checked (their names too) before any model loads
+    (converters.bank.adapter_prompts); an adapter that names another base model than `model_dir` is
     converted with a SpexportWarning naming both, since its shapes fit."""
-    found, names = [], []
-    for name, path in adapters:
-        tasks = convert_adapter(name, path, info, family)
-        for task in tasks:
-            if task in names:
-                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
-            names.append(task)
-        check_task_names(names)
+    found = adapter_prompts(adapters, info, family)
+    for name, tasks in found:
         base = next(iter(tasks.values())).source.get("base_model")
         if base and not same_model(base, model_dir):
             warnings.warn(f"adapter {name} was trained on {base}, not on {model_dir.resolve().name} (by name; its "
                           "shapes fit): if that is another model, its prompt means something else here",
                           SpexportWarning, stacklevel=2)
-        found.append((name, tasks))
     return found
 
 

@@ -69,12 +69,19 @@ class TaskTable:
     prompts: tuple | None = None  # a decoder's KV prefixes (None: baked into the graph)
 
 
-class TaskRows(list):
-    """Each row's task id, with the TaskTable the ids index."""
+@dataclass(frozen=True)
+class Batch:
+    """A checked request: token ids and mask [batch, seq] as int64, each row's task id, and the task list
+    those ids index (read once, so the request is served with one list to its end)."""
 
-    def __init__(self, rows: list[int], table: TaskTable):
-        super().__init__(rows)
-        self.table = table
+    ids: np.ndarray
+    mask: np.ndarray
+    rows: list[int]
+    table: TaskTable
+
+    def group(self, group: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> Batch:
+        """The rows of `group` as a batch of their own, with their new `ids` and `mask`."""
+        return Batch(ids, mask, [self.rows[i] for i in group], self.table)
 
 
 class ServedArtifact:
@@ -168,8 +175,7 @@ class ServedArtifact:
         encoded = codec.encode(rows, (self.info.max_positions - taken).tolist(), truncation, add_special_tokens)
         return (encoded, *inputs.pad_rows(encoded, self.info.pad_token_id, left))
 
-    def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None
-                 ) -> tuple[np.ndarray, np.ndarray, TaskRows]:
+    def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None) -> Batch:
         """The checked request: token ids and mask [batch, seq] as int64, and each row's task id."""
         table = self._table  # read once: the whole request is served with this task list
         ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
@@ -177,7 +183,7 @@ class ServedArtifact:
         rows = inputs.task_indices(task, list(table.names), ids.shape[0])
         tokens = np.full(len(ids), ids.shape[1]) if self.PADDING_TAKES_POSITIONS else mask.sum(axis=1)
         self._check_length("input", tokens, [table.positions[r] for r in rows])
-        return ids, mask, TaskRows(rows, table)
+        return Batch(ids, mask, rows, table)
 
     def _check_length(self, what: str, tokens: np.ndarray, virtual: list[int]) -> None:
         """Refuse a batch in which a row's tokens and its task's virtual tokens outnumber the positions."""

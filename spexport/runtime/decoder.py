@@ -26,7 +26,7 @@ from spexport.artifact.ports import (
 from spexport.errors import AdapterError, InputError
 from spexport.families import DECODER
 from spexport.runtime import inputs
-from spexport.runtime.base import TaskRows, TaskTable, finite_logits, running
+from spexport.runtime.base import Batch, TaskTable, finite_logits, running
 from spexport.runtime.generation import GeneratingModel
 from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.session import check_ports, load_bank, open_session
@@ -72,11 +72,7 @@ class DecoderModel(GeneratingModel):
 
     # -- batching -------------------------------------------------------------------------------
 
-    def _rows_table(self, rows: list[int]) -> TaskTable:
-        """The task list `rows` index: the one the request was checked against (TaskRows), else the current one."""
-        return getattr(rows, "table", None) or self._table
-
-    def _first_step(self, mask: np.ndarray, rows: list[int]):
+    def _first_step(self, batch: Batch):
         """Generation's first feeds: (prefix inputs, past, attention mask, position ids).
 
         With a prompt bank, each row's prefix goes in as the past, with its mask ahead of the
@@ -85,7 +81,7 @@ class DecoderModel(GeneratingModel):
         prefix and tokens and is passed back as it is, so no later step splits off the prefix.
         A baked graph holds its prompts, so it is given task ids and an empty past.
         """
-        prompts = self._rows_table(rows).prompts
+        mask, rows, prompts = batch.mask, batch.rows, batch.table.prompts
         if prompts is None:
             return {TASK_IDS: np.array(rows, np.int64)}, self._empty_past(len(rows)), mask, inputs.positions(mask)
         info = self.info
@@ -97,12 +93,12 @@ class DecoderModel(GeneratingModel):
         positions = inputs.positions(mask) + prefix_mask.sum(axis=1, keepdims=True)
         return empty, past, np.concatenate([prefix_mask, mask], axis=1), positions
 
-    def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> _BoundSteps | _GroupedSteps:
-        groups = self._window_groups(mask)
+    def _steps(self, batch: Batch) -> _BoundSteps | _GroupedSteps:
+        groups = self._window_groups(batch.mask)
         if groups is not None:
-            return _GroupedSteps(self._graph, [(group, self._steps(*self._unpadded(ids, mask, rows, group)))
+            return _GroupedSteps(self._graph, [(group, self._steps(self._unpadded(batch, group)))
                                                for group in groups])
-        return _BoundSteps(self, ids, inputs.last_real(mask), *self._first_step(mask, rows))
+        return _BoundSteps(self, batch.ids, inputs.last_real(batch.mask), *self._first_step(batch))
 
     def _window_groups(self, mask: np.ndarray) -> list[np.ndarray] | None:
         """The batch's rows grouped by their number of real tokens, where the model has sliding-window
@@ -116,19 +112,18 @@ class DecoderModel(GeneratingModel):
         lengths = mask.sum(axis=1)
         return [np.flatnonzero(lengths == n) for n in np.unique(lengths)]
 
-    def _unpadded(self, ids: np.ndarray, mask: np.ndarray, rows: list[int],
-                  group: np.ndarray) -> tuple[np.ndarray, np.ndarray, TaskRows]:
+    def _unpadded(self, batch: Batch, group: np.ndarray) -> Batch:
         """The rows of `group`, which have equal numbers of real tokens, with their padding taken out."""
-        real = ids[group][mask[group] == 1].reshape(len(group), -1)
-        return real, np.ones_like(real), TaskRows([rows[i] for i in group], self._rows_table(rows))
+        real = batch.ids[group][batch.mask[group] == 1].reshape(len(group), -1)
+        return batch.group(group, real, np.ones_like(real))
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)
         return [np.zeros(shape, np.float32) for _ in self._past_names]
 
-    def _room(self, ids: np.ndarray, rows: list[int]) -> int:
-        positions = self._rows_table(rows).positions
-        return self.info.max_positions - max(positions[r] for r in rows) - ids.shape[1]
+    def _room(self, batch: Batch) -> int:
+        positions = batch.table.positions
+        return self.info.max_positions - max(positions[r] for r in batch.rows) - batch.ids.shape[1]
 
     def _sequence_start(self, ids: np.ndarray) -> np.ndarray:
         return ids
@@ -175,18 +170,19 @@ class DecoderModel(GeneratingModel):
 
     def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None) -> np.ndarray:
         """Logits [batch, seq, vocab] for the caller's tokens (no virtual positions)."""
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
-        groups = self._window_groups(mask)
+        batch = self._prepare(input_ids, attention_mask, task)
+        groups = self._window_groups(batch.mask)
         if groups is None:
-            return self._logits(ids, mask, rows)
-        out = np.zeros((*ids.shape, self.info.vocab_size), np.float32)  # padding slots: 0
+            return self._logits(batch)
+        out = np.zeros((*batch.ids.shape, self.info.vocab_size), np.float32)  # padding slots: 0
         for group in groups:
-            slots = np.nonzero(mask[group])[1].reshape(len(group), -1)
-            out[group[:, None], slots] = self._logits(*self._unpadded(ids, mask, rows, group))
+            slots = np.nonzero(batch.mask[group])[1].reshape(len(group), -1)
+            out[group[:, None], slots] = self._logits(self._unpadded(batch, group))
         return out
 
-    def _logits(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> np.ndarray:
-        prefix, past, joined, positions = self._first_step(mask, rows)
+    def _logits(self, batch: Batch) -> np.ndarray:
+        ids, mask = batch.ids, batch.mask
+        prefix, past, joined, positions = self._first_step(batch)
         feeds = {"input_ids": ids, "attention_mask": joined, "position_ids": positions, **prefix,
                  **dict(zip(self._past_names, past))}
         if self._positional:

@@ -90,7 +90,8 @@ class EncoderModel(ServedArtifact):
         gives them; default all 0. Rows of tasks with fewer labels than the batch's widest are padded
         with -inf, which softmax and argmax ignore.
         """
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
+        batch = self._prepare(input_ids, attention_mask, task)
+        ids, mask, rows = batch.ids, batch.mask, batch.rows
         kind = self._head_kind(rows)
         names = [o.name for o in self.session.get_outputs()]
         feeds = {"input_ids": ids, "attention_mask": mask, **self._token_types(token_type_ids, ids.shape),

@@ -11,8 +11,9 @@ import onnxruntime as ort
 from spexport.artifact.integrity import inside_folder
 from spexport.artifact.manifest import Manifest, Task
 from spexport.artifact.ports import INPUTS_EMBEDS, KV_PREFIX, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE
-from spexport.converters import SoftPrompt, check_task_names, convert_adapter, parse_adapters
-from spexport.errors import AdapterError, ArtifactError
+from spexport.converters import parse_adapters
+from spexport.converters.bank import adapter_prompts, bank_entry
+from spexport.errors import ArtifactError
 from spexport.families import Family, family_named
 from spexport.runtime.base import running
 from spexport.runtime.session import open_session, session_options
@@ -68,23 +69,9 @@ def new_tasks(folder: Path, manifest: Manifest, adapters: list[tuple[str, Path]]
     """Each task the adapters yield, as a manifest Task and its bank tensor, in the order given: a decoder's
     KV prefix; a seq2seq task's embeddings or KV prefix as they are (its graphs take both)."""
     family = check_editable(folder, manifest)
-    prompts: dict[str, SoftPrompt] = {}
-    for name, path in parse_adapters(adapters):
-        for task, prompt in convert_adapter(name, path, manifest.model, family).items():
-            if task in prompts:
-                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
-            prompts[task] = prompt
-    check_task_names(list(prompts))
+    prompts = {task: prompt for _, tasks in adapter_prompts(parse_adapters(adapters), manifest.model, family)
+               for task, prompt in tasks.items()}
     # a bank that cannot hold embeddings holds their KV prefix, which the prefix graph computes
     run = not family.embeddings_in_bank and any(p.kind == "embeddings" for p in prompts.values())
     graph = PrefixGraph(folder, manifest, providers) if run else None
-    found = []
-    for name, prompt in prompts.items():
-        kv = graph.kv(prompt.tensor) if run and prompt.kind == "embeddings" else np.asarray(prompt.tensor, np.float32)
-        if not np.isfinite(kv).all():
-            raise AdapterError(f"task {name!r}: the KV prefix that the frozen model computes from its prompt holds "
-                               "NaN or Inf; the prompt's values are too large for the model")
-        found.append((Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
-                           tensor=name, shape=list(kv.shape), dtype="float32",
-                           source={**prompt.source, "kind": prompt.kind}), np.ascontiguousarray(kv)))
-    return found
+    return [bank_entry(name, prompt, graph.kv if run else None) for name, prompt in prompts.items()]

@@ -15,6 +15,7 @@ from spexport.artifact import tensorfile
 from spexport.artifact.files import HEADS
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.converters import SoftPrompt, read_peft_adapter
+from spexport.converters.bank import bank_entry
 from spexport.converters.heads import Head, read_head
 from spexport.errors import AdapterError, ModelError
 from spexport.export.common import (
@@ -147,9 +148,8 @@ def _export_task(name: str, prompt: SoftPrompt, head: Head, model, trained: set[
     rel = f"{HEADS}/{name.replace('/', '%2F')}.onnx"
     with quiet_tracing():
         export_head(task_model, head.kind == "token", getattr(body, "pooler", None) is not None, staging / rel)
-    return Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens, tensor=name,
-                shape=list(prompt.tensor.shape), dtype="float32", source={**prompt.source, "kind": prompt.kind},
-                head={"graph": rel, "kind": head.kind, "labels": labels})
+    task, _ = bank_entry(name, prompt, head={"graph": rel, "kind": head.kind, "labels": labels})
+    return task
 
 
 def _head_model(name: str, head: Head, model, trained: set[str]):
