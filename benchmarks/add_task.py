@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.environment import environment
+
 
 def adapter(model_dir: Path, kind: str, out: Path, n: int, seed: int) -> Path:
     if out.is_dir():
@@ -62,7 +64,7 @@ def main() -> None:
                *(a for name, path in first for a in ("--adapter", f"{name}={path}"))]
     convert += [] if args.optimize else ["--no-optimize"]
     results = {"model": str(args.model), "optimize": args.optimize, "cores": len(os.sched_getaffinity(0)),
-               "load_average": os.getloadavg()[0]}
+               "environment": environment(2)}
     if not (args.reuse and artifact.is_dir()):
         results["convert_2_tasks_s"] = round(timed(convert, env), 2)
     from spexport.runtime import load

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import engines, measure, workloads
+from benchmarks.environment import describe, environment
 
 TASKS = {"brief": "Answer the question briefly and clearly.", "pirate": "Reply in the voice of a friendly pirate."}
 VIRTUAL_TOKENS = 12
@@ -163,7 +163,7 @@ def _decode_case(engine, ids: np.ndarray, tasks: list[str]):
 
 
 def report(results: dict) -> str:
-    lines = [f"# Quantization on {results['model']}", "", results["environment"], "",
+    lines = [f"# Quantization on {results['model']}", "", describe(results["environment"]), "",
              "| target | measured | limit | met |", "|---|---|---|---|"]
     for key, what, limit, met in TARGETS:
         value = results["targets"].get(key)
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if built["genai"] is not None:
         sizes["genai int4"] = model_bytes(built["genai"])
     results = {
-        "model": args.model.name, "environment": _environment(threads),
+        "model": args.model.name, "environment": environment(threads),
         "agreement": found, "speed": timing, "bytes": sizes, "export_s": built["export_s"],
         "records": {v: Manifest.read(built["artifacts"][v]).quantization for v in ("int8", "int4")},
         "genai_unavailable": built["genai_unavailable"],
@@ -237,20 +237,6 @@ def main(argv: list[str] | None = None) -> int:
 def _mean(tasks: dict, key: str) -> float:
     """Over every compared token of every task (tasks weighted by their tokens)."""
     return sum(r[key] * r["positions"] for r in tasks.values()) / sum(r["positions"] for r in tasks.values())
-
-
-def _environment(threads: int) -> str:
-    from importlib import metadata
-
-    found = []
-    for dist in ["onnxruntime", "onnxruntime-genai", "torch", "transformers"]:
-        try:
-            found.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            pass
-    versions = ", ".join(found)
-    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
-            f"{threads} threads; {versions}")
 
 
 if __name__ == "__main__":

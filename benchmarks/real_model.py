@@ -1,7 +1,7 @@
 """spexport on a real checkpoint (SmolLM2-135M-Instruct), side by side with onnxruntime-genai, PEFT + PyTorch
 and the memory-bandwidth floor, all measured in one run.
 
-    python -m benchmarks.real_model --model /work/cache/smollm2 [--work DIR] [--out benchmarks/results]
+    python -m benchmarks.real_model --model DIR_OF_SmolLM2-135M-Instruct [--work DIR] [--out benchmarks/results]
 
 Builds once into --work: 10 prompt-tuning tasks of 12 virtual tokens (PEFT adapters initialised from text),
 spexport's artifact of them and onnxruntime-genai's fp32 CPU build of the model, each in a child process
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import engines, measure, op_profile, workloads
+from benchmarks.environment import describe, environment
 from spexport.artifact.manifest import Manifest
 
 INSTRUCTIONS = ["Answer the question briefly and clearly.", "Reply in the voice of a friendly pirate.",
@@ -146,7 +147,7 @@ def summary(result: dict) -> dict:
 def markdown(result: dict) -> str:
     s = result["summary"]
     lines = ["# SmolLM2-135M-Instruct, fp32, CPU", "",
-             f"{result['machine']}; {result['threads']} threads; prompt {result['prompt_tokens']} tokens (chat "
+             f"{describe(result['environment'])}; prompt {result['prompt_tokens']} tokens (chat "
              f"template), {result['new_tokens']} new tokens; tasks of {VIRTUAL_TOKENS} virtual tokens; medians of "
              f"{result['reps']} interleaved repetitions.", "",
              "| engine | TTFT ms | decode ms/token | tokens/s |", "|---|---|---|---|"]
@@ -230,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = measure_speed(loaded, ids, names, args.new_tokens, args.reps)
     bandwidth_end = measure.bandwidth()
     best = max(bandwidth["best_gbs"], bandwidth_end["best_gbs"])
-    result = {"machine": open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].split("\n")[0].strip(),
-              "threads": threads, "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new_tokens,
+    result = {"environment": environment(threads), "threads": threads, "prompt_tokens": int(ids.shape[1]),
+              "new_tokens": args.new_tokens,
               "reps": args.reps, "weight_bytes_per_step": weights, "export": built["export"], "speed": runs,
               "floor": {"bandwidth_start": bandwidth, "bandwidth_end": bandwidth_end, "best_gbs": best,
                         "floor_s": weights / best / 1e9, "matmul_only_s": measure.median(matmuls, "step_s")},

@@ -77,7 +77,8 @@ def markdown(results: dict) -> str:
     lines = [f"Machine: {machine['cpu']}, {machine['threads']} threads for every engine, {machine['memory_gib']} GiB; "
              f"load average {machine['load_average_at_start'][0]:.1f} at start, "
              f"{machine['load_average_at_end'][0]:.1f} at end (1-minute averages; the run's own threads count).",
-             f"Versions: {versions}.",
+             f"Versions: {versions}. Run {machine.get('date', '(date not recorded)')} at commit "
+             f"{machine.get('git_commit', '(not recorded)')}.",
              f"Mode `{results['mode']}`: prompt {cfg['prompt']} tokens, {cfg['new_tokens']} new tokens, "
              f"median of {cfg['reps']} interleaved repetitions; memory bandwidth {bandwidth:.1f} GB/s "
              f"(best numpy kernel, measured at start and end). Whole run: {results['wall_s'] / 60:.1f} min.", ""]

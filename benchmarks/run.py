@@ -1,8 +1,7 @@
 """spexport's performance benchmark, side by side with PEFT + PyTorch, optimum's ORTModelForCausalLM,
-onnxruntime-genai and the memory-bandwidth floor.
+onnxruntime-genai and the memory-bandwidth floor (benchmarks/README.md: the install it needs).
 
-    .venv/bin/pip install -e ".[export,bench]"
-    .venv/bin/python -m benchmarks.run [--quick] [--out benchmarks/results] [--work DIR]
+    .venv-bench/bin/python -m benchmarks.run [--quick] [--out benchmarks/results] [--work DIR]
 
 Writes results.json, results.md and PNG plots into --out. Models, adapters and artifacts are
 built once into --work (random weights, nothing downloaded) and reused by later runs (an artifact
@@ -15,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import classifier, engines, measure, report, workloads
+from benchmarks.environment import environment
 
 MODES = {
     "quick": dict(models=["gpt2"], reps=3, prompt=32, new_tokens=16, sweep=[8, 32, 128, 256], drift_tokens=64,
@@ -194,24 +192,6 @@ def memory(built: dict) -> dict:
         folder = built[f"subset{count}"]
         out[str(count)] = {**measure.resident_memory(folder), "bank_bytes": workloads.bank_bytes(folder)}
     return out
-
-
-def environment(threads: int) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    memory_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                         if line.startswith("MemTotal")))
-    packages = ["spexport", "numpy", "onnxruntime", "onnx", "torch", "transformers", "peft", "optimum",
-                "optimum-onnx", "onnxruntime-genai"]
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"cpu": cpu, "cpus": os.cpu_count(), "threads": threads, "memory_gib": round(memory_kb / 2**20, 1),
-            "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
-            "load_average_at_start": list(os.getloadavg())}
 
 
 def run_model(name: str, work: Path, mode: dict, threads: int, log) -> dict:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import workloads
-from benchmarks.ensembles import environment
+from benchmarks.environment import environment
 from benchmarks.load_plot import svg_plot
 
 HOST = "127.0.0.1"

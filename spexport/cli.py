@@ -16,31 +16,12 @@ from pathlib import Path
 
 import click
 
-from spexport.cli_errors import fail as _fail
-from spexport.cli_errors import one_line_errors as _one_line_errors
-from spexport.cli_errors import stderr_console
 from spexport.cli_sign import SIGN_KEY, sign_command, verify_command
+from spexport.cliparams import FiniteRange, NamedPath, SpexportGroup, stderr_console
 from spexport.errors import ArtifactError, OptionError, SpexportWarning
 from spexport.families import default_dtype
 from spexport.serve.options import access_options, check_ray, limit_options, limits_from
 from spexport.tables import inspect_lines, quantization_lines, table_lines, validate_failure, validate_lines
-
-
-def _adapter_spec(ctx, param, values: tuple[str, ...]) -> list[tuple[str, Path]]:
-    specs = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            _fail(f"--adapter {value!r} is not NAME=PATH, e.g. --adapter sentiment=adapters/sentiment",
-                  OptionError.exit_code)
-        specs.append((name, Path(path)))
-    return specs
-
-
-def _tolerance(ctx, param, value: float) -> float:
-    if not 0 <= value < float("inf"):  # NaN fails every comparison
-        raise click.BadParameter(f"{value} is not a tolerance; give a number >= 0, such as 1e-4")
-    return value
 
 
 ARTIFACT = click.argument("folder", type=click.Path(path_type=Path))
@@ -48,7 +29,7 @@ QUIET = click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")
 ADAPTERS_HELP = ("NAME=PATH of a PEFT soft-prompt adapter folder, or of a .npy/.safetensors prompt tensor; repeat for "
                  "more tasks.")
-ADAPTERS = click.option("--adapter", "adapters", multiple=True, required=True, callback=_adapter_spec,
+ADAPTERS = click.option("--adapter", "adapters", multiple=True, required=True, type=NamedPath(),
                         help=ADAPTERS_HELP)
 ENSEMBLES = click.option("--ensemble", "ensembles", multiple=True,
                          help="NAME=TASK,TASK,...: a prompt ensemble of tasks trained for one job, served as NAME "
@@ -60,7 +41,7 @@ TRUST_REMOTE_CODE = click.option("--trust-remote-code", is_flag=True,
                                       "without it such a model is refused.")
 
 
-@click.group()
+@click.group(cls=SpexportGroup)
 @click.version_option(package_name="spexport")
 def main() -> None:
     """Export soft-prompted Hugging Face models to ONNX and serve them without torch."""
@@ -83,21 +64,24 @@ def main() -> None:
 @TRUST_REMOTE_CODE
 @QUIET
 @AS_JSON
-def convert(model_dir: Path, adapters, output: Path, overwrite: bool, bake: bool, trust_remote_code: bool,
-            ensembles: tuple[str, ...], quiet: bool, as_json: bool, device: str, **speed) -> None:
+def convert(model_dir: Path, adapters, output: Path, overwrite: bool, ensembles: tuple[str, ...], quiet: bool,
+            as_json: bool, device: str, **choices) -> None:
     """Convert a frozen model and soft-prompt adapters into one ONNX artifact."""
     from rich.console import Console
 
-    from spexport.inspect import summary
+    from spexport.inspection import summary
 
     console = Console(stderr=True, quiet=quiet)
-    with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(console), \
+    with _terminated_as_interrupted(), _one_line_warnings(console), \
             _steps(console, expected=len(adapters) + 3) as on_step, _stdout_to_stderr():
         from spexport.ensembles import parse_specs
+        from spexport.export import ExportOptions
         from spexport.export import convert as run_convert
-        speed["dtype"] = speed["dtype"] or default_dtype(model_dir, device, speed["quantize"])
-        manifest = run_convert(model_dir, adapters, output, overwrite, bake=bake, on_step=on_step, **speed,
-                               trust_remote_code=trust_remote_code, ensembles=parse_specs(ensembles))
+
+        choices["dtype"] = choices["dtype"] or default_dtype(model_dir, device, choices["quantize"])
+        # bake, optimize, quantize, dtype, trust_remote_code: one options object from here to the passes
+        options = ExportOptions(**choices, ensembles=parse_specs(ensembles), on_step=on_step)
+        manifest = run_convert(model_dir, adapters, output, overwrite, options)
     if as_json:
         _print_json({"output": str(output), **summary(manifest), "files": manifest.files})
         return
@@ -132,7 +116,7 @@ def _steps(console, expected: int):
 
 @main.command("add")
 @ARTIFACT
-@click.option("--adapter", "adapters", multiple=True, callback=_adapter_spec, help=ADAPTERS_HELP)
+@click.option("--adapter", "adapters", multiple=True, type=NamedPath(), help=ADAPTERS_HELP)
 @ENSEMBLES
 @click.option("--replace", is_flag=True, help="Replace tasks or ensembles of the same names instead of refusing them.")
 @SIGN_KEY
@@ -145,7 +129,7 @@ def add_command(folder: Path, adapters, ensembles, replace: bool, sign_key: Path
     from spexport.tasks import add_tasks, change_ensembles
 
     before = _task_names(folder)
-    with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(stderr_console(quiet)):
+    with _terminated_as_interrupted(), _one_line_warnings(stderr_console(quiet)):
         if not adapters and not ensembles:
             raise OptionError("give the tasks to add (--adapter NAME=PATH) or ensembles (--ensemble NAME=TASK,...)")
         ensembles = parse_specs(ensembles)
@@ -167,7 +151,7 @@ def remove_command(folder: Path, names: tuple[str, ...], ensembles: tuple[str, .
     from spexport.tasks import change_ensembles, remove_tasks
 
     before = _task_names(folder)
-    with _one_line_errors(), _terminated_as_interrupted(), _one_line_warnings(stderr_console(quiet)):
+    with _terminated_as_interrupted(), _one_line_warnings(stderr_console(quiet)):
         if not names and not ensembles:
             raise OptionError("name the tasks to remove, or --ensemble NAME for an ensemble")
         manifest = remove_tasks(folder, list(names), sign_key=sign_key, ensembles=list(ensembles)) if names else \
@@ -178,12 +162,11 @@ def remove_command(folder: Path, names: tuple[str, ...], ensembles: tuple[str, .
 def _task_names(folder: Path) -> list[str]:
     from spexport.artifact.manifest import Manifest
 
-    with _one_line_errors():
-        return [t.name for t in Manifest.read(folder).tasks]
+    return [t.name for t in Manifest.read(folder).tasks]
 
 
 def _report_tasks(folder: Path, manifest, before: list[str], quiet: bool, as_json: bool) -> None:
-    from spexport.inspect import summary
+    from spexport.inspection import summary
 
     if as_json:
         _print_json({"output": str(folder), **summary(manifest), "files": manifest.files})
@@ -204,10 +187,9 @@ def _report_tasks(folder: Path, manifest, before: list[str], quiet: bool, as_jso
 @AS_JSON
 def inspect_command(folder: Path, quiet: bool, as_json: bool) -> None:
     """Show an artifact's tasks, graph, providers and file integrity; exit 5 if a file is damaged."""
-    from spexport.inspect import inspect
+    from spexport.inspection import inspect
 
-    with _one_line_errors():
-        report = inspect(folder)
+    report = inspect(folder)
     if as_json:
         _print_json(report.as_dict())
     elif not quiet:
@@ -215,18 +197,18 @@ def inspect_command(folder: Path, quiet: bool, as_json: bool) -> None:
             click.echo(line)
     broken = {rel: status for rel, status in report.files.items() if status != "ok"}
     if broken:
-        _fail(f"{folder}: " + ", ".join(f"{rel} is {status}" for rel, status in broken.items())
-              + "; export the artifact again or restore these files", ArtifactError.exit_code)
+        raise ArtifactError(f"{folder}: " + ", ".join(f"{rel} is {status}" for rel, status in broken.items())
+                            + "; export the artifact again or restore these files")
 
 
 @main.command("validate")
 @ARTIFACT
 @MODEL
 @ADAPTERS
-@click.option("--atol", default=1e-4, show_default=True, callback=_tolerance, help="Largest allowed |Δlogits|.")
+@click.option("--atol", default=1e-4, show_default=True, type=FiniteRange(min=0), help="Largest allowed |Δlogits|.")
 @click.option("--new-tokens", default=12, show_default=True, type=click.IntRange(min=0),
               help="Greedy tokens to generate and compare.")
-@click.option("--min-agreement", default=0.9, show_default=True,
+@click.option("--min-agreement", default=0.9, show_default=True, type=FiniteRange(0, 1),
               help="Quantized artifacts: the least teacher-forced top-1 agreement with PEFT a task passes at.")
 @TRUST_REMOTE_CODE
 @QUIET
@@ -237,7 +219,7 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
 
     A quantized artifact is compared in its drift report's terms: teacher-forced top-1 agreement with
     PEFT along PEFT's greedy text on fixed prompts, beside the agreement convert recorded against float32."""
-    with _one_line_errors(), _stdout_to_stderr():
+    with _stdout_to_stderr():
         from spexport.validate import validate
 
         checks = validate(folder, model_dir, adapters, atol=atol, new_tokens=new_tokens,
@@ -265,9 +247,9 @@ def validate_command(folder: Path, model_dir: Path, adapters, atol: float, new_t
 @click.option("--stop", multiple=True, help="End the output where this string first appears (left out); repeatable.")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=0))
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True, type=FiniteRange(min=0, min_open=True))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps every token.")
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteRange(0, 1, min_open=True))
 @click.option("--seed", type=int, help="Seed for --sample, for repeatable output.")
 @click.option("--quiet", is_flag=True, help="Print the generated text only, no warnings.")
 @AS_JSON
@@ -283,7 +265,7 @@ def run_command(folder: Path, texts: tuple[str, ...], task: str | None, as_chat:
     settings = dict(task=task, max_new_tokens=max_new_tokens, stop=list(stop) or None, do_sample=sample,
                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompts = [[{"role": "user", "content": text}] if as_chat else text for text in texts]
-    with _one_line_errors(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore")
         model = load(folder)
@@ -316,20 +298,19 @@ def serve_command(folder: Path, host: str, port: int, max_batch_size: int, api_k
                   prompt_lookup: int, prefix_cache_mb: int, max_prefill_tokens: int, **limits) -> None:
     """Serve FOLDER as an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/classify, ...),
     batching concurrent requests across tasks continuously. SIGTERM finishes the requests in flight."""
-    with _one_line_errors():
-        if replicas > 1 and not use_ray:
-            raise OptionError("--replicas needs --ray; one process serves one replica")
-        if use_ray:
-            from spexport.serve.ray_app import serve_on_ray
+    if replicas > 1 and not use_ray:
+        raise OptionError("--replicas needs --ray; one process serves one replica")
+    if use_ray:
+        from spexport.serve.ray_app import serve_on_ray
 
-            check_ray(host, api_keys, trusted_keys, allow_unauthenticated, limits)
-            serve_on_ray(folder, host, port, replicas, max_batch_size)
-        else:
-            from spexport.serve import serve
+        check_ray(host, api_keys, trusted_keys, allow_unauthenticated, limits)
+        serve_on_ray(folder, host, port, replicas, max_batch_size)
+    else:
+        from spexport.serve import serve
 
-            serve(folder, host, port, max_batch_size, limits=limits_from(limits), api_keys=api_keys,
-                  allow_unauthenticated=allow_unauthenticated, trusted_keys=list(trusted_keys) or None,
-                  prompt_lookup=prompt_lookup, prefix_cache_mb=prefix_cache_mb, max_prefill_tokens=max_prefill_tokens)
+        serve(folder, host, port, max_batch_size, limits=limits_from(limits), api_keys=api_keys,
+              allow_unauthenticated=allow_unauthenticated, trusted_keys=list(trusted_keys) or None,
+              prompt_lookup=prompt_lookup, prefix_cache_mb=prefix_cache_mb, max_prefill_tokens=max_prefill_tokens)
 
 
 @main.command("reseal")
@@ -339,8 +320,7 @@ def reseal_command(folder: Path) -> None:
     manifests), trusting the manifest as it stands once every file it lists matches its sha256."""
     from spexport.artifact.manifest import reseal
 
-    with _one_line_errors():
-        manifest, added = reseal(folder)
+    manifest, added = reseal(folder)
     if not added:
         click.echo(f"{folder}: already sealed; nothing to do")
         return

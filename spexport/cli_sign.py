@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from spexport.cli_errors import one_line_errors
 
 FILE = click.Path(path_type=Path)
 SIGN_KEY = click.option("--sign-key", type=FILE, help="Private key (PEM) to sign the artifact again with; without "
@@ -23,8 +22,7 @@ def sign_command(folder: Path, key: Path, certificate: Path | None, chain: tuple
     """Sign the artifact FOLDER offline; the signature is written as spexport.sig inside it."""
     from spexport.signing import sign
 
-    with one_line_errors():
-        path = sign(folder, key, certificate, list(chain))
+    path = sign(folder, key, certificate, list(chain))
     click.echo(f"signed {folder}: {path}")
 
 
@@ -37,6 +35,5 @@ def verify_command(folder: Path, keys: tuple[Path, ...], chain: tuple[Path, ...]
     """Check that FOLDER is signed by a trusted key and unchanged since; exit 5 if not."""
     from spexport.signing import verify
 
-    with one_line_errors():
-        signer = verify(folder, list(keys), list(chain))
+    signer = verify(folder, list(keys), list(chain))
     click.echo(f"{folder}: signed by {signer}, unchanged since")

@@ -22,7 +22,7 @@ from spexport.artifact.locks import editing, release_staging
 from spexport.artifact.manifest import CHAT_TEMPLATE, MANIFEST, Manifest, Task
 from spexport.ensembles import edit_ensembles, edited, refuse_removing_members
 from spexport.errors import AdapterError, InputError, OutputError
-from spexport.families import DECODER
+from spexport.families import family_named
 from spexport.runtime.chat import check_template_file
 from spexport.runtime.prefix import check_editable, new_tasks
 from spexport.runtime.session import verify_files, vouch_for
@@ -66,8 +66,7 @@ def _add(folder: Path, adapters: list[tuple[str, Path]], replace: bool, provider
         else:
             tasks.append(task)
         bank[task.tensor] = kv
-    # seq2seq artifacts have no adapter files: their graphs take two kinds of prompt
-    written = {t.name: kv for t, kv in added} if manifest.family == DECODER.name else {}
+    written = {t.name: kv for t, kv in added} if family_named(manifest.family, folder).adapter_files else {}
     groups = edited(folder, manifest.ensembles, tasks, manifest.family, ensembles, replace=replace)
     return _rewrite(folder, dataclasses.replace(manifest, ensembles=groups), tasks, bank, written)
 

@@ -20,7 +20,7 @@ from spexport.errors import AdapterError, InputError, ModelError
 from spexport.export import drift
 from spexport.export.common import parse_adapters, quiet_tracing, read_model_type
 from spexport.export.decoder import load_model
-from spexport.families import DECODER, family_for
+from spexport.families import DECODER, family_for, family_named
 from spexport.runtime import load
 from spexport.runtime.inputs import is_whole
 
@@ -106,10 +106,10 @@ def validate(artifact: str | Path, model_dir: str | Path, adapters: list[tuple[s
         raise InputError(f"new_tokens must be a whole number >= 0, got {new_tokens!r}")
     if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not 0 <= atol < float("inf"):
         raise InputError(f"atol must be a number >= 0, got {atol!r}")
-    family = Manifest.read(Path(artifact)).family
-    if family != DECODER.name:
-        raise InputError(f"{artifact}: a {family} artifact; spexport validate compares decoder-only artifacts with "
-                         "PEFT (the test suite compares the others)")
+    family = family_named(Manifest.read(Path(artifact)).family, artifact)
+    if family is not DECODER:
+        raise InputError(f"{artifact}: a {family.name} artifact; spexport validate compares "
+                         f"{DECODER.display_name} artifacts with PEFT (the test suite compares the others)")
     runtime = load(artifact)
     if runtime.manifest.quantization is not None:
         return validate_quantized(runtime, model_dir, adapters, min_agreement, trust_remote_code)
@@ -159,7 +159,8 @@ def _peft_model(model_dir: Path, folder: Path, trust_remote_code: bool):
     except ModelError as e:
         raise ModelError(f"{model_dir}: {e}") from None
     if family is not DECODER:
-        raise ModelError(f"{model_dir}: a {family.name} model; validate compares decoder-only models with PEFT")
+        raise ModelError(f"{model_dir}: a {family.display_name} model; validate compares {DECODER.display_name} "
+                         "models with PEFT")
     base = load_model(model_dir, trust_remote_code)
     try:
         with quiet_tracing():

@@ -66,7 +66,7 @@ KNOWN_PEFT_REFUSALS = {5: ("Model does not support past key values which are req
 def skip_unless_peft_runs(peft: PeftModel, inputs) -> None:
     """Skip a test that trains with PEFT where PEFT refuses the adapter with one of its known refusals on this
     transformers major version (prefix tuning of an encoder classifier under transformers 5); the transformers 4
-    stack runs it (README: Versions). Any other error fails the test."""
+    stack runs it (docs/install.md). Any other error fails the test."""
     try:
         with torch.no_grad():
             peft(**inputs)

@@ -211,6 +211,6 @@ def test_encoder_artifacts_are_refused_in_one_line(tiny_llama, tmp_path):
 
     manifest = Manifest.read(tiny_llama["artifact"])
     for family, text in [("encoder", "head graphs that only `spexport convert` builds"),
-                         ("other", "adding or removing tasks is for decoder and seq2seq artifacts")]:
+                         ("other", "family 'other' is not served by this spexport")]:
         with pytest.raises(ArtifactError, match=text):
             check_editable(tmp_path, dataclasses.replace(manifest, family=family))

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from parity import assert_chat_is_transformers
 from transformers import AutoTokenizer
 
-from spexport.artifact.manifest import CHAT_TEMPLATE
+from spexport.artifact.files import CHAT_TEMPLATE
 from spexport.cli import main
 from spexport.errors import ArtifactError, InputError
 from spexport.export import convert

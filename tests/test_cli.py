@@ -80,6 +80,28 @@ def test_overwrite_replaces_the_output(inputs, tmp_path):
 def test_malformed_adapter_option(inputs, tmp_path, spec):
     result = CliRunner().invoke(main, ["convert", "--model", str(inputs["model"]), "--adapter", spec,
                                        "--output", str(tmp_path / "artifact")])
-    _assert_refused(result, f"--adapter {spec!r} is not NAME=PATH, e.g. --adapter sentiment=", OptionError.exit_code)
+    assert result.exit_code == OptionError.exit_code == 2 and "Traceback" not in result.output
+    assert f"Invalid value for '--adapter': {spec!r} is not NAME=PATH, e.g. --adapter sentiment=" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_the_group_maps_every_spexport_error_to_one_line_and_its_exit_code():
+    """Errors are handled once, in the group's invoke: a command only raises."""
+    from spexport.cliparams import SpexportGroup
+    from spexport.errors import SpexportError
+
+    group = SpexportGroup()
+    errors = [SpexportError, *SpexportError.__subclasses__()]
+    for error in errors:
+        group.command(error.__name__)(_raising(error))
+    for error in errors:
+        result = CliRunner().invoke(group, [error.__name__])
+        assert result.exit_code == error.exit_code, result.output
+        assert result.stderr == "error: what went wrong and the fix\n" and result.stdout == ""
+
+
+def _raising(error: type) -> callable:
+    def command() -> None:
+        raise error("what went wrong\nand the fix")
+    return command

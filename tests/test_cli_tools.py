@@ -208,7 +208,8 @@ def test_run_unknown_task_is_one_line(built):
                            "unknown task 'nope'")
 
 
-@pytest.mark.parametrize("args", [["--new-tokens", "-5"], ["--atol", "-1"], ["--atol", "nan"], ["--atol", "inf"]])
+@pytest.mark.parametrize("args", [["--new-tokens", "-5"], ["--atol", "-1"], ["--atol", "nan"], ["--atol", "inf"],
+                                  ["--min-agreement", "1.5"], ["--min-agreement", "-0.1"]])
 def test_validate_refuses_bad_numbers_before_any_work(built, no_model_load, args):
     """Before: --new-tokens -5 reached PEFT's generate after the model had loaded, and ended in its traceback."""
     result = _validate(built, built["artifact"], *args)
@@ -224,7 +225,8 @@ def test_validate_refuses_bad_numbers_from_python_too(built, no_model_load):
             validate(built["artifact"], built["model"], [("pt", built["adapters"]["pt"])], **kwargs)
 
 
-@pytest.mark.parametrize("args", [["--max-new-tokens", "-1"], ["--top-k", "-3"]])
+@pytest.mark.parametrize("args", [["--max-new-tokens", "-1"], ["--top-k", "-3"], ["--temperature", "0"],
+                                  ["--temperature", "nan"], ["--top-p", "0"], ["--top-p", "1.5"]])
 def test_run_refuses_negative_counts_as_usage_errors(built, args):
     result = _invoke("run", built["artifact"], "--task", "pt", "the cat", *args)
     assert result.exit_code == 2 and f"Invalid value for '{args[0]}'" in result.stderr, result.output

@@ -575,7 +575,8 @@ def test_runtime_refuses_bad_input_with_one_line(bad, tmp_path):
          r"a batch mixes sequence and token classification tasks"),
         (lambda: runtime.logits(np.ones((1, 62), np.int64), task="topic"), r"input of 62 tokens is too long"),
         (lambda: runtime.logits(ids, task="nope"), r"unknown task 'nope'"),
-        (lambda: runtime.generate(ids, task="topic"), r"generate is for decoder artifacts"),
+        (lambda: runtime.generate(ids, task="topic"),
+         r"generate is for decoder-only and encoder-decoder artifacts; this encoder artifact classifies"),
     ]:
         with pytest.raises(InputError, match=pattern) as raised:
             call()

@@ -111,7 +111,7 @@ CASES = {
     "unsupported model type": ("xglm", [("pt", "pt")], ModelError,
                                r"xglm: model type 'xglm' is not supported; spexport exports .*gpt2, .*llama, .*"),
     "LoRA adapter": ("model", [("x", "lora")], AdapterError,
-                     rf"method LORA is not supported; spexport converts {', '.join(sorted(methods_for('decoder')))}$"),
+                     rf"method LORA is not supported; spexport converts {', '.join(sorted(methods_for(DECODER)))}$"),
     "prompt tuning, other hidden size": ("model", [("x", "prompt_tuning-wider")], AdapterError,
                                          r"trained for another base model: hidden size is 96, the model has 64"),
     "prefix tuning, other layers": ("model", [("x", "prefix_tuning-deeper")], AdapterError,

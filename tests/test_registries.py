@@ -9,7 +9,6 @@ import test_encoders
 import test_seq2seq
 
 from spexport.converters import METHODS
-from spexport.export import EXPORTERS
 from spexport.families import DECODER, ENCODER, FAMILIES, SEQ2SEQ, family_for
 
 # model types with a tiny model that the family's parity tests build (their fixtures take FAMILIES' lists)
@@ -30,20 +29,29 @@ def test_all_models_tested():
 
 
 def test_all_methods_tested():
-    missing = sorted(f"{m.family}: {m.peft_type}" for m in METHODS if m.peft_type not in PARITY_METHODS[m.family])
+    missing = sorted(f"{m.family.name}: {m.peft_type}" for m in METHODS
+                     if m.peft_type not in PARITY_METHODS[m.family.name])
     assert not missing, f"Missing methods: {', '.join(missing)}"
 
 
-def test_every_family_has_an_exporter_and_model_types_are_not_shared():
-    assert set(EXPORTERS) == {f.name for f in FAMILIES}
+def test_every_family_names_its_exporter_and_runtime_and_model_types_are_not_shared():
+    from spexport.runtime.base import ServedArtifact
+
+    assert len({f.name for f in FAMILIES}) == len({f.display_name for f in FAMILIES}) == len(FAMILIES)
+    for family in FAMILIES:
+        assert callable(family.exporter)
+        assert issubclass(family.runtime, ServedArtifact) and family.runtime.family is family
+        assert family.generates == ("generate" in family.runtime.VERBS)
+        assert family.classifies == ("classify" in family.runtime.VERBS)
     for family in FAMILIES:
         for model_type in family.model_types:
             assert family_for(model_type) is family
 
 
-def test_readme_lists_the_registered_model_types():
-    readme = Path(__file__).parents[1].joinpath("README.md").read_text()
+def test_docs_list_the_registered_model_types():
+    docs = Path(__file__).parents[1] / "docs"
+    pages = "".join(page.read_text() for page in (docs / "models.md", docs / "families.md") if page.is_file())
     for family in FAMILIES:
         for model_type in family.model_types:
-            assert re.search(rf"\b{re.escape(model_type)}\b", readme, re.IGNORECASE), \
-                f"README does not name {family.name} model type {model_type}"
+            assert re.search(rf"\b{re.escape(model_type)}\b", pages, re.IGNORECASE), \
+                f"docs/models.md does not name {family.name} model type {model_type}"

@@ -139,7 +139,7 @@ def test_adapter_files_hold_each_task_as_one_row(artifacts):
 
 
 def test_python_onnxruntime_feeds_an_active_adapter_to_graph_inputs(artifacts):
-    """What the README says of adapters in Python: the core feeds them, the public `run` refuses first."""
+    """What docs/samples.md says of adapters in Python: the core feeds them, the public `run` refuses first."""
     folder = artifacts["unbaked"]
     session = ort.InferenceSession(str(folder / "model.onnx"))
     ids = np.array([[5, 9, 14, 7]], np.int64)

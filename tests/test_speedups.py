@@ -242,5 +242,11 @@ def test_validate_compares_a_quantized_artifact_with_peft_in_drift_terms(tiny):
         # PEFT and the float32 graph agree to ~1e-6, so the artifact drifts from both alike
         assert check["agreement"] == pytest.approx(recorded[check["task"]]["agreement"], abs=0.05)
         assert check["recorded_agreement"] == recorded[check["task"]]["agreement"]
-    strict = CliRunner().invoke(main, args + ["--min-agreement", "1.01"])
-    assert strict.exit_code == 1 and "quantized tasks agree with PEFT below 1.01" in strict.output
+    from spexport.tables import validate_failure
+    from spexport.validate import validate
+
+    strict = validate(folder, model_dir, adapters, min_agreement=1.01)  # above any agreement: every task fails
+    assert not any(check.passed for check in strict)
+    assert "quantized tasks agree with PEFT below 1.01" in validate_failure(strict, strict, 1e-4, 1.01)
+    beyond = CliRunner().invoke(main, args + ["--min-agreement", "1.01"])  # an agreement is a fraction
+    assert beyond.exit_code == 2 and "Invalid value for '--min-agreement'" in beyond.stderr

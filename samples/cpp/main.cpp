@@ -98,7 +98,7 @@ std::vector<float> read_bank_tensor(const std::string& path, const Task& task) {
   return values;
 }
 
-// adapters/<task>.onnx_adapter, with '/' in the task name written as "%2F" (spexport/ort_adapters.py).
+// adapters/<task>.onnx_adapter, with '/' in the task name written as "%2F" (spexport/artifact/ort_adapters.py).
 std::string adapter_path(const std::string& folder, std::string task) {
   for (size_t at = task.find('/'); at != std::string::npos; at = task.find('/', at + 3)) task.replace(at, 1, "%2F");
   return folder + "/adapters/" + task + ".onnx_adapter";

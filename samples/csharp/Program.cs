@@ -64,7 +64,7 @@ namespace Spexport.Samples
             return values;
         }
 
-        // adapters/<task>.onnx_adapter, with '/' in the task name written as "%2F" (spexport/ort_adapters.py).
+        // adapters/<task>.onnx_adapter, with '/' in the task name written as "%2F" (spexport/artifact/ort_adapters.py).
         static string AdapterPath(string folder, string task)
         {
             return Path.Combine(folder, "adapters", task.Replace("/", "%2F") + ".onnx_adapter");

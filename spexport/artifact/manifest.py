@@ -17,7 +17,6 @@ from spexport.artifact.locks import editing
 from spexport.errors import ArtifactError
 
 MANIFEST = "spexport.json"
-CHAT_TEMPLATE = "chat_template.jinja"  # the model's chat template, among the tokenizer files when it has one
 FORMAT = "spexport"
 FORMAT_VERSION = 1
 SEAL = "manifest_sha256"  # spexport.json's own checksum (see seal)
@@ -309,10 +308,11 @@ def _checked(raw: dict, path: Path) -> Manifest:
         n = t.take("num_virtual_tokens", lambda v: _positive(v) and v < model.max_positions,
                    f"a positive integer below max_positions {model.max_positions}")
         shape = [model.num_layers, 2, model.num_kv_heads, n, model.head_dim]
-        shapes = [shape, [n, model.hidden_size]] if raw.get("family") in ("encoder", "seq2seq") else [shape]
+        # which families' banks may hold embeddings is the family's to say (runtime.load checks it)
+        shapes = [shape, [n, model.hidden_size]]
         shape = t.take("shape", lambda v, shapes=shapes: isinstance(v, list) and all(map(_is_int, v)) and v in shapes,
-                       f"[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim] = {shape}"
-                       + (" or [num_virtual_tokens, hidden_size] (an encoder's embeddings)" if len(shapes) > 1 else ""))
+                       f"[num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim] = {shape} or "
+                       "[num_virtual_tokens, hidden_size] (an encoder's embeddings)")
         tasks.append(Task(name=name, method=t.take("method", _text, "a string"), num_virtual_tokens=n,
                           tensor=t.take("tensor", _text, "a string"), shape=shape,
                           dtype=t.take("dtype", lambda v: v in DTYPES, " or ".join(map(repr, DTYPES))),

@@ -41,12 +41,10 @@ TASK_NAME_RULE = "at most 64 characters of letters, digits, '_', '-', '.' and '/
 
 
 def parse_adapters(specs: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
-    seen = []
+    """The `--adapter NAME=PATH` pairs, each name allowed and each path there (a name given twice is refused
+    with the tasks, by converters.bank.adapter_prompts)."""
     for name, path in specs:
-        if name in seen:
-            raise AdapterError(f"task name {name!r} is given twice; every --adapter needs its own name")
-        seen.append(name)
-        check_task_names(seen)
+        check_task_names([name])
         if not exists(Path(path)):
             raise AdapterError(f"adapter {name}: {path} does not exist")
     if not specs:
@@ -159,7 +157,7 @@ def base_model_name(config: dict) -> str | None:
 
 
 def _convert_peft(folder: Path, raw: dict, weights: dict, model: ModelInfo, family: Family):
-    methods = methods_for(family.name)
+    methods = methods_for(family)
     peft_type = raw.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in methods:
         raise AdapterError(f"{folder}: adapter method {peft_type} is not supported; "

@@ -12,6 +12,7 @@ from spexport.artifact.manifest import ModelInfo
 from spexport.converters.base import PromptConfig, SoftPrompt, check_fits, float_tensor, prompt_weights
 from spexport.converters.registry import register_method
 from spexport.errors import AdapterError
+from spexport.families import DECODER, ENCODER
 
 
 def convert(config: PromptConfig, weights: dict[str, np.ndarray], model: ModelInfo) -> dict[str, SoftPrompt]:
@@ -31,4 +32,4 @@ def convert(config: PromptConfig, weights: dict[str, np.ndarray], model: ModelIn
 
 
 # PEFT's forward cannot run it with decoder_input_ids, so there is no reference for encoder-decoder models.
-register_method("MULTITASK_PROMPT_TUNING", PromptConfig, convert, families=("decoder", "encoder"))
+register_method("MULTITASK_PROMPT_TUNING", PromptConfig, convert, families=(DECODER, ENCODER))

@@ -12,6 +12,7 @@ from spexport.artifact.manifest import ModelInfo
 from spexport.converters.base import PrefixConfig, SoftPrompt, check_fits, prompt_weights
 from spexport.converters.registry import register_method
 from spexport.errors import AdapterError
+from spexport.families import DECODER, ENCODER
 
 
 def convert(config: PrefixConfig, weights: dict[str, np.ndarray], model: ModelInfo) -> SoftPrompt:
@@ -29,4 +30,4 @@ def convert(config: PrefixConfig, weights: dict[str, np.ndarray], model: ModelIn
     return SoftPrompt(config.peft_type, "kv", np.ascontiguousarray(kv, dtype=np.float32))
 
 
-register_method("PREFIX_TUNING", PrefixConfig, convert, families=("decoder", "encoder"))
+register_method("PREFIX_TUNING", PrefixConfig, convert, families=(DECODER, ENCODER))

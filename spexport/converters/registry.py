@@ -12,8 +12,8 @@ from typing import Callable
 
 from spexport.artifact.manifest import ModelInfo
 from spexport.converters.base import PromptConfig, SoftPrompt
+from spexport.families import FAMILIES, Family
 
-ALL_FAMILIES = ("decoder", "encoder", "seq2seq")
 Convert = Callable[[PromptConfig, dict, ModelInfo], "SoftPrompt | dict[str, SoftPrompt]"]
 
 
@@ -22,20 +22,20 @@ class Method:
     peft_type: str
     config_cls: type[PromptConfig]
     convert: Convert
-    family: str  # the family whose artifacts take this converter
+    family: Family  # the family whose artifacts take this converter
 
 
 METHODS: list[Method] = []
 
 
 def register_method(peft_type: str, config_cls: type[PromptConfig], convert: Convert,
-                    families: tuple[str, ...] = ALL_FAMILIES) -> None:
+                    families: tuple[Family, ...] = tuple(FAMILIES)) -> None:
     for family in families:
-        if any(m.peft_type == peft_type and m.family == family for m in METHODS):
-            raise ValueError(f"{peft_type} is registered twice for {family}")
+        if any(m.peft_type == peft_type and m.family is family for m in METHODS):
+            raise ValueError(f"{peft_type} is registered twice for {family.name}")
         METHODS.append(Method(peft_type, config_cls, convert, family))
 
 
-def methods_for(family: str) -> dict[str, Method]:
+def methods_for(family: Family) -> dict[str, Method]:
     """The methods a family's artifacts take, by PEFT peft_type."""
-    return {m.peft_type: m for m in METHODS if m.family == family}
+    return {m.peft_type: m for m in METHODS if m.family is family}

@@ -18,6 +18,7 @@ from spexport.artifact.manifest import ModelInfo
 from spexport.converters.base import PrefixConfig, SoftPrompt, check_fits, float_tensor
 from spexport.converters.registry import register_method
 from spexport.errors import AdapterError
+from spexport.families import SEQ2SEQ
 
 
 def convert(config: PrefixConfig, weights: dict[str, np.ndarray], model: ModelInfo) -> SoftPrompt:
@@ -48,4 +49,4 @@ def convert(config: PrefixConfig, weights: dict[str, np.ndarray], model: ModelIn
     return SoftPrompt(config.peft_type, "kv", np.ascontiguousarray(chunks[:model.num_layers, :2]))
 
 
-register_method("PREFIX_TUNING", PrefixConfig, convert, families=("seq2seq",))
+register_method("PREFIX_TUNING", PrefixConfig, convert, families=(SEQ2SEQ,))

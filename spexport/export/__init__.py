@@ -1,6 +1,6 @@
 """`spexport convert`: frozen model + soft-prompt adapters -> one ONNX artifact folder.
 
-The model's family (families.py) picks the exporter; each family package builds its graphs and
+The model's family (families.py) names the exporter; each family package builds its graphs and
 prompt bank in a staging folder, and common.py seals and moves the artifact into place. Needs the
 `[export]` extra (torch, transformers, peft, onnx, onnx-ir).
 """
@@ -14,25 +14,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
 
 from spexport.artifact.manifest import Manifest  # noqa: E402
 from spexport.errors import ModelError  # noqa: E402
-from spexport.export import decoder, encoder, seq2seq  # noqa: E402
+from spexport.export import encoder  # noqa: E402
 from spexport.export.common import ExportOptions, check_output, parse_adapters, read_model_type  # noqa: E402
-from spexport.families import DECODER, ENCODER, SEQ2SEQ, family_for  # noqa: E402
+from spexport.families import family_for  # noqa: E402
 
-EXPORTERS = {DECODER.name: decoder.convert, ENCODER.name: encoder.convert, SEQ2SEQ.name: seq2seq.convert}
-
-__all__ = ["EXPORTERS", "ExportOptions", "convert"]
+__all__ = ["ExportOptions", "convert"]
 
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, overwrite: bool = False,
-            bake: bool = False, on_step: Callable[[str], None] = lambda step: None,
-            optimize: bool = True, quantize: str | None = None, dtype: str = "float32",
-            trust_remote_code: bool = False, ensembles: dict[str, list[str]] | None = None) -> Manifest:
+            options: ExportOptions | None = None, **choices) -> Manifest:
     """Export `model_dir` with every adapter into one artifact at `output`, atomically.
 
+    options: how to build it, one ExportOptions that goes unchanged to the family's exporter and its graph
+    passes; or its fields as keywords (`choices`), as follows.
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input (decoders).
     optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators (faster;
     the graph then needs ONNX Runtime). quantize="int8" / "int4": block-wise 8- or 4-bit weights for every
@@ -41,7 +38,12 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     and outputs stay float32 either way.
     trust_remote_code: run Python code that the model folder ships (config.json's auto_map).
     ensembles: prompt ensembles {name: [member task, ...]} to store (each of at least two tasks).
+    on_step: called with each step's description as it starts (the CLI's progress bar).
     """
+    if options is None:
+        options = ExportOptions(**choices)
+    elif choices:
+        raise TypeError(f"pass options or its fields, not both: {', '.join(choices)}")
     model_dir, output = Path(model_dir), Path(output)
     # Checked before transformers reads it: transformers would guess a model type from the folder's name.
     model_type, _ = read_model_type(model_dir)
@@ -50,10 +52,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     except ModelError as e:
         encoder.explain_unsupported(model_dir, model_type)
         raise ModelError(f"{model_dir}: {e}") from None
-    family.check(bake, quantize, dtype)
+    family.check(options.bake, options.quantize, options.dtype)
     adapters = parse_adapters(adapters)
     output = check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
-    options = ExportOptions(bake=bake, optimize=optimize, quantize=quantize, dtype=dtype,
-                            trust_remote_code=trust_remote_code, on_step=on_step,
-                            ensembles={name: list(members) for name, members in (ensembles or {}).items()})
-    return EXPORTERS[family.name](model_dir, adapters, output, options)
+    return family.exporter(model_dir, adapters, output, options)

@@ -15,20 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 from spexport import __version__
+from spexport.artifact.files import BANK, CHAT_TEMPLATE, GRAPH, MODEL_FILES, TOKENIZER_FILES  # noqa: F401
 from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import sha256
-from spexport.artifact.manifest import CHAT_TEMPLATE, Manifest, ModelInfo, is_artifact
+from spexport.artifact.manifest import Manifest, ModelInfo, is_artifact
 from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
+from spexport.converters.bank import adapter_prompts
 from spexport.ensembles import check_ensembles
 from spexport.errors import AdapterError, ModelError, OutputError, SpexportWarning
 from spexport.families import Family
 from spexport.runtime.chat import check_template_file
-
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "vocab.txt", "tokenizer.model", "added_tokens.json", CHAT_TEMPLATE]
-MODEL_FILES = ["config.json", "generation_config.json"]
-GRAPH = "model.onnx"
-BANK = "prompts.safetensors"
 
 
 @dataclass(frozen=True)
@@ -49,6 +45,11 @@ class ExportOptions:
     trust_remote_code: bool = False
     ensembles: dict[str, list[str]] = field(default_factory=dict)  # {name: member tasks}, checked in `finish`
     on_step: Callable[[str], None] = field(default=lambda step: None, compare=False)
+
+    @property
+    def weights(self) -> str:
+        """The weights' type: the quantization, else the dtype."""
+        return self.quantize or self.dtype
 
 
 def versions() -> dict[str, str]:
@@ -152,23 +153,16 @@ def convert_adapters(adapters: list[tuple[str, Path]], info: ModelInfo, family: 
 
 def adapter_tasks(adapters: list[tuple[str, Path]], info: ModelInfo, family: Family,
                   model_dir: Path) -> list[tuple[str, dict[str, SoftPrompt]]]:
-    """Each adapter's name and the tasks it yields, all checked (their names too) before any model loads.
-    A task name given twice is refused; an adapter that names another base model than `model_dir` is
+    """Each adapter's name and the tasks it yields, all checked (their names too) before any model loads
+    (converters.bank.adapter_prompts); an adapter that names another base model than `model_dir` is
     converted with a SpexportWarning naming both, since its shapes fit."""
-    found, names = [], []
-    for name, path in adapters:
-        tasks = convert_adapter(name, path, info, family)
-        for task in tasks:
-            if task in names:
-                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
-            names.append(task)
-        check_task_names(names)
+    found = adapter_prompts(adapters, info, family)
+    for name, tasks in found:
         base = next(iter(tasks.values())).source.get("base_model")
         if base and not same_model(base, model_dir):
             warnings.warn(f"adapter {name} was trained on {base}, not on {model_dir.resolve().name} (by name; its "
                           "shapes fit): if that is another model, its prompt means something else here",
                           SpexportWarning, stacklevel=2)
-        found.append((name, tasks))
     return found
 
 

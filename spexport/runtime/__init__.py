@@ -14,7 +14,7 @@ from pathlib import Path
 
 from spexport.artifact.manifest import MANIFEST, Manifest
 from spexport.errors import ArtifactError, InputError
-from spexport.runtime.base import ServedArtifact
+from spexport.families import family_named
 from spexport.runtime.decoder import DecoderModel
 from spexport.runtime.device import Provider, pick_providers
 from spexport.runtime.encoder import EncoderModel
@@ -23,9 +23,6 @@ from spexport.runtime.seq2seq import Seq2SeqModel
 from spexport.runtime.session import release_freed_memory, verify_files
 
 SWAP_RETRIES = 5
-RUNTIMES: dict[str, type[ServedArtifact]] = {"decoder": DecoderModel, "encoder": EncoderModel,
-                                             "seq2seq": Seq2SeqModel}
-
 
 def load(folder: str | Path, providers: list[Provider] | None = None, verify: bool = True,
          max_batch_size: int = MAX_BATCH_SIZE, trusted_keys: list[str | Path] | None = None
@@ -63,12 +60,15 @@ def load(folder: str | Path, providers: list[Provider] | None = None, verify: bo
 
 def _open(folder: Path, providers, verify: bool, max_batch_size: int):
     manifest = Manifest.read(folder)
-    runtime = RUNTIMES.get(manifest.family)
-    if runtime is None:
-        raise ArtifactError(f"{folder}: family {manifest.family!r} is not served by this spexport")
+    family = family_named(manifest.family, folder)
+    if not family.embeddings_in_bank:
+        for task in manifest.tasks:
+            if len(task.shape) != 5:
+                raise ArtifactError(f"{folder}: task {task.name!r} holds embeddings {task.shape}, which a "
+                                    f"{family.display_name} artifact's bank cannot hold; export it again")
     if verify:
         verify_files(folder, manifest)
-    model = runtime(folder, manifest, providers, max_batch_size)
+    model = family.runtime(folder, manifest, providers, max_batch_size)
     release_freed_memory()
     return model
 
@@ -80,4 +80,5 @@ def _manifest_identity(folder: Path):
         return None
     return st.st_ino, st.st_dev, st.st_mtime_ns
 
-__all__ = ["RUNTIMES", "DecoderModel", "EncoderModel", "Seq2SeqModel", "load"]
+
+__all__ = ["DecoderModel", "EncoderModel", "Seq2SeqModel", "load"]

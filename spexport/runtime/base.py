@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from spexport.artifact.manifest import Manifest, Task
 from spexport.errors import ArtifactError, InputError
+from spexport.families import FAMILIES, Family
 from spexport.runtime import inputs
 from spexport.runtime.session import ORT_ERRORS, first_line
 from spexport.runtime.text import TextCodec
@@ -85,15 +86,13 @@ class TaskRows(list):
 class ServedArtifact:
     """What every served artifact knows: its folder, manifest, model facts and tasks (in task id order).
 
-    A family's class lists its public verbs in VERBS and says what it does in DOES; a verb of another
-    family, called on it, answers with one line that names the verbs it has.
+    A family's class names its `family` record, lists its public verbs in VERBS and says what it does in DOES;
+    a verb of another family is a method here that answers with one line naming the verbs this one has.
     """
 
-    FAMILY = ""  # how messages name the family, e.g. "decoder-only"
+    family: Family  # the record of the family this class serves
     VERBS: tuple[str, ...] = ()
     DOES = ""
-    VERB_FAMILIES = {"generate": "decoder", "generate_text": "decoder", "stream": "decoder", "chat": "decoder",
-                     "apply_chat_template": "decoder", "classify": "classifier"}
     # padding takes positions, unless a family's graph lays each row out as [virtual tokens, tokens, padding]
     PADDING_TAKES_POSITIONS = True
 
@@ -146,7 +145,7 @@ class ServedArtifact:
         name = next((n for n in names if isinstance(n, str) and n in self._ensembles), None)
         if name is not None:
             raise InputError(f"{verb} takes task names; {name!r} is an ensemble of {', '.join(self._ensembles[name])}"
-                             f": pass a member, or use {'classify' if self.FAMILY == 'encoder' else 'generate'}")
+                             f": pass a member, or use {'classify' if self.family.classifies else 'generate'}")
 
     def _refuse_removing_member(self, task: str) -> None:
         """An ensemble needs its members: InputError naming the first that has `task`."""
@@ -164,14 +163,35 @@ class ServedArtifact:
     def _positions_taken(self, positions: list[int]) -> None:
         self._table = replace(self._table, positions=tuple(positions))
 
-    def __getattr__(self, name: str):
-        if name not in self.VERB_FAMILIES:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # The verbs of other families: a family's class overrides those it has.
+    def generate(self, *args, **kwargs):
+        """Token ids in, token ids out (families that generate)."""
+        raise self._other_family("generate", generating=True)
 
-        def other_family(*args, **kwargs):
-            raise InputError(f"{name} is for {self.VERB_FAMILIES[name]} artifacts; this {self.FAMILY} artifact "
-                             f"{self.DOES} ({', '.join(self.VERBS)})")
-        return other_family
+    def generate_text(self, *args, **kwargs):
+        """Texts in, generated texts out (families that generate)."""
+        raise self._other_family("generate_text", generating=True)
+
+    def stream(self, *args, **kwargs):
+        """A reply's text as it is generated (families that generate)."""
+        raise self._other_family("stream", generating=True)
+
+    def chat(self, *args, **kwargs):
+        """A reply to a conversation (families that generate)."""
+        raise self._other_family("chat", generating=True)
+
+    def apply_chat_template(self, *args, **kwargs):
+        """A conversation's token ids in the model's chat template (families that generate)."""
+        raise self._other_family("apply_chat_template", generating=True)
+
+    def classify(self, *args, **kwargs):
+        """Labels and scores, as transformers' pipelines return them (families that classify)."""
+        raise self._other_family("classify", generating=False)
+
+    def _other_family(self, verb: str, generating: bool) -> InputError:
+        owners = [f.display_name for f in FAMILIES if (f.generates if generating else f.classifies)]
+        return InputError(f"{verb} is for {' and '.join(owners)} artifacts; this {self.family.display_name} "
+                          f"artifact {self.DOES} ({', '.join(self.VERBS)})")
 
     def _require_text(self) -> TextCodec:
         if self._text is None:

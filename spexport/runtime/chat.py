@@ -24,7 +24,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from spexport.artifact.manifest import CHAT_TEMPLATE
+from spexport.artifact.files import CHAT_TEMPLATE
 from spexport.errors import ArtifactError, InputError
 
 

@@ -25,6 +25,7 @@ from spexport.artifact.ports import (
     stack_prefixes,
 )
 from spexport.errors import AdapterError, InputError
+from spexport.families import DECODER
 from spexport.runtime import inputs
 from spexport.runtime.base import TaskRows, TaskTable, finite_logits, running
 from spexport.runtime.device import io_device
@@ -38,7 +39,7 @@ from spexport.runtime.session import check_ports, load_bank, open_session
 class DecoderModel(GeneratingModel):
     """A frozen causal LM plus a bank of per-task KV prefixes."""
 
-    FAMILY = "decoder-only"
+    family = DECODER
 
     def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
                  max_batch_size: int = inputs.MAX_BATCH_SIZE):

@@ -18,6 +18,7 @@ from spexport.artifact.ports import (
     stack_prefixes,
 )
 from spexport.errors import ArtifactError, InputError
+from spexport.families import ENCODER
 from spexport.runtime import inputs
 from spexport.runtime.base import EMBEDDINGS, KV, ServedArtifact, finite_logits, prompt_kind
 from spexport.runtime.session import load_bank, open_session
@@ -28,7 +29,7 @@ SEQUENCE, TOKEN = "sequence", "token"
 class EncoderModel(ServedArtifact):
     """A frozen encoder, a bank of per-task prompts (embeddings or KV prefixes) and per-task heads."""
 
-    FAMILY = "encoder"
+    family = ENCODER
     VERBS = ("logits", "classify")
     DOES = "classifies"
 

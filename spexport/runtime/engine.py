@@ -22,6 +22,7 @@ import numpy as np
 
 from spexport.artifact.ports import LOGITS_POSITIONS
 from spexport.errors import ArtifactError, InputError, SpexportError
+from spexport.families import DECODER
 from spexport.runtime import inputs
 from spexport.runtime.base import TaskTable, running
 from spexport.runtime.generation import GenerationConfig
@@ -67,7 +68,7 @@ class Engine:
             if not inputs.is_whole(value) or value < low:
                 raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
         self.model = model
-        self.decoder = model.FAMILY == "decoder-only"
+        self.decoder = model.family is DECODER  # the engine batches rows of a KV prefix; others run whole
         self.max_running_rows, self.max_prefill_tokens = max_running_rows, max_prefill_tokens
         self.lookup = prompt_lookup_num_tokens
         self.cache = PrefixCache(prefix_cache_bytes, block_size)

@@ -11,24 +11,24 @@ import onnxruntime as ort
 from spexport.artifact.integrity import inside_folder
 from spexport.artifact.manifest import Manifest, Task
 from spexport.artifact.ports import INPUTS_EMBEDS, KV_PREFIX, PREFIX_MASK, PRESENT_KEY, PRESENT_VALUE
-from spexport.converters import SoftPrompt, check_task_names, convert_adapter, parse_adapters
-from spexport.errors import AdapterError, ArtifactError
-from spexport.families import DECODER, SEQ2SEQ
+from spexport.converters import parse_adapters
+from spexport.converters.bank import adapter_prompts, bank_entry
+from spexport.errors import ArtifactError
+from spexport.families import Family, family_named
 from spexport.runtime.base import running
 from spexport.runtime.session import open_session, session_options
 
 
-def check_editable(folder: Path, manifest: Manifest) -> None:
-    """Refuse, in one line, an artifact whose task list cannot change without exporting again."""
-    if manifest.family == "encoder":
-        raise ArtifactError(f"{folder}: an encoder artifact's tasks carry head graphs that only `spexport convert` "
-                            "builds; export it again with the new --adapter")
-    if manifest.family not in (DECODER.name, SEQ2SEQ.name):
-        raise ArtifactError(f"{folder}: adding or removing tasks is for decoder and seq2seq artifacts, this one is "
-                            f"{manifest.family!r}; export it again with the new --adapter")
+def check_editable(folder: Path, manifest: Manifest) -> Family:
+    """The artifact's family; an artifact whose task list cannot change without exporting again is refused in
+    one line."""
+    family = family_named(manifest.family, folder)
+    if not family.takes_added_tasks:
+        raise ArtifactError(f"{folder}: {family.why_tasks_are_fixed}; export it again with the new --adapter")
     if manifest.baked:
         raise ArtifactError(f"{folder}: the artifact is baked (its prompts are constants inside model.onnx); "
                             "export it again, or without --bake to add tasks later")
+    return family
 
 
 class PrefixGraph:
@@ -68,24 +68,10 @@ def new_tasks(folder: Path, manifest: Manifest, adapters: list[tuple[str, Path]]
               providers: list[str] | None = None) -> list[tuple[Task, np.ndarray]]:
     """Each task the adapters yield, as a manifest Task and its bank tensor, in the order given: a decoder's
     KV prefix; a seq2seq task's embeddings or KV prefix as they are (its graphs take both)."""
-    check_editable(folder, manifest)
-    family = SEQ2SEQ if manifest.family == SEQ2SEQ.name else DECODER
-    prompts: dict[str, SoftPrompt] = {}
-    for name, path in parse_adapters(adapters):
-        for task, prompt in convert_adapter(name, path, manifest.model, family).items():
-            if task in prompts:
-                raise AdapterError(f"task name {task!r} is given twice; every task needs its own name")
-            prompts[task] = prompt
-    check_task_names(list(prompts))
-    run = family is DECODER and any(p.kind == "embeddings" for p in prompts.values())
+    family = check_editable(folder, manifest)
+    prompts = {task: prompt for _, tasks in adapter_prompts(parse_adapters(adapters), manifest.model, family)
+               for task, prompt in tasks.items()}
+    # a bank that cannot hold embeddings holds their KV prefix, which the prefix graph computes
+    run = not family.embeddings_in_bank and any(p.kind == "embeddings" for p in prompts.values())
     graph = PrefixGraph(folder, manifest, providers) if run else None
-    found = []
-    for name, prompt in prompts.items():
-        kv = graph.kv(prompt.tensor) if run and prompt.kind == "embeddings" else np.asarray(prompt.tensor, np.float32)
-        if not np.isfinite(kv).all():
-            raise AdapterError(f"task {name!r}: the KV prefix that the frozen model computes from its prompt holds "
-                               "NaN or Inf; the prompt's values are too large for the model")
-        found.append((Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
-                           tensor=name, shape=list(kv.shape), dtype="float32",
-                           source={**prompt.source, "kind": prompt.kind}), np.ascontiguousarray(kv)))
-    return found
+    return [bank_entry(name, prompt, graph.kv if run else None) for name, prompt in prompts.items()]

@@ -24,6 +24,7 @@ from spexport.artifact.ports import (
     stack_prefixes,
 )
 from spexport.errors import ArtifactError, InputError
+from spexport.families import SEQ2SEQ
 from spexport.runtime import inputs
 from spexport.runtime.base import EMBEDDINGS, KV, finite_logits, prompt_kind
 from spexport.runtime.generation import GeneratingModel, GenerationConfig
@@ -34,7 +35,7 @@ class Seq2SeqModel(GeneratingModel):
     """A frozen encoder-decoder model plus a bank of per-task prompts: virtual-token embeddings for
     the encoder (prompt tuning, P-tuning) or self-attention KV prefixes for the decoder (prefix tuning)."""
 
-    FAMILY = "encoder-decoder"
+    family = SEQ2SEQ
     PAD_TEXT_LEFT = False
     PADDING_TAKES_POSITIONS = False  # the encoder lays each row out as [virtual tokens, its tokens, padding]
 

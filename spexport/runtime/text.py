@@ -13,14 +13,12 @@ from pathlib import Path
 
 from tokenizers import Encoding, Tokenizer
 
+from spexport.artifact.files import CHAT_TEMPLATE, SPECIAL_TOKENS_MAP, TOKENIZER, TOKENIZER_CONFIG
 from spexport.artifact.integrity import inside_folder
-from spexport.artifact.manifest import CHAT_TEMPLATE
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime.chat import ChatTemplate
 from spexport.runtime.session import first_line
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 SPECIAL_TOKENS = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
                   "additional_special_tokens"]
 # transformers' clean_up_tokenization, applied when tokenizer_config.json sets clean_up_tokenization_spaces
@@ -44,10 +42,10 @@ class TextCodec:
     @classmethod
     def load(cls, folder: Path, files: list[str]) -> TextCodec | None:
         """The text codec of an artifact whose tokenizer files are `files`; None without a tokenizer.json."""
-        if "tokenizer.json" not in files:
+        if TOKENIZER not in files:
             return None
         try:
-            tokenizer = Tokenizer.from_file(str(inside_folder(folder, "tokenizer.json")))
+            tokenizer = Tokenizer.from_file(str(inside_folder(folder, TOKENIZER)))
         except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
             raise ArtifactError(f"{folder}: tokenizer.json is not readable ({first_line(e)})") from None
         config = _json(folder, TOKENIZER_CONFIG) if TOKENIZER_CONFIG in files else {}

@@ -25,9 +25,6 @@ from spexport.serve.metrics import Metrics
 from spexport.serve.protocol import RequestError
 from spexport.serve.scheduler import Job, Scheduler, check_prompt, logprobs_json
 
-GENERATES = ("decoder-only", "encoder-decoder")
-
-
 def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -52,7 +49,7 @@ class Server:
         self.metrics = metrics or Metrics()
         self.admission = Admission(self.limits.max_queue, self.metrics.queue)
         self.created = int(time.time())
-        self.generates = model.FAMILY in GENERATES
+        self.generates = model.family.generates
         self.draining = False
         if model.tokenizer is None:
             raise OptionError(f"{model.folder} has no tokenizer.json, and the server takes text: export the artifact "
@@ -92,7 +89,7 @@ class Server:
         try:
             body = await run_in_threadpool(_parsed, await request.body())
             if self.generates:
-                raise RequestError(f"/v1/classify is for encoder artifacts; this {self.model.FAMILY} artifact "
+                raise RequestError(f"/v1/classify is for encoder artifacts; this {self.model.family.display_name} artifact "
                                    f"generates text: use /v1/completions", code="unsupported_endpoint")
             task = protocol.task_name(body, self.model.tasks, self.model.ensembles)
             request.state.task = task
@@ -166,7 +163,7 @@ class Server:
 
     def _task(self, body: dict) -> str:
         if not self.generates:
-            raise RequestError(f"this {self.model.FAMILY} artifact classifies; use POST /v1/classify",
+            raise RequestError(f"this {self.model.family.display_name} artifact classifies; use POST /v1/classify",
                                code="unsupported_endpoint")
         return protocol.task_name(body, self.model.tasks, self.model.ensembles)
 

@@ -16,10 +16,9 @@ import numpy as np
 
 from spexport.artifact import ort_adapters, tensorfile
 from spexport.artifact.genai import write_genai_config
-from spexport.artifact.manifest import Manifest, ModelInfo, Task
+from spexport.artifact.manifest import Manifest, ModelInfo
 from spexport.artifact.ports import stack_prefixes
-from spexport.converters import SoftPrompt
-from spexport.errors import AdapterError
+from spexport.converters.bank import bank_entry
 from spexport.export import drift
 from spexport.export.common import (
     BANK,
@@ -34,7 +33,7 @@ from spexport.export.common import (
     within_vocab,
 )
 from spexport.export.decoder import quality
-from spexport.export.decoder.build import Speed
+from spexport.export.decoder.build import build
 from spexport.export.decoder.core_graph import export_core_graph
 from spexport.export.decoder.direct import builds
 from spexport.export.decoder.graph import export_decoder
@@ -45,7 +44,6 @@ from spexport.families import DECODER, model_info
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:
     """Export a decoder-only model with every adapter into one artifact at `output`, atomically."""
-    speed = Speed(options.optimize, options.quantize, options.dtype)
     info = read_info(model_dir, options.trust_remote_code)
     options.on_step("converting adapters")
     prompts = convert_adapters(adapters, info, DECODER, model_dir)  # every check before the model loads
@@ -55,19 +53,17 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         bank, tasks = {}, []
         for name, prompt in prompts.items():
             options.on_step(f"computing the KV prefix of {name}")
-            bank[name] = kv_prefix(name, model, prompt)
-            tasks.append(Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens,
-                              tensor=name, shape=list(bank[name].shape), dtype="float32",
-                              source={**prompt.source, "kind": prompt.kind}))
+            task, bank[name] = bank_entry(name, prompt, lambda embeddings: embeddings_to_kv(model, embeddings))
+            tasks.append(task)
         if not options.bake:
             tensorfile.save(bank, staging / BANK)
             ort_adapters.write_adapters(bank, staging)
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
-        record = export_graph(model, info, staging, speed, baked)
+        record = export_graph(model, info, staging, options, baked)
         extra = {}
         if record is not None:
-            options.on_step(f"measuring the {speed.quantize} graph's drift from float32")
+            options.on_step(f"measuring the {options.quantize} graph's drift from float32")
             record["drift"] = quality.measure_drift(staging, GRAPH, info, tasks, None if options.bake else BANK,
                                                     drift.TextEncoder(model_dir))
             shutil.rmtree(staging / drift.REFERENCE)
@@ -108,33 +104,22 @@ def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
     return np.stack([np.stack([k[0].numpy(), v[0].numpy()]) for k, v in layers]).astype(np.float32)
 
 
-def kv_prefix(name: str, model, prompt: SoftPrompt) -> np.ndarray:
-    """Task `name`'s KV prefix; one the model computes as NaN or Inf (its weights hold some) is refused."""
-    if prompt.kind != "embeddings":
-        return prompt.tensor
-    kv = embeddings_to_kv(model, prompt.tensor)
-    if not np.isfinite(kv).all():
-        raise AdapterError(f"task {name!r}: the KV prefix that the frozen model computes from its prompt holds NaN or "
-                           "Inf; the model's weights hold NaN or Inf, or the prompt's values are too large for it")
-    return kv
-
-
-def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> dict | None:
-    """The frozen model's decoder-with-past graph, wired and sped up by `speed`, written to `out`. Quantizing,
+def export_graph(model, info: ModelInfo, out: Path, options: ExportOptions, bank=None) -> dict | None:
+    """The frozen model's decoder-with-past graph, wired and sped up as `options` say, written to `out`. Quantizing,
     the float32 graph stays beside it under drift.REFERENCE and the quantization's record is returned.
 
     Once traced, `model`'s weights move to torch's meta device (convert needs them no more), so the
     graph passes run with one copy of the weights in memory, not two.
     """
     reference = None
-    if speed.quantize:
+    if options.quantize:
         (out / drift.REFERENCE).mkdir()
         reference = out / drift.REFERENCE / GRAPH
     with tempfile.TemporaryDirectory() as scratch, quiet_tracing():
         # a directly written float32 unbaked graph keeps the raw graph's weights file as its own: written once,
         # in place (the fusions of a traced graph and the other weight types write new tensors)
-        in_place = speed.weights == "float32" and bank is None and speed.optimize and builds(model, info)
+        in_place = options.weights == "float32" and bank is None and options.optimize and builds(model, info)
         raw = out / GRAPH if in_place else Path(scratch) / GRAPH
-        fused = export_decoder(model, info, raw, direct=speed.optimize)
+        fused = export_decoder(model, info, raw, direct=options.optimize)
         model.to("meta")
-        return speed.build(raw, info, out / GRAPH, bank, reference, fused)
+        return build(options, raw, info, out / GRAPH, bank, reference, fused)

@@ -12,7 +12,6 @@ interface does not change.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from spexport.artifact.manifest import ModelInfo
+from spexport.export.common import ExportOptions
 from spexport.export.decoder.prefix_graph import WEIGHTS_SUFFIX
 from spexport.export.passes import (
     AddPrefixInputsPass,
@@ -39,53 +39,42 @@ from spexport.export.passes.tag import SCALED_QUERY
 from spexport.families import DECODER
 
 
-@dataclass(frozen=True)
-class Speed:
-    """How `spexport convert` builds the graph: fused or not, and the weights' type
-    (`families.Family.check` has refused values the family does not offer)."""
+def build(options: ExportOptions, raw: Path, info: ModelInfo, path: Path,
+          bank: tuple[np.ndarray, np.ndarray] | None = None, reference: Path | None = None,
+          fused: dict[str, int] | None = None) -> dict | None:
+    """Wire the prefix inputs (or a baked `bank`: kv [tasks, ...] and mask [tasks, n]) into the plain
+    decoder graph at `raw`, speed it up as `options` say (fused or not, the weights' type), tag it and write it
+    to `path` (raw's folder takes scratch files).
 
-    optimize: bool = True
-    quantize: str | None = None  # "int8", "int4": passes/quantize.py's MODES
-    dtype: str = "float32"  # "float16": for GPU providers
-
-    @property
-    def weights(self) -> str:
-        return self.quantize or self.dtype
-
-    def build(self, raw: Path, info: ModelInfo, path: Path, bank: tuple[np.ndarray, np.ndarray] | None = None,
-              reference: Path | None = None, fused: dict[str, int] | None = None) -> dict | None:
-        """Wire the prefix inputs (or a baked `bank`: kv [tasks, ...] and mask [tasks, n]) into the plain
-        decoder graph at `raw`, speed it up, tag it and write it to `path` (raw's folder takes scratch files).
-
-        Quantizing, the float32 graph is also written to `reference` (for the drift report) and the
-        quantization's record (passes/quantize.py's `record`) is returned; otherwise None. `fused` counts
-        the ONNX Runtime operators a directly written graph holds already: it skips the fusion passes."""
-        model = ir.load(raw)
-        structure = [AddPrefixInputsPass(info.num_layers, info.num_kv_heads, info.head_dim)]
-        if bank is not None:
-            structure.append(BakePromptBankPass(*bank))
-        for step in [*structure, MergePrefixIntoPastConcatPass()]:
-            model = step(model).model
-        _check(model, raw.parent)
-        fusions = dict(fused or {})
-        if fused is None and self.optimize and DECODER.fusion_type:
-            rotary = FuseRotaryEmbeddingPass(info.max_positions)
-            fuse = FuseTransformerOpsPass(DECODER.fusion_type, info.hidden_size // info.head_dim, info.hidden_size,
-                                          workdir=raw.parent)
-            scale = ScaleQueriesNotKeysPass()
-            model = scale(fuse(rotary(model).model).model).model
-            fusions = {**fuse.counts, **({ROTARY: rotary.fused} if rotary.fused else {}),
-                       **({SCALED_QUERY: scale.moved} if scale.moved else {})}
-        if self.dtype == "float16":
-            model = ConvertToFloat16Pass()(model).model
-        record = None
-        if self.quantize is not None:
-            _save(TagGraphPass("float32", fusions)(model).model, reference)
-            quantize = QuantizeWeightsPass(MODES[self.quantize])
-            model = quantize(model).model
-            record = quantize.record()
-        _save(TagGraphPass(self.weights, fusions)(model).model, path, one_file=bank is not None, in_place=raw == path)
-        return record
+    Quantizing, the float32 graph is also written to `reference` (for the drift report) and the
+    quantization's record (passes/quantize.py's `record`) is returned; otherwise None. `fused` counts
+    the ONNX Runtime operators a directly written graph holds already: it skips the fusion passes."""
+    model = ir.load(raw)
+    structure = [AddPrefixInputsPass(info.num_layers, info.num_kv_heads, info.head_dim)]
+    if bank is not None:
+        structure.append(BakePromptBankPass(*bank))
+    for step in [*structure, MergePrefixIntoPastConcatPass()]:
+        model = step(model).model
+    _check(model, raw.parent)
+    fusions = dict(fused or {})
+    if fused is None and options.optimize and DECODER.fusion_type:
+        rotary = FuseRotaryEmbeddingPass(info.max_positions)
+        fuse = FuseTransformerOpsPass(DECODER.fusion_type, info.hidden_size // info.head_dim, info.hidden_size,
+                                      workdir=raw.parent)
+        scale = ScaleQueriesNotKeysPass()
+        model = scale(fuse(rotary(model).model).model).model
+        fusions = {**fuse.counts, **({ROTARY: rotary.fused} if rotary.fused else {}),
+                   **({SCALED_QUERY: scale.moved} if scale.moved else {})}
+    if options.dtype == "float16":
+        model = ConvertToFloat16Pass()(model).model
+    record = None
+    if options.quantize is not None:
+        _save(TagGraphPass("float32", fusions)(model).model, reference)
+        quantize = QuantizeWeightsPass(MODES[options.quantize])
+        model = quantize(model).model
+        record = quantize.record()
+    _save(TagGraphPass(options.weights, fusions)(model).model, path, one_file=bank is not None, in_place=raw == path)
+    return record
 
 
 def _save(model: ir.Model, path: Path, one_file: bool = False, in_place: bool = False) -> None:

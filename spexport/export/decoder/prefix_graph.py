@@ -14,9 +14,9 @@ from pathlib import Path
 
 import onnx
 
+from spexport.artifact.files import WEIGHTS_SUFFIX
 from spexport.artifact.ports import INPUTS_EMBEDS, PREFIX_GRAPH
 
-WEIGHTS_SUFFIX = ".data"
 RESHAPES = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast")  # keep each id where it was
 
 

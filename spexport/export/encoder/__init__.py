@@ -12,8 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from spexport.artifact import tensorfile
+from spexport.artifact.files import HEADS
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.converters import SoftPrompt, read_peft_adapter
+from spexport.converters.bank import bank_entry
 from spexport.converters.heads import Head, read_head
 from spexport.errors import AdapterError, ModelError
 from spexport.export.common import (
@@ -32,8 +34,6 @@ from spexport.export.encoder.graph import detach_body, export_body, export_head,
 from spexport.export.encoder.quality import quantize_body
 from spexport.export.transformers_api import cache_argument
 from spexport.families import ENCODER, model_info
-
-HEADS = "heads"
 
 
 def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, options: ExportOptions) -> Manifest:
@@ -148,9 +148,8 @@ def _export_task(name: str, prompt: SoftPrompt, head: Head, model, trained: set[
     rel = f"{HEADS}/{name.replace('/', '%2F')}.onnx"
     with quiet_tracing():
         export_head(task_model, head.kind == "token", getattr(body, "pooler", None) is not None, staging / rel)
-    return Task(name=name, method=prompt.method, num_virtual_tokens=prompt.num_virtual_tokens, tensor=name,
-                shape=list(prompt.tensor.shape), dtype="float32", source={**prompt.source, "kind": prompt.kind},
-                head={"graph": rel, "kind": head.kind, "labels": labels})
+    task, _ = bank_entry(name, prompt, head={"graph": rel, "kind": head.kind, "labels": labels})
+    return task
 
 
 def _head_model(name: str, head: Head, model, trained: set[str]):

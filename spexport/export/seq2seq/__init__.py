@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spexport.artifact import tensorfile
-from spexport.artifact.manifest import Manifest, ModelInfo, Task
+from spexport.artifact.files import DECODER_GRAPH, ENCODER_GRAPH
+from spexport.artifact.manifest import Manifest, ModelInfo
+from spexport.converters.bank import bank_entry
 from spexport.errors import ModelError
 from spexport.export.common import (
     BANK,
@@ -24,7 +26,7 @@ from spexport.export.common import (
     read_configs,
     read_model_type,
 )
-from spexport.export.seq2seq.graph import DECODER_GRAPH, ENCODER_GRAPH, export_graphs
+from spexport.export.seq2seq.graph import export_graphs
 from spexport.families import NO_POSITION_LIMIT, SEQ2SEQ
 
 
@@ -60,10 +62,9 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         options.on_step("loading the frozen model")
         # eager attention: it traces without data-dependent shortcuts
         model = pretrained(AutoModelForSeq2SeqLM, model_dir, options.trust_remote_code, attn_implementation="eager")
-        tasks = [Task(name=name, method=p.method, num_virtual_tokens=p.num_virtual_tokens, tensor=name,
-                      shape=list(p.tensor.shape), dtype="float32", source={**p.source, "kind": p.kind})
-                 for name, p in prompts.items()]
-        tensorfile.save({name: p.tensor for name, p in prompts.items()}, staging / BANK)
+        entries = [bank_entry(name, p) for name, p in prompts.items()]
+        tasks = [task for task, _ in entries]
+        tensorfile.save({task.tensor: tensor for task, tensor in entries}, staging / BANK)
         options.on_step("exporting the frozen model to ONNX")
         with quiet_tracing():
             export_graphs(model, info.num_layers, info.num_kv_heads, info.head_dim, layout.decoder_positions, staging)

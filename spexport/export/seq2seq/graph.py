@@ -29,6 +29,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from spexport.artifact.files import DECODER_GRAPH, ENCODER_GRAPH
 from spexport.artifact.ports import (
     CACHE_PAST,
     CACHE_PRESENT,
@@ -45,8 +46,6 @@ from spexport.export.passes.float16 import PROTOBUF_LIMIT
 from spexport.export.seq2seq.merge import merge_decoders
 from spexport.export.transformers_api import cache_argument
 
-ENCODER_GRAPH = "encoder_model.onnx"
-DECODER_GRAPH = "decoder_model_merged.onnx"
 OPSET = 17
 
 
