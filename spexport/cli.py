@@ -23,7 +23,6 @@ from spexport.families import default_dtype
 from spexport.serve.options import access_options, check_ray, limit_options, limits_from
 from spexport.tables import inspect_lines, quantization_lines, table_lines, validate_failure, validate_lines
 
-
 ARTIFACT = click.argument("folder", type=click.Path(path_type=Path))
 QUIET = click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout, nothing else.")

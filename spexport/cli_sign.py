@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-
 FILE = click.Path(path_type=Path)
 SIGN_KEY = click.option("--sign-key", type=FILE, help="Private key (PEM) to sign the artifact again with; without "
                         "it, a signed artifact loses its signature.")

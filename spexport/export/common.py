@@ -22,7 +22,7 @@ from spexport.artifact.manifest import Manifest, ModelInfo, is_artifact
 from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
 from spexport.converters.bank import adapter_prompts
 from spexport.ensembles import check_ensembles
-from spexport.errors import AdapterError, ModelError, OutputError, SpexportWarning
+from spexport.errors import ModelError, OutputError, SpexportWarning
 from spexport.families import Family
 from spexport.runtime.chat import check_template_file
 

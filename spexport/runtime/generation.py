@@ -148,7 +148,8 @@ class GeneratingModel(ServedArtifact):
     def _token_columns(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], config: GenerationConfig,
                        stopped: np.ndarray | None = None) -> Iterator[np.ndarray]:
         if config.prompt_lookup_num_tokens:
-            raise InputError(f"prompt_lookup_num_tokens is for decoder-only artifacts; this is {self.family.display_name}")
+            raise InputError("prompt_lookup_num_tokens is for decoder-only artifacts; this is "
+                             f"{self.family.display_name}")
         eos = self.info.eos_token_ids
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
         seen = None

@@ -22,7 +22,8 @@ from spexport.runtime.base import running
 
 class StepGraph(NamedTuple):
     """A decoder's step graph: its session, path, past and present names (per layer: key, value), whether it
-    takes logits_positions, the device (name, id) its presents live on, whether it has sliding-window layers, its vocabulary."""
+    takes logits_positions, the device (name, id) its presents live on, whether it has sliding-window layers, its
+    vocabulary."""
 
     session: ort.InferenceSession
     graph: Path
@@ -51,7 +52,8 @@ class RowBatch:
             past = np.zeros((len(kvs), heads, width, head_dim), np.float32)
             for i, kv in enumerate(kvs):
                 past[i, :, width - lengths[i]:] = kv[j]
-            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(past, graph.device, graph.device_id))
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
+                past, graph.device, graph.device_id))
         for i, n in enumerate(lengths):
             self.mask[i, width - n:] = 1
         self.past = None  # the latest presents, as ONNX Runtime values (None: still the numpy past bound above)

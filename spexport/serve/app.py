@@ -25,6 +25,7 @@ from spexport.serve.metrics import Metrics
 from spexport.serve.protocol import RequestError
 from spexport.serve.scheduler import Job, Scheduler, check_prompt, logprobs_json
 
+
 def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -89,8 +90,8 @@ class Server:
         try:
             body = await run_in_threadpool(_parsed, await request.body())
             if self.generates:
-                raise RequestError(f"/v1/classify is for encoder artifacts; this {self.model.family.display_name} artifact "
-                                   f"generates text: use /v1/completions", code="unsupported_endpoint")
+                raise RequestError(f"/v1/classify is for encoder artifacts; this {self.model.family.display_name} "
+                                   "artifact generates text: use /v1/completions", code="unsupported_endpoint")
             task = protocol.task_name(body, self.model.tasks, self.model.ensembles)
             request.state.task = task
             texts = body.get("input", body.get("inputs"))
