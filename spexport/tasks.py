@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from spexport.artifact import ort_adapters, tensorfile
+from spexport.artifact.files import CHAT_TEMPLATE
 from spexport.artifact.folders import replace_artifact, staging_folder
 from spexport.artifact.integrity import inside_folder, sha256
 from spexport.artifact.locks import editing, release_staging
-from spexport.artifact.manifest import CHAT_TEMPLATE, MANIFEST, Manifest, Task
+from spexport.artifact.manifest import MANIFEST, Manifest, Task
 from spexport.ensembles import edit_ensembles, edited, refuse_removing_members
 from spexport.errors import AdapterError, InputError, OutputError
 from spexport.families import family_named

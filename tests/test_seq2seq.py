@@ -224,7 +224,7 @@ def test_cached_decoding_matches_full_decoding(built):
     decoder_ids = np.random.default_rng(3).integers(4, 150, size=(len(rows), 6))
     decoder_ids[:, 0] = m.info.decoder_start_token_id
     full = m.logits(ids, mask, task=tasks, decoder_input_ids=decoder_ids)
-    encoded, prefix, cache = m._encode(m._prepare(ids, mask, tasks)), m._prefix(task_ids), None
+    encoded, prefix, cache = m._encode(ids, mask, task_ids), m._prefix(task_ids), None
     for step in range(decoder_ids.shape[1]):
         logits, cache = m._decode(decoder_ids[:, step:step + 1], encoded, prefix, cache)
         assert np.abs(logits[:, 0] - full[:, step]).max() <= ATOL

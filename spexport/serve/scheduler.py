@@ -118,9 +118,9 @@ class Scheduler:
         s = job.sampling
         try:
             job.request = self.engine.submit(
-                job.ids, job.task, s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature,
-                top_p=s.top_p, seed=s.seed, stop=s.stop, logprobs=getattr(s, "logprobs", None),
-                logits_processors=getattr(s, "logits_processors", ()), listener=lambda event: self._report(job, event))
+                job.ids, job.task, s.max_new_tokens, do_sample=s.do_sample, temperature=s.temperature, top_k=s.top_k,
+                top_p=s.top_p, seed=s.seed, repetition_penalty=s.repetition_penalty, stop=s.stop, logprobs=s.logprobs,
+                logits_processors=s.logits_processors, listener=lambda event: self._report(job, event))
         except SpexportError as e:
             job.put("error", e)
             return

@@ -9,6 +9,7 @@ import re
 import jsonschema
 import numpy as np
 import pytest
+from json_llama import json_llama  # noqa: F401  (the fixture)
 
 from spexport.errors import InputError
 from spexport.runtime import grammar, load
@@ -24,7 +25,7 @@ PROMPTS = ["the cat", "yes no", '{"a"', "maybe"]
 
 
 @pytest.fixture(scope="module")
-def model(json_llama):
+def model(json_llama):  # noqa: F811  (the fixture imported above)
     return load(json_llama["artifact"])
 
 

@@ -19,8 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from test_serve import ROOT, post, served
 
+from spexport.artifact.files import CHAT_TEMPLATE
 from spexport.artifact.integrity import sha256
-from spexport.artifact.manifest import CHAT_TEMPLATE, Manifest
+from spexport.artifact.manifest import Manifest
 from spexport.cli import main
 from spexport.errors import ArtifactError, InputError
 from spexport.runtime import load

@@ -1,4 +1,5 @@
-"""A tiny Llama whose tokenizer can spell JSON (byte-level BPE), for structured output."""
+"""A tiny Llama whose tokenizer can spell JSON (byte-level BPE), for structured output (a fixture module: a
+conftest.py here would shadow tests/conftest.py, which other test modules import by name)."""
 
 from __future__ import annotations
 
