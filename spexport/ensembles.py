@@ -36,7 +36,7 @@ def parse_specs(values: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
 def check_ensembles(ensembles: dict[str, list[str]], tasks: list[Task], family: str) -> None:
     """Refuse ensembles that an artifact of `tasks` cannot hold, with the first problem as an OptionError."""
     for name, members in ensembles.items():
-        problem = ensemble_problem(name, members, tasks, family)
+        problem = ensemble_problem(name, members, tasks)
         if problem:
             raise OptionError(f"--ensemble {name}: {problem}")
 

@@ -194,7 +194,7 @@ def seal(document: dict) -> dict:
     return {**content, SEAL: hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()}
 
 
-def ensemble_problem(name: str, members, tasks: list[Task], family: str) -> str | None:
+def ensemble_problem(name: str, members, tasks: list[Task]) -> str | None:
     """Why ensemble `name` of `members` cannot be in an artifact of `tasks`, or None when it can: an ensemble
     has at least two distinct member tasks, and its name is no task's; a classifier's members share their
     labels and classify sequences (their probabilities are averaged label by label)."""
@@ -209,9 +209,11 @@ def ensemble_problem(name: str, members, tasks: list[Task], family: str) -> str 
     if unknown:
         return f"ensemble {name!r} names {unknown[0]!r}, which is not a task; the tasks are {', '.join(by_name)}"
     heads = [by_name[m].head for m in members]
-    if family == "encoder" and any(not isinstance(h, dict) or h.get("kind") != "sequence" for h in heads):
+    if all(h is None for h in heads):  # a generator's tasks: nothing more to share
+        return None
+    if any(not isinstance(h, dict) or h.get("kind") != "sequence" for h in heads):
         return f"ensemble {name!r}: ensembles of a classifier are of sequence classification tasks"
-    if family == "encoder" and any(h.get("labels") != heads[0].get("labels") for h in heads):
+    if any(h.get("labels") != heads[0].get("labels") for h in heads):
         return f"ensemble {name!r}: its members' labels differ, so their probabilities cannot be averaged"
     return None
 
@@ -329,7 +331,7 @@ def _checked(raw: dict, path: Path) -> Manifest:
                      "an object of paths to sha256 hex digests", {})
     ensembles = top.take("ensembles", lambda v: isinstance(v, dict) and all(map(_path, v)), "an object of names", {})
     for name, members in ensembles.items():
-        problem = ensemble_problem(name, members, tasks, raw.get("family"))
+        problem = ensemble_problem(name, members, tasks)
         if problem:
             raise ArtifactError(f"{path}: field ensembles: {problem}")
     for rel in [graph, bank, prefix_graph, core_graph, *tokenizer_files]:

@@ -94,7 +94,7 @@ def test_padding_anywhere_gives_each_row_its_answer_alone(runtime_model, layouts
     ({"max_batch_size": 0}, r"max_batch_size must be a whole number >= 1, got 0"),
     ({"max_batch_size": True}, r"max_batch_size must be a whole number >= 1, got True"),
     ({"providers": "CPUExecutionProvider"}, r"providers must be a list of provider names"),
-    ({"providers": [1]}, r"providers must be a list of provider names"),
+    ({"providers": [1]}, r"each provider must be a name such as .CUDAExecutionProvider. or a \(name, "),
     ({"folder": None}, r"folder must be the path of an artifact folder, got None"),
 ])
 def test_load_checks_its_arguments(tiny_llama, kwargs, pattern):

@@ -32,7 +32,8 @@ from spexport.export.decoder.prefix_graph import drop_unused
 
 JOINED = "spx_{}"  # AddPrefixInputsPass's names: the wired value of an input or output port
 HEADS = ("MatMul", "MatMulNBits", "Gemm")  # the LM head's product (float, quantized)
-AFTER_HEAD = ("Add", "Cast")  # what may follow it before `logits`: a bias, fp16's cast back
+AFTER_HEAD = ("Add", "Cast", "Div", "Tanh", "Mul")  # what may follow it before `logits`, position by position: a bias,
+# fp16's cast back, a final soft cap (Gemma 2: tanh(logits / cap) * cap)
 
 
 def export_core_graph(folder: Path, graph: str, num_layers: int) -> str | None:
