@@ -47,6 +47,10 @@ class RowBatch:
             self.binding.bind_cpu_input(name, value)
         # on the CPU the presents land in numpy buffers the batch owns: a rebuild reads them without a copy
         self.on_cpu = graph.device == "cpu"
+        # two flat buffers per present, used in turn (a step reads one and writes the other), grown by doubling:
+        # fresh memory every step would cost page faults on every write
+        self.pools = [[np.empty(0, np.float32), np.empty(0, np.float32)] for _ in graph.present_names]
+        self.turn = 0
         self.past: list = []
         for j, name in enumerate(graph.past_names):
             heads, _, head_dim = kvs[0][j].shape
@@ -96,10 +100,10 @@ class RowBatch:
             logits = self.logits[ids.shape] = np.empty((*ids.shape, graph.vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         presents = []
-        for name, past in zip(graph.present_names, self.past):
+        self.turn ^= 1
+        for name, past, pool in zip(graph.present_names, self.past, self.pools):
             if self.on_cpu:
-                batch, heads, _, head_dim = past.shape
-                presents.append(np.empty((batch, heads, self.mask.shape[1], head_dim), np.float32))
+                presents.append(self._buffer(pool, (*past.shape[:2], self.mask.shape[1], past.shape[3])))
                 binding.bind_output(name, "cpu", 0, np.float32, list(presents[-1].shape), presents[-1].ctypes.data)
             else:
                 binding.bind_output(name, graph.device)
@@ -109,6 +113,12 @@ class RowBatch:
         for name, value in zip(graph.past_names, self.past):
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value) if self.on_cpu else value)
         return logits
+
+    def _buffer(self, pool: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        if pool[self.turn].size < size:
+            pool[self.turn] = np.empty(max(size, 2 * pool[self.turn].size), np.float32)
+        return pool[self.turn][:size].reshape(shape)
 
     def reject(self, row: int, count: int) -> None:
         """Mask out the last `count` slots row `row` fed in the last step (a draft's rejected tokens)."""
