@@ -26,10 +26,14 @@ def find_draft(tokens: list[int], count: int, max_ngram: int = MAX_NGRAM, min_ng
 
 
 class Drafter:
-    """One row's drafting state: how many tokens to draft, and the backoff after misses."""
+    """One row's drafting state: how many tokens to draft, and the backoff after misses.
+
+    The draft length follows the row's luck: it doubles (up to `count`) after a draft kept whole and drops to
+    one more than the tokens kept after a partial one, so a row that copies drafts long and one that does
+    not pays for few verified tokens."""
 
     def __init__(self, count: int):
-        self.count = count
+        self.count = self.length = count
         self.pause = 0  # steps to wait before drafting again
         self.misses = 0
         self.drafted = self.accepted = 0
@@ -41,11 +45,12 @@ class Drafter:
         if self.pause:
             self.pause -= 1
             return []
-        return find_draft(tokens, min(self.count, most))
+        return find_draft(tokens, min(self.length, most))
 
     def record(self, drafted: int, accepted: int) -> None:
         """A drafted step's outcome: a draft with no token accepted doubles the pause before the next one."""
         self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
+        self.length = min(self.count, 2 * self.length) if accepted == drafted else max(2, accepted + 1)
         if accepted:
             self.misses = 0
         else:

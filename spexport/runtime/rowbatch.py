@@ -47,17 +47,24 @@ class RowBatch:
         self.binding = graph.session.io_binding()
         for name, value in prefix_feeds.items():
             self.binding.bind_cpu_input(name, value)
+        # on the CPU the presents land in numpy buffers the batch owns: a rebuild reads them without a copy
+        self.on_cpu = graph.device == "cpu"
+        # two flat buffers per present, used in turn (a step reads one and writes the other), grown by doubling:
+        # fresh memory every step would cost page faults on every write
+        self.pools = [[np.empty(0, np.float32), np.empty(0, np.float32)] for _ in graph.present_names]
+        self.turn = 0
+        self.past: list = []
         for j, name in enumerate(graph.past_names):
             heads, _, head_dim = kvs[0][j].shape
-            past = np.zeros((len(kvs), heads, width, head_dim), np.float32)
+            past = np.empty((len(kvs), heads, width, head_dim), np.float32)
             for i, kv in enumerate(kvs):
+                past[i, :, :width - lengths[i]] = 0
                 past[i, :, width - lengths[i]:] = kv[j]
+            self.past.append(past)
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
                 past, graph.device, graph.device_id))
         for i, n in enumerate(lengths):
             self.mask[i, width - n:] = 1
-        self.past = None  # the latest presents, as ONNX Runtime values (None: still the numpy past bound above)
-        self.kvs = kvs
         self.fed: list[int] = []  # each row's fed count in the last step
         self.logits: dict[tuple[int, int], np.ndarray] = {}
 
@@ -95,15 +102,26 @@ class RowBatch:
         if logits is None:
             logits = self.logits[ids.shape] = np.empty((*ids.shape, graph.vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        for name in graph.present_names:
-            binding.bind_output(name, graph.device, graph.device_id)
+        presents = []
+        self.turn ^= 1
+        for name, past, pool in zip(graph.present_names, self.past, self.pools):
+            if self.on_cpu:
+                presents.append(self._buffer(pool, (*past.shape[:2], self.mask.shape[1], past.shape[3])))
+                binding.bind_output(name, "cpu", 0, np.float32, list(presents[-1].shape), presents[-1].ctypes.data)
+            else:
+                binding.bind_output(name, graph.device, graph.device_id)
         with running(graph.graph):
             graph.session.run_with_iobinding(binding)
-        self.past = binding.get_outputs()[1:]
-        self.kvs = None  # the rows' pasts are in the binding now
+        self.past = presents if self.on_cpu else binding.get_outputs()[1:]
         for name, value in zip(graph.past_names, self.past):
-            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value) if self.on_cpu else value)
         return logits
+
+    def _buffer(self, pool: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        if pool[self.turn].size < size:
+            pool[self.turn] = np.empty(max(size, 2 * pool[self.turn].size), np.float32)
+        return pool[self.turn][:size].reshape(shape)
 
     def reject(self, row: int, count: int) -> None:
         """Mask out the last `count` slots row `row` fed in the last step (a draft's rejected tokens)."""
@@ -113,8 +131,12 @@ class RowBatch:
 
     def take(self) -> list[list[np.ndarray]]:
         """Each row's past, its real slots only, per past name [kv_heads, slots, head_dim]."""
-        if self.past is None:
-            return self.kvs
-        values = [value.numpy() for value in self.past]
-        real = self.mask.astype(bool)
-        return [[np.ascontiguousarray(value[i][:, real[i]]) for value in values] for i in range(self.size)]
+        values = [value.numpy() if isinstance(value, ort.OrtValue) else value for value in self.past]
+        kvs = []
+        for row in self.mask.astype(bool):
+            slots = np.flatnonzero(row)
+            if len(slots) and slots[-1] - slots[0] + 1 == len(slots):  # one run of real slots: a view, no copy
+                kvs.append([value[len(kvs), :, slots[0]:slots[-1] + 1] for value in values])
+            else:
+                kvs.append([value[len(kvs)][:, row] for value in values])
+        return kvs
