@@ -117,6 +117,9 @@ class Server:
             request.state.task, request.state.user = task, sampling.user
             if stream and len(rows) > 1:
                 raise RequestError("stream takes one prompt per request", param="prompt")
+            if stream and sampling.n > 1:
+                raise RequestError("stream takes one choice (n=1) on this build's scheduler", param="n",
+                                   code="unsupported_parameter")
             unsupported(sampling)
             loop = asyncio.get_running_loop()
             jobs = [self._job(task, ids, dataclasses.replace(sampling, seed=sampling.choice_seed(i)), stream, loop)

@@ -155,7 +155,8 @@ class Scheduler:
             if s.do_sample and s.seed is not None:
                 alone.append([job])
                 continue
-            key = (s.do_sample, s.temperature, s.top_p) if s.do_sample else (False,)
+            key = (s.do_sample, s.temperature, s.top_p, s.top_k) if s.do_sample else (False,)
+            key += (s.repetition_penalty,)  # a batch runs with its first row's settings
             if self.forces_last_token:  # its last new token depends on max_tokens: only equal ones share
                 key += (s.max_new_tokens,)
             groups.setdefault(key, []).append(job)

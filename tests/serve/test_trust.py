@@ -240,3 +240,15 @@ def test_certificate_mode_signs_offline_and_checks_the_chain(artifact, tmp_path)
     assert cli("verify", artifact, "--certificate-chain", tmp_path / "ours-ca.pem")[0] == 0
     one_line_error(*cli("verify", artifact, "--certificate-chain", tmp_path / "other-ca.pem"), 5,
                    "not by a trusted key")
+
+
+def test_convert_refuses_a_template_that_breaks_its_budget(tiny_llama, tmp_path):
+    from spexport.export import convert
+
+    model_dir = Path(shutil.copytree(tiny_llama["model"], tmp_path / "model"))
+    (model_dir / "chat_template.jinja").write_text(NESTED)
+    started = time.monotonic()
+    with pytest.raises(ArtifactError, match="broke its budget") as caught:
+        convert(model_dir, [("pt", tiny_llama["adapters"]["pt"])], tmp_path / "artifact", optimize=False)
+    assert "\n" not in str(caught.value) and time.monotonic() - started < 120
+    assert not (tmp_path / "artifact").exists() and list(tmp_path.glob(".artifact*")) == []
