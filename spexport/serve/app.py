@@ -306,8 +306,10 @@ def unsupported(sampling) -> None:
         raise RequestError("logprobs are not served by this build's scheduler yet", param="logprobs",
                            code="unsupported_parameter")
     if sampling.logits_processors:
-        raise RequestError("logit_bias, presence_penalty, frequency_penalty and structured output are not served by "
-                           "this build's scheduler yet", param="logit_bias", code="unsupported_parameter")
+        kind = type(sampling.logits_processors[0]).__name__
+        param = {"LogitBias": "logit_bias", "Penalties": "presence_penalty"}.get(kind, "response_format")
+        raise RequestError(f"{param} (like every logits processor: logit_bias, penalties, structured output) is not "
+                           "served by this build's scheduler yet", param=param, code="unsupported_parameter")
 
 
 def _parsed(raw: bytes) -> dict:

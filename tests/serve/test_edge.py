@@ -340,3 +340,15 @@ def test_rows_batch_only_with_rows_of_the_same_decoding_settings(model):
     jobs = [Job("pt", [5, 6], s, loop) for s in settings]
     assert sorted(len(b) for b in Scheduler(model).batches_of(jobs)) == [1, 1, 1, 1]
     loop.close()
+
+
+@pytest.mark.parametrize("extra, param", [({"logit_bias": {"5": 1}}, "logit_bias"),
+                                          ({"frequency_penalty": 0.5}, "presence_penalty"),
+                                          ({"response_format": {"type": "json_object"}}, "response_format"),
+                                          ({"logprobs": 2}, "logprobs")])
+def test_what_the_current_scheduler_cannot_run_is_refused_not_ignored(server, extra, param):
+    """The red team found logprobs, penalties and logit_bias accepted with no effect."""
+    status, answer, _ = request(server[0], "POST", "/v1/completions", {"model": "pt", "prompt": "a", **extra})
+    assert status == 400 and answer["error"]["param"] == param, answer
+    # this tiny tokenizer is one llguidance cannot use: structured output is refused before the scheduler is asked
+    assert answer["error"]["code"] == "unsupported_parameter" or "llguidance" in answer["error"]["message"]
