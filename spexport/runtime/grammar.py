@@ -39,7 +39,11 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]):
         kept = _tokenizers.get(id(tokenizer))
         if kept is None or kept[0] is not tokenizer:
             size = max(vocab_size, tokenizer.get_vocab_size(with_added_tokens=True))
-            kept = (tokenizer, ll.LLTokenizer(tokenizer.to_str(), n_vocab=size, eos_token=list(eos_token_ids)))
+            try:
+                kept = (tokenizer, ll.LLTokenizer(tokenizer.to_str(), n_vocab=size, eos_token=list(eos_token_ids)))
+            except (ValueError, RuntimeError) as e:
+                raise InputError(f"structured output is not available for this model: llguidance cannot use its "
+                                 f"tokenizer ({_one_line(e)})") from None
             _tokenizers[id(tokenizer)] = kept
         return kept[1]
 

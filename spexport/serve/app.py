@@ -122,6 +122,8 @@ class Server:
             if stream and sampling.logprobs is not None:
                 raise RequestError("logprobs are returned with stream=false; ask for one or the other",
                                    param="logprobs", code="unsupported_parameter")
+            if stream and sampling.n > 1:
+                raise RequestError("stream takes one choice (n=1)", param="n", code="unsupported_parameter")
             loop = asyncio.get_running_loop()
             jobs = [self._job(task, ids, dataclasses.replace(sampling, seed=sampling.choice_seed(i)), stream, loop, i)
                     for _, ids in rows for i in range(sampling.n)]
@@ -159,8 +161,9 @@ class Server:
             raise RequestError(f"this server's runtime has no chat template support yet for artifact "
                                f"{self.model.folder}; use POST /v1/completions with a formatted prompt",
                                param="messages", code="chat_template_unsupported")
-        ids = template(messages, add_generation_prompt=True)  # token ids, as chat encodes the conversation
-        return task, [("", self._checked(task, list(ids)))], sampling, protocol.stream_flag(body)
+        text = template(messages, add_generation_prompt=True, tokenize=False)
+        ids = _encoded(self.model.tokenizer, text, add_special_tokens=False)  # as chat encodes the conversation
+        return task, [("", self._checked(task, ids))], sampling, protocol.stream_flag(body)
 
     def _task(self, body: dict) -> str:
         if not self.generates:
@@ -314,11 +317,11 @@ def _parsed(raw: bytes) -> dict:
     return body
 
 
-def _encoded(tokenizer, text: str) -> list[int]:
-    """The tokens of `text`, as generate_text encodes it. encode_batch, unlike encode, lets go of the GIL while it
-    works, so the event loop answers other requests while a huge prompt is tokenized."""
+def _encoded(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """The tokens of `text`, as generate_text (chat: add_special_tokens=False) encodes it. encode_batch, unlike
+    encode, lets go of the GIL while it works, so the event loop answers other requests meanwhile."""
     try:
-        return tokenizer.encode_batch([text])[0].ids
+        return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
     except Exception as e:  # the tokenizers library raises bare Exceptions for text it cannot take
         raise RequestError(f"the tokenizer cannot encode this prompt ({type(e).__name__})", param="prompt") from None
 

@@ -315,3 +315,40 @@ def test_openai_client_chat_honours_max_completion_tokens_and_content_parts(chat
     two = c.chat.completions.create(model="pt", messages=plain, max_tokens=4, n=2, seed=3, temperature=0.7)
     assert [ch.message.content for ch in two.choices] == [
         model.chat(plain, task="pt", max_new_tokens=4, do_sample=True, temperature=0.7, seed=s) for s in (3, 4)]
+
+
+def test_refused_streams_and_finished_requests_leave_the_queue_empty(server):
+    port, _ = server
+    status, answer, _ = request(port, "POST", "/v1/completions", {"model": "pt", "prompt": "a", "n": 2,
+                                                                  "stream": True})
+    assert status == 400 and answer["error"]["param"] == "n"
+    for _ in range(3):  # more generations than the queue holds, one request after another
+        body = {"model": "pt", "prompt": ["a", "b"], "max_tokens": 2}
+        assert request(port, "POST", "/v1/completions", body)[0] == 200
+    assert "spexport_queue_depth 0.0" in request(port, "GET", "/metrics")[1]["raw"]
+
+
+def test_rows_batch_only_with_rows_of_the_same_decoding_settings(model):
+    import asyncio
+
+    from spexport.serve.protocol import Sampling
+    from spexport.serve.scheduler import Job, Scheduler
+
+    loop = asyncio.new_event_loop()
+    settings = [Sampling(4, False, 1.0, 1.0, None), Sampling(4, False, 1.0, 1.0, None, repetition_penalty=1.5),
+                Sampling(4, True, 0.7, 1.0, None), Sampling(4, True, 0.7, 1.0, None, top_k=5)]
+    jobs = [Job("pt", [5, 6], s, loop) for s in settings]
+    assert sorted(len(b) for b in Scheduler(model).batches_of(jobs)) == [1, 1, 1, 1]
+    loop.close()
+
+
+@pytest.mark.parametrize("extra, param", [({"logit_bias": {"5": 1}}, "logit_bias"),
+                                          ({"frequency_penalty": 0.5}, "presence_penalty"),
+                                          ({"response_format": {"type": "json_object"}}, "response_format"),
+                                          ({"logprobs": 2}, "logprobs")])
+def test_what_the_current_scheduler_cannot_run_is_refused_not_ignored(server, extra, param):
+    """The red team found logprobs, penalties and logit_bias accepted with no effect."""
+    status, answer, _ = request(server[0], "POST", "/v1/completions", {"model": "pt", "prompt": "a", **extra})
+    assert status == 400 and answer["error"]["param"] == param, answer
+    # this tiny tokenizer is one llguidance cannot use: structured output is refused before the scheduler is asked
+    assert answer["error"]["code"] == "unsupported_parameter" or "llguidance" in answer["error"]["message"]

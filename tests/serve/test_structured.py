@@ -136,3 +136,10 @@ def test_processors_come_in_openais_order(model):
     found = structured.processors(body, model, "chat")
     assert [type(p).__name__ for p in found] == ["LogitBias", "Penalties", "GrammarProcessor"]
     assert structured.processors({"response_format": {"type": "text"}}, model, "chat") == ()
+
+
+def test_a_tokenizer_llguidance_cannot_use_is_a_400_naming_the_field(tiny_llama):
+    """The tiny Llama's bare Metaspace decoder is one llguidance does not take."""
+    with pytest.raises(RequestError) as caught:
+        structured.processors({"response_format": {"type": "json_object"}}, load(tiny_llama["artifact"]), "chat")
+    assert caught.value.param == "response_format" and "llguidance cannot use" in caught.value.message

@@ -241,3 +241,43 @@ def test_certificate_mode_signs_offline_and_checks_the_chain(artifact, tmp_path)
     assert cli("verify", artifact, "--certificate-chain", tmp_path / "ours-ca.pem")[0] == 0
     one_line_error(*cli("verify", artifact, "--certificate-chain", tmp_path / "other-ca.pem"), 5,
                    "not by a trusted key")
+
+
+def test_convert_refuses_a_template_that_breaks_its_budget(tiny_llama, tmp_path):
+    from spexport.export import convert
+
+    model_dir = Path(shutil.copytree(tiny_llama["model"], tmp_path / "model"))
+    (model_dir / "chat_template.jinja").write_text(NESTED)
+    started = time.monotonic()
+    with pytest.raises(ArtifactError, match="broke its budget") as caught:
+        convert(model_dir, [("pt", tiny_llama["adapters"]["pt"])], tmp_path / "artifact", optimize=False)
+    assert "\n" not in str(caught.value) and time.monotonic() - started < 120
+    assert not (tmp_path / "artifact").exists() and list(tmp_path.glob(".artifact*")) == []
+
+
+def test_a_second_writer_waits_then_fails_clearly(artifact):
+    import threading
+
+    from spexport.artifact.locks import editing, lock_path
+    from spexport.errors import OutputError
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def first():
+        with editing(artifact):
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    entered.wait(10)
+    with pytest.raises(OutputError, match="another spexport add, remove or reseal has been editing") as caught:
+        with editing(artifact, wait_s=0.3):
+            pass
+    assert "\n" not in str(caught.value)
+    release.set()
+    thread.join()
+    with editing(artifact, wait_s=1):  # free again once the first let go
+        pass
+    assert not lock_path(artifact).exists()
