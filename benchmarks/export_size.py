@@ -65,10 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--genai-python", default="/tmp/genai11/bin/python")
     parser.add_argument("--runs", default="fp32,genai,float16,int4")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--keep", action="store_true", help="keep the other runs of --out's export_size.json")
     args = parser.parse_args(argv)
     model_dir = build_model(args.work / "model")
     weights = sum(path.stat().st_size for path in model_dir.glob("*.safetensors"))
-    figures = {}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    previous = args.out / "export_size.json"
+    figures = json.loads(previous.read_text())["runs"] if args.keep and previous.is_file() else {}
     for run in args.runs.split(","):
         print(f"{time.strftime('%H:%M:%S')} {run}", file=sys.stderr, flush=True)
         out = args.work / run
@@ -78,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
                                                       "print(g.__version__)"], capture_output=True,
                                                      text=True).stdout.strip()
         else:
-            figures[run] = spexport_run(model_dir, out, RUNS[run], args.work / f"{run}.log")
+            try:
+                figures[run] = spexport_run(model_dir, out, RUNS[run], args.work / f"{run}.log")
+            except RuntimeError as e:  # an export killed for memory is a result too
+                figures[run] = {"failed": str(e), "commit": commit}
+                continue
+        figures[run].update(commit=commit, load_average=list(os.getloadavg()))
         figures[run]["peak_rss_over_fp32_weights"] = figures[run]["peak_rss_bytes"] / weights
         print(json.dumps(figures[run]), file=sys.stderr, flush=True)
     if "fp32" in figures and "genai" in figures:
         figures["fp32"]["wall_over_genai"] = figures["fp32"]["wall_s"] / figures["genai"]["wall_s"]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     result = {"commit": commit, "environment": environment(1), "model": LLAMA_3_2_1B, "fp32_weight_bytes": weights,
               "runs": figures}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -97,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(result: dict) -> str:
     lines = [f"Llama-3.2-1B config, random weights ({result['fp32_weight_bytes'] / 1e9:.2f} GB fp32), commit "
              f"{result['commit'][:10]}, {result['environment']['cpu']}", "",
-             "| export | wall s | peak RSS GB | RSS / fp32 weights |", "|---|---|---|---|"]
+             "| export | wall s | peak RSS GB | RSS / fp32 weights | commit |", "|---|---|---|---|---|"]
     for run, figure in result["runs"].items():
+        if "failed" in figure:
+            lines.append(f"| spexport convert {run} | failed: {figure['failed'][-80:]} | | |")
+            continue
         name = f"onnxruntime-genai {figure.get('version', '')} builder (fp32)" if run == "genai" else \
             f"spexport convert {run}"
         lines.append(f"| {name} | {figure['wall_s']:.1f} | {figure['peak_rss_bytes'] / 1e9:.2f} | "
-                     f"{figure['peak_rss_over_fp32_weights']:.2f} |")
+                     f"{figure['peak_rss_over_fp32_weights']:.2f} | {figure.get('commit', '')[:10]} |")
     if "wall_over_genai" in result["runs"].get("fp32", {}):
         lines += ["", f"spexport fp32 export time / genai builder: {result['runs']['fp32']['wall_over_genai']:.2f}"]
     return "\n".join(lines) + "\n"

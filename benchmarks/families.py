@@ -49,7 +49,7 @@ VOCAB = 8192
 def build(model_type: str, work: Path) -> Path:
     """The type's random model and its artifact with one task, built once."""
     folder, artifact = work / model_type / "model", work / model_type / "artifact"
-    if (artifact / "manifest.json").is_file() and workloads.built_by_this_source(artifact):
+    if workloads.built_by_this_source(artifact):
         return artifact
     if not (folder / "config.json").is_file():
         import torch
@@ -113,19 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", default=",".join(CONFIGS))
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--keep", action="store_true", help="add to --out's families.json instead of replacing it")
     args = parser.parse_args(argv)
     threads = measure.threads()
-    results = {}
-    for model_type in args.types.split(","):
-        print(f"{time.strftime('%H:%M:%S')} {model_type}", file=sys.stderr, flush=True)
-        results[model_type] = measure_type(model_type, args.work, threads, args.reps)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    result = {"commit": commit, "environment": environment(threads), "past": PAST, "vocab": VOCAB,
-              "configs": {t: CONFIGS[t] for t in results}, "types": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "families.json").write_text(json.dumps(result, indent=2, default=str))
-    (args.out / "families.md").write_text(markdown(result))
+    path = args.out / "families.json"
+    # each type is added to the results as it is measured, so a long run split over several calls adds up
+    results = json.loads(path.read_text())["types"] if args.keep and path.is_file() else {}
+    for model_type in args.types.split(","):
+        print(f"{time.strftime('%H:%M:%S')} {model_type}", file=sys.stderr, flush=True)
+        results[model_type] = {**measure_type(model_type, args.work, threads, args.reps), "commit": commit,
+                               "load_average": list(os.getloadavg())}
+        result = {"commit": commit, "environment": environment(threads), "past": PAST, "vocab": VOCAB,
+                  "configs": {t: CONFIGS[t] for t in results}, "types": results}
+        path.write_text(json.dumps(result, indent=2, default=str))
+        (args.out / "families.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

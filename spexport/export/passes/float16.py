@@ -3,7 +3,10 @@ stay float32, so the artifact's interface does not change."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import onnx_ir as ir
+from onnx import TensorProto, ValueInfoProto, helper
 from onnx_ir.passes import FunctionalPass, PassResult
 
 from spexport.export.passes.bake_prompt_bank import BANK_CONSTANTS
@@ -12,20 +15,38 @@ PROTOBUF_LIMIT = 1_800_000_000  # shape inference serialises the model: protobuf
 
 
 class ConvertToFloat16Pass(FunctionalPass):
-    def call(self, model: ir.Model) -> PassResult:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+    """Weights still in a file are not read into memory: the converter only retypes their references,
+    and each becomes a lazily cast fp16 tensor, read and converted one at a time as the graph is saved
+    (at a 1B model, converting in memory held the float32 weights three times over)."""
 
-        # shape inference serialises the model, which protobuf refuses past 2 GB (ByteSize() too: it serialises)
-        large = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) \
-            > PROTOBUF_LIMIT
-        proto = ir.to_proto(ir.external_data.load_to_model(model))  # the converter reads every weight in memory
+    def call(self, model: ir.Model) -> PassResult:
+        from onnxruntime.transformers import float16
+
+        in_files = {name: tensor for name, value in model.graph.initializers.items()
+                    if isinstance(tensor := value.const_value, ir.ExternalTensor) and tensor.dtype == ir.DataType.FLOAT}
+        proto = ir.to_proto(model)
         bank_readers = []
         for i, node in enumerate(proto.graph.node):
             if node.op_type == "Gather" and node.input[0] in BANK_CONSTANTS:
                 node.name = node.name or f"spx_bank_gather{i}"
                 bank_readers.append(node.name)
-        converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=bank_readers,
-                                             disable_shape_infer=large)
+        # the converter reads a converted weight back only for its shape, which its dims give without the data
+        with mock.patch.object(float16, "make_value_info_from_tensor", _value_info_from_dims):
+            converted = float16.convert_float_to_float16(proto, keep_io_types=True, node_block_list=bank_readers,
+                                                         disable_shape_infer=proto.ByteSize() > PROTOBUF_LIMIT)
+        retyped = [t for t in converted.graph.initializer if t.name in in_files and t.data_type == TensorProto.FLOAT16]
+        for tensor in retyped:
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
         model = ir.from_proto(converted)
+        for tensor in retyped:
+            source = in_files[tensor.name]
+            model.graph.initializers[tensor.name].const_value = ir.LazyTensor(
+                lambda source=source: ir.Tensor(float16.convert_np_to_float16(source.numpy())),
+                dtype=ir.DataType.FLOAT16, shape=source.shape, name=tensor.name)
         model.graph.sort()  # the converter appends the casts of float32 inputs after their readers
         return PassResult(model, modified=True)
+
+
+def _value_info_from_dims(tensor: TensorProto) -> ValueInfoProto:
+    return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
