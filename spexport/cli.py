@@ -66,7 +66,7 @@ def main() -> None:
 @click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]),
+@click.option("--quantize", type=click.Choice(["int8", "int4", "int4-exact"]),
               help="Block-wise 8- or 4-bit weights for every matrix product (CPU); prints the drift from float32.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Weight and compute type; float16 is for GPU providers.")

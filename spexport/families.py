@@ -44,10 +44,10 @@ class Family:
 # in general (layer norms, RMS norms, skip connections, GELU) and match these.
 DECODER = Family("decoder", frozenset({"gpt2", "llama", "qwen2", "mistral", "bloom", "opt", "gpt_neox", "phi3",
                                        "gemma", "gemma2", "qwen3", "granite", "olmo2"}), ("CAUSAL_LM",),
-                 bake=True, quantize=("int8", "int4"), dtypes=("float32", "float16"), fusion_type="gpt2")
+                 bake=True, quantize=("int8", "int4", "int4-exact"), dtypes=("float32", "float16"), fusion_type="gpt2")
 # SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export/encoder).
 ENCODER = Family("encoder", frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2"}),
-                 ("SEQ_CLS", "TOKEN_CLS"), quantize=("int8",),
+                 ("SEQ_CLS", "TOKEN_CLS"), quantize=("int8", "int4"),
                  positions_after_pad=frozenset({"roberta", "xlm-roberta"}))
 # SEQ_2_SEQ_LM encoder-decoder models (export/seq2seq describes each model type's layout). They stay float32:
 # no real encoder-decoder checkpoint is at hand to measure a quantized one's drift on, and T5's activations

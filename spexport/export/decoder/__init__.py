@@ -20,7 +20,8 @@ from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.artifact.ports import stack_prefixes
 from spexport.converters import SoftPrompt
 from spexport.errors import AdapterError
-from spexport.export import drift
+from spexport.export import calibrate, drift
+from spexport.export.calibrate import Activations
 from spexport.export.common import (
     BANK,
     GRAPH,
@@ -38,6 +39,7 @@ from spexport.export.decoder.build import Speed
 from spexport.export.decoder.core_graph import export_core_graph
 from spexport.export.decoder.graph import export_decoder
 from spexport.export.decoder.prefix_graph import export_prefix_graph
+from spexport.export.passes.quantize import MODES
 from spexport.export.transformers_api import output_cache
 from spexport.families import DECODER, model_info
 
@@ -63,7 +65,12 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             ort_adapters.write_adapters(bank, staging)
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
-        record = export_graph(model, info, staging, speed, baked)
+        activations = None
+        if speed.quantize and MODES[speed.quantize].gptq:
+            options.on_step("reading calibration activations")
+            activations = Activations.collect(model, calibrate.rows_of(drift.TextEncoder(model_dir), info.vocab_size,
+                                                                       info.max_positions))
+        record = export_graph(model, info, staging, speed, baked, activations)
         extra = {}
         if record is not None:
             options.on_step(f"measuring the {speed.quantize} graph's drift from float32")
@@ -117,7 +124,7 @@ def kv_prefix(name: str, model, prompt: SoftPrompt) -> np.ndarray:
     return kv
 
 
-def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> dict | None:
+def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None, activations=None) -> dict | None:
     """The frozen model's decoder-with-past graph, wired and sped up by `speed`, written to `out`. Quantizing,
     the float32 graph stays beside it under drift.REFERENCE and the quantization's record is returned.
 
@@ -131,4 +138,4 @@ def export_graph(model, info: ModelInfo, out: Path, speed: Speed, bank=None) -> 
     with tempfile.TemporaryDirectory() as raw, quiet_tracing():
         fused = export_decoder(model, info, Path(raw) / GRAPH, direct=speed.optimize)
         model.to("meta")
-        return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference, fused)
+        return speed.build(Path(raw) / GRAPH, info, out / GRAPH, bank, reference, fused, activations)

@@ -53,13 +53,14 @@ class Speed:
         return self.quantize or self.dtype
 
     def build(self, raw: Path, info: ModelInfo, path: Path, bank: tuple[np.ndarray, np.ndarray] | None = None,
-              reference: Path | None = None, fused: dict[str, int] | None = None) -> dict | None:
+              reference: Path | None = None, fused: dict[str, int] | None = None, activations=None) -> dict | None:
         """Wire the prefix inputs (or a baked `bank`: kv [tasks, ...] and mask [tasks, n]) into the plain
         decoder graph at `raw`, speed it up, tag it and write it to `path` (raw's folder takes scratch files).
 
         Quantizing, the float32 graph is also written to `reference` (for the drift report) and the
         quantization's record (passes/quantize.py's `record`) is returned; otherwise None. `fused` counts
-        the ONNX Runtime operators a directly written graph holds already: it skips the fusion passes."""
+        the ONNX Runtime operators a directly written graph holds already: it skips the fusion passes.
+        `activations` (export/calibrate.py) let GPTQ round the weights."""
         model = ir.load(raw)
         structure = [AddPrefixInputsPass(info.num_layers, info.num_kv_heads, info.head_dim)]
         if bank is not None:
@@ -81,7 +82,7 @@ class Speed:
         record = None
         if self.quantize is not None:
             _save(TagGraphPass("float32", fusions)(model).model, reference)
-            quantize = QuantizeWeightsPass(MODES[self.quantize])
+            quantize = QuantizeWeightsPass(MODES[self.quantize], activations)
             model = quantize(model).model
             record = quantize.record()
         _save(TagGraphPass(self.weights, fusions)(model).model, path, one_file=bank is not None)
