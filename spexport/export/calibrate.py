@@ -27,7 +27,8 @@ NEW_TOKENS = 24  # each text's own greedy continuation joins it: activations of 
 
 
 class Activations:
-    """Inputs of the model's Linear layers over the calibration rows, [tokens, in_features] float32 each."""
+    """Inputs of the model's Linear (and GPT-2 Conv1D) layers over the calibration rows: [tokens, in_features]
+    float32 each."""
 
     def __init__(self):
         self.by_row: dict[bytes, np.ndarray] = {}
@@ -50,7 +51,7 @@ class Activations:
 
         found, seen = cls(), {}
         parts: dict[int, list[np.ndarray]] = {}
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
 
         def hook(module, args):
             if not collecting:
@@ -85,6 +86,8 @@ class Activations:
             if inputs is None:
                 continue
             weight = module.weight.detach().float().numpy()
+            if not isinstance(module, torch.nn.Linear):  # GPT-2's Conv1D keeps its weight as [in, out]
+                weight = weight.T
             for row in (weight[0], weight[-1]):
                 found.by_row[np.ascontiguousarray(row).tobytes()] = inputs
         return found
