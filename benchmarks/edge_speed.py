@@ -96,6 +96,9 @@ class GenaiChild:
             config_path = folder / "genai_config.json"
             config = json.loads(config_path.read_text())
             config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+            search = config.setdefault("search", {})
+            search.update({k: v for k, v in {"do_sample": False, "top_k": 1, "top_p": 1.0, "temperature": 1.0}.items()
+                           if search.get(k) is None})  # 0.11.4's builder leaves nulls its own parser refuses
             config_path.write_text(json.dumps(config, indent=2))
         self.process = subprocess.Popen([python, str(Path(__file__).with_name("genai_child.py")), str(threads),
                                          *map(str, folders)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
