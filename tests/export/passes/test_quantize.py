@@ -251,3 +251,13 @@ def test_the_pass_rounds_by_gptq_where_it_has_activations_and_records_it():
     rtn = QuantizeWeightsPass(dataclasses.replace(INT4, gptq=False), _Inputs(x))
     rtn(_matmul(64, 48)[0])
     assert rtn.calibrated == 0 and rtn.record()["method"] == "round to nearest"
+
+
+def test_the_option_names_are_the_modes():
+    """`--quantize` offers exactly MODES; decoders take every mode, encoders int8 and int4 (not int4-exact)."""
+    from spexport.cli import main
+    from spexport.families import DECODER, ENCODER
+
+    option = next(p for p in main.commands["convert"].params if p.name == "quantize")
+    assert set(option.type.choices) == set(MODES) == set(DECODER.quantize)
+    assert ENCODER.quantize == ("int8", "int4")
