@@ -111,7 +111,8 @@ def test_quantized_graph_runs_with_matmulnbits_and_float32_prompts(tiny, bake, q
     ids, tasks = _rows(exact)
     reference = exact.logits(ids, task=tasks)
     drift = np.abs(quantized.logits(ids, task=tasks) - reference).max()
-    assert 0 < drift < (0.02 if quantize == "int8" else 0.1) * np.abs(reference).max()
+    # int4's head is 4-bit too (genai's graph), so its logits move further than with the old 8-bit head: 0.11 measured
+    assert 0 < drift < (0.02 if quantize == "int8" else 0.15) * np.abs(reference).max()
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
