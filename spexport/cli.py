@@ -67,7 +67,8 @@ def main() -> None:
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
 @click.option("--quantize", type=click.Choice(["int8", "int4", "int4-exact"]),
-              help="Block-wise 8- or 4-bit weights for every matrix product (CPU); prints the drift from float32.")
+              help="Block-wise 8- or 4-bit weights for every matrix product (CPU); int4-exact keeps a GGUF Q4_1 "
+              "checkpoint's float block minimums. Prints the drift from float32.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Weight and compute type; float16 is for GPU providers.")
 @TRUST_REMOTE_CODE
