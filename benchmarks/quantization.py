@@ -94,7 +94,8 @@ def chat_rows(model_dir: Path) -> list[np.ndarray]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [np.array(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True),
+    return [np.array(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 return_dict=False),
                      np.int64) for p in [*PROMPTS, SPEED_PROMPT]]
 
 

@@ -55,8 +55,9 @@ def main() -> None:
 @click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
-@click.option("--quantize", type=click.Choice(["int8", "int4"]),
-              help="Block-wise 8- or 4-bit weights for every matrix product (CPU); prints the drift from float32.")
+@click.option("--quantize", type=click.Choice(["int8", "int4", "int4-exact"]),
+              help="Block-wise 8- or 4-bit weights for every matrix product (CPU); int4-exact keeps a GGUF Q4_1 "
+              "checkpoint's float block minimums. Prints the drift from float32.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), help="[default: float16 with --device cuda]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where it will run.")
 @ENSEMBLES

@@ -76,12 +76,13 @@ DECODER = Family("decoder", "decoder-only",
                             "qwen3", "granite", "olmo2"}), ("CAUSAL_LM",),
                  "spexport.export.decoder:convert", "spexport.runtime.decoder:DecoderModel",
                  generates=True, takes_added_tasks=True, adapter_files=True,
-                 bake=True, quantize=("int8", "int4"), dtypes=("float32", "float16"), fusion_type="gpt2")
+                 bake=True, quantize=("int8", "int4", "int4-exact"), dtypes=("float32", "float16"),
+                 fusion_type="gpt2")
 # SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export/encoder).
 ENCODER = Family("encoder", "encoder", frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra",
                                                   "deberta-v2"}), ("SEQ_CLS", "TOKEN_CLS"),
                  "spexport.export.encoder:convert", "spexport.runtime.encoder:EncoderModel",
-                 classifies=True, embeddings_in_bank=True, quantize=("int8",),
+                 classifies=True, embeddings_in_bank=True, quantize=("int8", "int4"),
                  why_tasks_are_fixed="an encoder artifact's tasks carry head graphs that only `spexport convert` "
                                      "builds",
                  positions_after_pad=frozenset({"roberta", "xlm-roberta"}))

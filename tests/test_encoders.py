@@ -295,18 +295,19 @@ def test_sentence_pairs_match_peft(built):
             assert result == {"label": runtime.labels[task][probs.argmax()], "score": pytest.approx(probs.max())}
 
 
-def test_int8_body_keeps_the_labels_and_reports_their_agreement(built, tmp_path):
-    """--quantize int8: the shared body gets MatMulNBits weights, the heads stay float32, the manifest holds
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_body_keeps_the_labels_and_reports_their_agreement(built, tmp_path, quantize):
+    """--quantize int8 / int4: the shared body gets MatMulNBits weights, the heads stay float32, the manifest holds
     each task's label agreement with the float32 body, and mixed-task padded batches equal rows alone."""
     import onnx
 
-    folder = tmp_path / "int8"
-    convert(built["model"], list(built["adapters"].items()), folder, quantize="int8")
+    folder = tmp_path / quantize
+    convert(built["model"], list(built["adapters"].items()), folder, quantize=quantize)
     ops = {node.op_type for node in onnx.load(folder / "model.onnx").graph.node}
     assert "MatMulNBits" in ops and "MatMul" in ops  # attention's products stay float32
     quantized, exact = load(folder), built["runtime"]
     record = quantized.manifest.quantization
-    assert record["bits"] == 8 and record["drift"]["reference"] == "float32 graph"
+    assert record["bits"] == int(quantize[3:]) and record["drift"]["reference"] == "float32 graph"
     assert set(record["drift"]["tasks"]) == set(TASKS[built["family"]])
     assert all(0.5 <= d["agreement"] <= 1 and d["positions"] > 0 for d in record["drift"]["tasks"].values())
     rows = sample_rows(exact.info.vocab_size)
@@ -317,7 +318,8 @@ def test_int8_body_keeps_the_labels_and_reports_their_agreement(built, tmp_path)
             ours, theirs = quantized.logits(ids, mask, task=task), exact.logits(ids, mask, task=task)
             keep = mask.astype(bool) if task_type == TOK else slice(None)
             assert (ours[keep].argmax(-1) == theirs[keep].argmax(-1)).mean() >= 0.8
-            assert np.abs(ours[keep] - theirs[keep]).max() < 0.1 * np.abs(theirs[keep]).max()
+            bound = 0.1 if quantize == "int8" else 0.3  # measured: 4 bits move the logits ~2-3x as far as 8
+            assert np.abs(ours[keep] - theirs[keep]).max() < bound * np.abs(theirs[keep]).max()
         batch = quantized.logits(ids[:len(tasks)], mask[:len(tasks)], task=tasks)
         for i, task in enumerate(tasks):
             labels = TASKS[built["family"]][task][3]

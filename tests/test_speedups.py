@@ -102,7 +102,7 @@ def test_quantized_graph_runs_with_matmulnbits_and_float32_prompts(tiny, bake, q
     assert "MatMulNBits" in ops and "MatMulInteger" not in ops
     bits = {a.i for node in graph.graph.node if node.op_type == "MatMulNBits" for a in node.attribute
             if a.name == "bits"}
-    assert bits == ({8} if quantize == "int8" else {4, 8})  # the head is int8 in both
+    assert bits == ({8} if quantize == "int8" else {4})  # int4's head is 4-bit too, as genai's
     inputs = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
     assert all(inputs[n] == onnx.TensorProto.FLOAT for n in inputs if n.startswith(("kv_prefix", "past_key_values")))
     bank = {i.name: i.data_type for i in graph.graph.initializer if i.name.startswith("spx_kv_bank")}
@@ -111,7 +111,8 @@ def test_quantized_graph_runs_with_matmulnbits_and_float32_prompts(tiny, bake, q
     ids, tasks = _rows(exact)
     reference = exact.logits(ids, task=tasks)
     drift = np.abs(quantized.logits(ids, task=tasks) - reference).max()
-    assert 0 < drift < (0.02 if quantize == "int8" else 0.1) * np.abs(reference).max()
+    # int4's head is 4-bit too (genai's graph), so its logits move further than with the old 8-bit head: 0.11 measured
+    assert 0 < drift < (0.02 if quantize == "int8" else 0.15) * np.abs(reference).max()
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
@@ -132,8 +133,11 @@ def test_the_drift_report_is_in_the_manifest_for_every_task(tiny, quantize):
     from spexport.artifact.manifest import Manifest
 
     record = Manifest.read(_artifact(tiny, f"{quantize}-False", quantize=quantize)).quantization
-    assert record["bits"] == int(quantize[3:]) and record["method"] == "round to nearest" and record["fallbacks"] == {}
-    assert record["matrices"] > 0 and record["head"] == "int8"
+    assert record["bits"] == int(quantize[3:]) and record["fallbacks"] == {}
+    assert record["matrices"] > 0 and record["head"] == quantize
+    # int4 rounds every matrix but the head (its codes are also the embedding's) by GPTQ on calibration text
+    gptq = f"GPTQ on {record['matrices'] - 1} of {record['matrices']} matrices, else round to nearest"
+    assert record["method"] == ("round to nearest" if quantize == "int8" else gptq)
     drift = record["drift"]
     assert drift["reference"] == "float32 graph" and drift["prompts"] == 4 and drift["new_tokens"] == 16
     assert set(drift["tasks"]) == set(TASKS)

@@ -32,8 +32,9 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     passes; or its fields as keywords (`choices`), as follows.
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input (decoders).
     optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators (faster;
-    the graph then needs ONNX Runtime). quantize="int8" / "int4": block-wise 8- or 4-bit weights for every
-    matrix product (MatMulNBits), with the drift from float32 measured and stored in the manifest.
+    the graph then needs ONNX Runtime). quantize="int8" / "int4" / "int4-exact": block-wise 8- or 4-bit weights
+    for every matrix product (MatMulNBits; docs/quantization.md says which to choose), with the drift from
+    float32 measured and stored in the manifest.
     dtype="float16": fp16 weights and compute, for GPU providers. Prompts and the graph's inputs
     and outputs stay float32 either way.
     trust_remote_code: run Python code that the model folder ships (config.json's auto_map).

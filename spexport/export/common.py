@@ -33,7 +33,7 @@ class ExportOptions:
 
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input.
     optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators.
-    quantize: "int8" or "int4" block-wise weights for every matrix product (export/passes/quantize.py),
+    quantize: "int8", "int4" or "int4-exact" block-wise weights for every matrix product (export/passes/quantize.py),
     with a drift report against float32 in the manifest. dtype: "float16" for GPU providers.
     trust_remote_code: run Python code that the model folder ships (config.json's auto_map).
     """

@@ -19,7 +19,8 @@ from spexport.artifact.genai import write_genai_config
 from spexport.artifact.manifest import Manifest, ModelInfo
 from spexport.artifact.ports import stack_prefixes
 from spexport.converters.bank import bank_entry
-from spexport.export import drift
+from spexport.export import calibrate, drift
+from spexport.export.calibrate import Activations
 from spexport.export.common import (
     BANK,
     GRAPH,
@@ -38,6 +39,7 @@ from spexport.export.decoder.core_graph import export_core_graph
 from spexport.export.decoder.direct import builds
 from spexport.export.decoder.graph import export_decoder
 from spexport.export.decoder.prefix_graph import export_prefix_graph
+from spexport.export.passes.quantize import MODES
 from spexport.export.transformers_api import output_cache
 from spexport.families import DECODER, model_info
 
@@ -60,7 +62,12 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             ort_adapters.write_adapters(bank, staging)
         options.on_step("exporting the frozen model to ONNX")
         baked = stack_prefixes(list(bank.values())) if options.bake else None
-        record = export_graph(model, info, staging, options, baked)
+        activations = None
+        if options.quantize and MODES[options.quantize].gptq:
+            options.on_step("reading calibration activations")
+            activations = Activations.collect(model, calibrate.rows_of(drift.TextEncoder(model_dir), info.vocab_size,
+                                                                       info.max_positions))
+        record = export_graph(model, info, staging, options, baked, activations)
         extra = {}
         if record is not None:
             options.on_step(f"measuring the {options.quantize} graph's drift from float32")
@@ -104,7 +111,8 @@ def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
     return np.stack([np.stack([k[0].numpy(), v[0].numpy()]) for k, v in layers]).astype(np.float32)
 
 
-def export_graph(model, info: ModelInfo, out: Path, options: ExportOptions, bank=None) -> dict | None:
+def export_graph(model, info: ModelInfo, out: Path, options: ExportOptions, bank=None,
+                 activations=None) -> dict | None:
     """The frozen model's decoder-with-past graph, wired and sped up as `options` say, written to `out`. Quantizing,
     the float32 graph stays beside it under drift.REFERENCE and the quantization's record is returned.
 
@@ -122,4 +130,4 @@ def export_graph(model, info: ModelInfo, out: Path, options: ExportOptions, bank
         raw = out / GRAPH if in_place else Path(scratch) / GRAPH
         fused = export_decoder(model, info, raw, direct=options.optimize)
         model.to("meta")
-        return build(options, raw, info, out / GRAPH, bank, reference, fused)
+        return build(options, raw, info, out / GRAPH, bank, reference, fused, activations)

@@ -41,14 +41,15 @@ from spexport.families import DECODER
 
 def build(options: ExportOptions, raw: Path, info: ModelInfo, path: Path,
           bank: tuple[np.ndarray, np.ndarray] | None = None, reference: Path | None = None,
-          fused: dict[str, int] | None = None) -> dict | None:
+          fused: dict[str, int] | None = None, activations=None) -> dict | None:
     """Wire the prefix inputs (or a baked `bank`: kv [tasks, ...] and mask [tasks, n]) into the plain
     decoder graph at `raw`, speed it up as `options` say (fused or not, the weights' type), tag it and write it
     to `path` (raw's folder takes scratch files).
 
     Quantizing, the float32 graph is also written to `reference` (for the drift report) and the
     quantization's record (passes/quantize.py's `record`) is returned; otherwise None. `fused` counts
-    the ONNX Runtime operators a directly written graph holds already: it skips the fusion passes."""
+    the ONNX Runtime operators a directly written graph holds already: it skips the fusion passes.
+    `activations` (export/calibrate.py) let GPTQ round the weights."""
     model = ir.load(raw)
     structure = [AddPrefixInputsPass(info.num_layers, info.num_kv_heads, info.head_dim)]
     if bank is not None:
@@ -70,7 +71,7 @@ def build(options: ExportOptions, raw: Path, info: ModelInfo, path: Path,
     record = None
     if options.quantize is not None:
         _save(TagGraphPass("float32", fusions)(model).model, reference)
-        quantize = QuantizeWeightsPass(MODES[options.quantize])
+        quantize = QuantizeWeightsPass(MODES[options.quantize], activations)
         model = quantize(model).model
         record = quantize.record()
     _save(TagGraphPass(options.weights, fusions)(model).model, path, one_file=bank is not None, in_place=raw == path)

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+DAMPING = 0.01  # GPTQ's dampening of H, as a share of its mean diagonal
+GPTQ_STEP = 128  # inputs rounded between two updates of the rest (the paper's lazy batch)
+
 
 @dataclass
 class Quantized:
@@ -41,11 +44,16 @@ def fits(k: int, block_size: int) -> bool:
     return k % block_size == 0
 
 
-def quantize(weight: np.ndarray, bits: int, block_size: int, offsets: bool = False) -> Quantized:
-    """Codes for `weight` [K, N], rounded to nearest on each block's grid."""
+def quantize(weight: np.ndarray, bits: int, block_size: int, offsets: bool = False,
+             inputs: np.ndarray | None = None) -> Quantized:
+    """Codes for `weight` [K, N], rounded to nearest on each block's grid; with calibration `inputs`
+    [tokens, K], rounded by GPTQ instead (see gptq)."""
     k, n = weight.shape
     if not fits(k, block_size):
         raise ValueError(f"{k} inputs do not split into blocks of {block_size}")
+    if inputs is not None and not offsets:
+        codes, scales, zeros = gptq(weight, inputs, bits, block_size)
+        return _packed(codes, scales, zeros, bits, block_size, None)
     top = 2 ** bits - 1
     blocks = weight.astype(np.float64).reshape(k // block_size, block_size, n)
     low, high = blocks.min(axis=1), blocks.max(axis=1)
@@ -58,8 +66,52 @@ def quantize(weight: np.ndarray, bits: int, block_size: int, offsets: bool = Fal
         residuals = (low + zeros * scales).astype(np.float32)
     else:
         codes, residuals = np.round(blocks / scales[:, None]) + zeros[:, None], None
-    codes = np.clip(codes, 0, top).astype(np.uint8)
-    packed, zero_points = _pack(codes.transpose(2, 0, 1), zeros.T.astype(np.uint8), bits)
+    return _packed(np.clip(codes, 0, top).reshape(k, n), scales, zeros, bits, block_size, residuals)
+
+
+def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, ...]:
+    """GPTQ (Frantar et al., 2022) on the same grids as round to nearest: codes [K, N], scales and integer
+    zero points [k_blocks, N]. The inputs are rounded one at a time, in order, and each one's error is
+    spread over the inputs not yet rounded, weighted by the calibration activations' second moments
+    H = XᵀX, so the product x @ W moves as little as it can on text like the calibration's. A block's grid
+    is set from its weights as earlier errors left them. Costs nothing at run time: only the codes change."""
+    k, n = weight.shape
+    top = 2 ** bits - 1
+    x = inputs.astype(np.float64)
+    h = x.T @ x
+    h[np.diag_indices(k)] += np.where(np.diag(h) > 0, 0.0, 1.0) + DAMPING * np.mean(np.diag(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # H⁻¹ = UᵀU: row i spreads input i's error
+    w = weight.astype(np.float32, copy=True)
+    codes = np.zeros((k, n), np.float32)
+    scales, zeros = np.ones((k // block_size, n), np.float32), np.zeros((k // block_size, n), np.float32)
+    step = max(block_size, GPTQ_STEP // block_size * block_size)
+    for start in range(0, k, step):
+        stop = min(start + step, k)
+        errors = np.zeros((stop - start, n), np.float32)
+        for i in range(start, stop):
+            if i % block_size == 0:
+                b = i // block_size
+                scales[b], zeros[b] = _grid(w[i:i + block_size], top)
+            codes[i] = np.clip(np.round(w[i] / scales[b]) + zeros[b], 0, top)
+            errors[i - start] = (w[i] - (codes[i] - zeros[b]) * scales[b]) / upper[i, i]
+            w[i + 1:stop] -= np.outer(upper[i, i + 1:stop], errors[i - start])
+        w[stop:] -= upper[start:stop, stop:].T @ errors
+    return codes, scales, zeros
+
+
+def _grid(block: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Round to nearest's grid for one block [block_size, N]: its range with 0 in it, cut into `top` steps."""
+    low, high = np.minimum(block.min(axis=0), 0), np.maximum(block.max(axis=0), 0)
+    scales = np.where(high > low, (high - low) / top, 1.0)
+    return scales, np.clip(np.round(-low / scales), 0, top)
+
+
+def _packed(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block_size: int,
+            residuals: np.ndarray | None) -> Quantized:
+    """codes [K, N], scales and zero points [k_blocks, N] in MatMulNBits' layout."""
+    k, n = codes.shape
+    blocks = codes.astype(np.uint8).reshape(k // block_size, block_size, n)
+    packed, zero_points = _pack(blocks.transpose(2, 0, 1), zeros.T.astype(np.uint8), bits)
     return Quantized(packed, np.ascontiguousarray(scales.T, np.float32), zero_points, bits, block_size, (k, n),
                      residuals)
 

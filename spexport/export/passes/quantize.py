@@ -43,33 +43,42 @@ class Mode:
     head_bits: int | None  # the language-model head's bits; None keeps it float32
     share_embedding: bool  # a tied token embedding reads the head's codes (GatherBlockQuantized)
     offsets: bool  # exact block minimums through a float residual term (the head never takes one)
+    gptq: bool = False  # round by GPTQ on calibration activations where the pass is given them (else RTN)
+    gptq_head: bool = False  # the head too (its codes are also the tied embedding's rows)
 
 
 MODES = {"int8": Mode(bits=8, block_size=16, accuracy_level=4, head_bits=8, share_embedding=True, offsets=False),
-         "int4": Mode(bits=4, block_size=32, accuracy_level=4, head_bits=8, share_embedding=True, offsets=True)}
+         # onnxruntime-genai's int4: integer zero points, 4-bit head, the embedding read from its codes
+         "int4": Mode(bits=4, block_size=32, accuracy_level=4, head_bits=4, share_embedding=True, offsets=False,
+                      gptq=True),
+         # the exact float block minimum (residual terms) and an 8-bit head: weights already on a Q4_1 grid
+         "int4-exact": Mode(bits=4, block_size=32, accuracy_level=4, head_bits=8, share_embedding=True,
+                            offsets=True)}
 
 
 class QuantizeWeightsPass(InPlacePass):
     """`quantized` counts the weights rewritten; `fallbacks` maps a weight's MatMul to what it got
     instead of `block_size` ("block 16", "float32"); `embedding` says how the token table is stored."""
 
-    def __init__(self, mode: Mode):
+    def __init__(self, mode: Mode, activations=None):
         super().__init__()
-        self.mode = mode
+        self.mode, self.activations = mode, activations if mode.gptq else None  # calibrate.Activations
         self.bits, self.block_size, self.accuracy_level = mode.bits, mode.block_size, mode.accuracy_level
         self.head_bits, self.share_embedding = mode.head_bits, mode.share_embedding
-        self.quantized, self.fallbacks, self.embedding = 0, {}, "float32"
+        self.quantized, self.fallbacks, self.embedding, self.calibrated = 0, {}, "float32", 0
 
     def record(self) -> dict:
         """What was done, for the manifest's `quantization`."""
         mode = asdict(self.mode)
         head = "float32" if self.head_bits is None else f"int{self.head_bits}"
-        return {**mode, "method": "round to nearest", "head": head, "embedding": self.embedding,
+        method = f"GPTQ on {self.calibrated} of {self.quantized} matrices, else round to nearest" \
+            if self.calibrated else "round to nearest"
+        return {**mode, "method": method, "head": head, "embedding": self.embedding,
                 "matrices": self.quantized, "fallbacks": self.fallbacks}
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        self.quantized, self.fallbacks, self.embedding = 0, {}, "float32"
+        self.quantized, self.fallbacks, self.embedding, self.calibrated = 0, {}, "float32", 0
         head = next((v.producer() for v in graph.outputs if v.name == LOGITS), None)
         replaced: list[ir.Value] = []
         sums: dict[tuple[ir.Value, int], ir.Value] = {}  # (input, block size) -> its block sums
@@ -86,7 +95,9 @@ class QuantizeWeightsPass(InPlacePass):
                 self.fallbacks[label] = "float32" if block is None else f"block {block}"
             if block is None:
                 continue
-            q = blockwise.quantize(weight, bits, block, offsets=self.mode.offsets and node is not head)
+            inputs = self._inputs(weight, node is head)
+            self.calibrated += inputs is not None
+            q = blockwise.quantize(weight, bits, block, offsets=self.mode.offsets and node is not head, inputs=inputs)
             replaced.append(node.inputs[1])
             matmul = self._replace(graph, node, q, label, sums)
             if node is head and table is not None and self.share_embedding:
@@ -97,6 +108,11 @@ class QuantizeWeightsPass(InPlacePass):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         _drop_unused(graph, replaced)
         return PassResult(model, modified=bool(self.quantized))
+
+    def _inputs(self, weight: np.ndarray, head: bool) -> np.ndarray | None:
+        if self.activations is None or (head and not self.mode.gptq_head):
+            return None
+        return self.activations.inputs_of(weight)
 
     def _replace(self, graph: ir.Graph, node: ir.Node, q: blockwise.Quantized, label: str,
                  sums: dict[tuple[ir.Value, int], ir.Value]) -> ir.Node:
