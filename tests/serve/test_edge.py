@@ -328,27 +328,31 @@ def test_refused_streams_and_finished_requests_leave_the_queue_empty(server):
     assert "spexport_queue_depth 0.0" in request(port, "GET", "/metrics")[1]["raw"]
 
 
-def test_rows_batch_only_with_rows_of_the_same_decoding_settings(model):
-    import asyncio
+def test_logprobs_logit_bias_and_penalties_change_the_answer_through_the_engine(server):
+    """The red team found logprobs, penalties and logit_bias accepted with no effect: the engine runs each."""
+    body = {"model": "pt", "prompt": "a b", "max_tokens": 4}
+    status, plain, _ = request(server[0], "POST", "/v1/completions", {**body, "logprobs": 2})
+    assert status == 200, plain
+    logprobs = plain["choices"][0]["logprobs"]
+    count = plain["usage"]["completion_tokens"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == count >= 1
+    # greedy: each chosen token is the most likely of its alternatives, and a log-probability
+    assert all(chosen <= 0 and abs(max(top.values()) - chosen) < 1e-4
+               for top, chosen in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]))
+    first = plain["choices"][0]["text"]
+    status, forced, _ = request(server[0], "POST", "/v1/completions",
+                                {**body, "logit_bias": {"7": 100}, "logprobs": 0})
+    tokens = forced["choices"][0]["logprobs"]["tokens"]
+    assert status == 200 and len(set(tokens)) == 1 and forced["usage"]["completion_tokens"] == 4, forced
+    assert forced["choices"][0]["text"] != first or len(set(logprobs["tokens"])) == 1
+    status, penalized, _ = request(server[0], "POST", "/v1/completions",
+                                   {**body, "frequency_penalty": 2.0, "presence_penalty": 2.0})
+    assert status == 200, penalized
 
-    from spexport.serve.protocol import Sampling
-    from spexport.serve.scheduler import Job, Scheduler
 
-    loop = asyncio.new_event_loop()
-    settings = [Sampling(4, False, 1.0, 1.0, None), Sampling(4, False, 1.0, 1.0, None, repetition_penalty=1.5),
-                Sampling(4, True, 0.7, 1.0, None), Sampling(4, True, 0.7, 1.0, None, top_k=5)]
-    jobs = [Job("pt", [5, 6], s, loop) for s in settings]
-    assert sorted(len(b) for b in Scheduler(model).batches_of(jobs)) == [1, 1, 1, 1]
-    loop.close()
-
-
-@pytest.mark.parametrize("extra, param", [({"logit_bias": {"5": 1}}, "logit_bias"),
-                                          ({"frequency_penalty": 0.5}, "presence_penalty"),
-                                          ({"response_format": {"type": "json_object"}}, "response_format"),
-                                          ({"logprobs": 2}, "logprobs")])
-def test_what_the_current_scheduler_cannot_run_is_refused_not_ignored(server, extra, param):
-    """The red team found logprobs, penalties and logit_bias accepted with no effect."""
-    status, answer, _ = request(server[0], "POST", "/v1/completions", {"model": "pt", "prompt": "a", **extra})
-    assert status == 400 and answer["error"]["param"] == param, answer
-    # this tiny tokenizer is one llguidance cannot use: structured output is refused before the scheduler is asked
-    assert answer["error"]["code"] == "unsupported_parameter" or "llguidance" in answer["error"]["message"]
+def test_structured_output_needs_a_tokenizer_llguidance_can_use(server):
+    # this tiny tokenizer is one llguidance cannot use: a 400 naming response_format, never a 500
+    status, answer, _ = request(server[0], "POST", "/v1/completions",
+                                {"model": "pt", "prompt": "a", "response_format": {"type": "json_object"}})
+    assert status == 400 and answer["error"]["param"] == "response_format" and "llguidance" in \
+        answer["error"]["message"], answer

@@ -143,3 +143,28 @@ def test_a_tokenizer_llguidance_cannot_use_is_a_400_naming_the_field(tiny_llama)
     with pytest.raises(RequestError) as caught:
         structured.processors({"response_format": {"type": "json_object"}}, load(tiny_llama["artifact"]), "chat")
     assert caught.value.param == "response_format" and "llguidance cannot use" in caught.value.message
+
+
+def test_the_server_answers_with_json_that_validates_through_the_engine(json_llama):  # noqa: F811
+    """End to end: /v1/completions with a JSON schema runs the grammar in the engine (rows of different
+    prompts in one batch, each with its own matcher), and every reply parses and validates."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.testclient import TestClient
+
+    from spexport.serve.app import create_app
+
+    schema_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    with TestClient(create_app(json_llama["artifact"])) as client:
+        def ask(prompt: str):
+            return client.post("/v1/completions", json={"model": "pt", "prompt": prompt, "max_tokens": 60,
+                                                        "response_format": schema_format})
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            answers = list(pool.map(ask, PROMPTS))
+        grammar_text = client.post("/v1/completions", json={"model": "pt", "prompt": "yes", "max_tokens": 20,
+                                                           "guided_grammar": 'start: "yes" | "no"'})
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        jsonschema.validate(json.loads(answer.json()["choices"][0]["text"]), SCHEMA)
+    assert grammar_text.status_code == 200 and grammar_text.json()["choices"][0]["text"] in ("yes", "no")
