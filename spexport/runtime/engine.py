@@ -67,8 +67,8 @@ class Engine:
                                                                  prompt_lookup_num_tokens, 0)]:
             if not inputs.is_whole(value) or value < low:
                 raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
-        if model.FAMILY not in ("decoder-only", "encoder-decoder"):
-            raise InputError(f"the engine generates text; this {model.FAMILY} artifact {model.DOES}")
+        if not model.family.generates:
+            raise InputError(f"the engine generates text; this {model.family.display_name} artifact {model.DOES}")
         self.model = model
         self.decoder = model.family is DECODER  # the engine batches rows of a KV prefix; others run whole
         self.max_running_rows, self.max_prefill_tokens = max_running_rows, max_prefill_tokens
