@@ -109,8 +109,8 @@ def markdown(result: dict) -> str:
         if "failed" in figure:
             lines.append(f"| spexport convert {run} | failed: {figure['failed'][-80:]} | | |")
             continue
-        name = f"onnxruntime-genai {figure.get('version', '')} builder (fp32)" if run == "genai" else \
-            f"spexport convert {run}"
+        genai = f"onnxruntime-genai {figure.get('version', '')} builder (fp32){run[5:]}"
+        name = genai if run.startswith("genai") else f"spexport convert {run}"
         lines.append(f"| {name} | {figure['wall_s']:.1f} | {figure['peak_rss_bytes'] / 1e9:.2f} | "
                      f"{figure['peak_rss_over_fp32_weights']:.2f} | {figure.get('commit', '')[:10]} |")
     if "wall_over_genai" in result["runs"].get("fp32", {}):
