@@ -81,7 +81,7 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, ensembles:
         choices["dtype"] = choices["dtype"] or default_dtype(model_dir, device, choices["quantize"])
         # bake, optimize, quantize, dtype, trust_remote_code: one options object from here to the passes
         options = ExportOptions(**choices, ensembles=parse_specs(ensembles), on_step=on_step)
-        manifest = run_convert(model_dir, adapters, output, overwrite, options)
+        manifest = run_convert(model_dir, adapters, output, overwrite, options=options)
     if as_json:
         _print_json({"output": str(output), **summary(manifest), "files": manifest.files})
         return

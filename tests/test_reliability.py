@@ -129,6 +129,8 @@ def test_cli_threads_trust_remote_code_through(tiny_llama, tmp_path, monkeypatch
 
     def record(*args, **kwargs):
         seen.update(kwargs)
+        if "options" in kwargs:  # convert takes one ExportOptions from the CLI
+            seen["trust_remote_code"] = kwargs["options"].trust_remote_code
         raise SpexportError("stop here")
 
     monkeypatch.setattr(spexport.export if command == "convert" else spexport.validate, command, record)
