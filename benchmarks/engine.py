@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.environment import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = ("You are the support assistant of Northwind Outfitters, a shop for hiking and camping gear. Answer "
@@ -45,22 +45,6 @@ PASSAGE = ("The Denver warehouse opened in 2009 with four employees and a single
            "before it leaves, so that a missing item is caught before the truck departs.")
 COPY = f"Repeat the following text exactly, word for word.\n\n{PASSAGE}"
 OPEN = "Write a short story about a dragon who is afraid of the dark."
-
-
-def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
-    versions = {}
-    for package in ["numpy", "onnxruntime", "tokenizers", "transformers", "torch", "peft"]:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"git_commit": commit, "uncommitted_changes": dirty, "versions": versions, "cpu": cpu,
-            "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_at_start": list(os.getloadavg())}
 
 
 def build(work: Path) -> Path:
@@ -156,8 +140,7 @@ def markdown(result: dict) -> str:
     rows = [("prefix reuse: TTFT cached / uncached", ratio, "<= 0.3", ratio <= 0.3),
             ("prompt lookup: tokens/s on a copying prompt", copying["speedup"], ">= 1.5", copying["speedup"] >= 1.5),
             ("prompt lookup: tokens/s on open chat", open_chat["speedup"], ">= 0.95", open_chat["speedup"] >= 0.95)]
-    dirty = " (uncommitted changes)" if env["uncommitted_changes"] else ""
-    lines = [f"Engine benchmark, SmolLM2-135M-Instruct fp32, commit {env['git_commit'][:10]}{dirty}, {env['cpu']}, "
+    lines = [f"Engine benchmark, SmolLM2-135M-Instruct fp32, commit {env['git_commit']}, {env['cpu']}, "
              f"{env['cpus']} CPUs, load average {env['load_average_at_start'][0]:.1f} at start; median of "
              f"{result['reps']} interleaved repetitions, ratios taken pair by pair.", "",
              "| target | measured | limit | met |", "| --- | --- | --- | --- |"]

@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import measure, workloads
+from benchmarks.environment import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMBERS = [f"m{i}" for i in range(5)]
@@ -35,25 +33,6 @@ TEXT = "The film was long, but the acting and the music made every minute of it 
 PROMPT = ("Rewrite the following sentence in plain words, then say what it means: the committee deferred its "
           "decision on the proposal until the next quarterly meeting, citing incomplete budget figures.")
 NEW_TOKENS = 32
-
-
-def environment() -> dict:
-    """The git commit, package versions and machine the figures belong to."""
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "spexport"], capture_output=True,
-                           text=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    versions = {}
-    for package in ["numpy", "onnxruntime", "tokenizers", "torch", "transformers", "peft"]:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"commit": commit.strip() + (" (spexport/ modified)" if dirty else ""), "cpu": cpu,
-            "cpus": os.cpu_count(), "threads": measure.threads(), "python": platform.python_version(),
-            "versions": versions, "load_average_at_start": list(os.getloadavg()),
-            "note": "a shared 2-core machine; every figure is a ratio of cases interleaved in one run"}
 
 
 def _checkpoints():
@@ -150,7 +129,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     from spexport.runtime import load
 
-    result = {"machine": environment(), "members": len(MEMBERS), "virtual_tokens": VIRTUAL_TOKENS}
+    result = {"machine": environment(measure.threads()), "members": len(MEMBERS), "virtual_tokens": VIRTUAL_TOKENS}
     classifier = load(build_classifier(args.work))
     runs = measure.interleaved(classify_cases(classifier), args.reps)
     result["classify"] = {
