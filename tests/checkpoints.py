@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -52,7 +53,7 @@ def cache_root() -> Path:
 
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct as an fp32 Hugging Face folder (config, safetensors, tokenizer, chat template)."""
-    return cached("smollm2-135m-instruct", _build_smollm2)
+    return cached("smollm2-135m-instruct-v2", _build_smollm2)
 
 
 def minilm() -> Path:
@@ -139,6 +140,7 @@ def _build_smollm2(into: Path) -> None:
     _detach_gguf_quantizer(model)
     model.save_pretrained(into)
     AutoTokenizer.from_pretrained(gguf, gguf_file=SMOLLM2_GGUF).save_pretrained(into)
+    _portable_tokenizer_class(into / "tokenizer_config.json")
     shutil.rmtree(gguf)
 
 
@@ -156,3 +158,11 @@ def _detach_gguf_quantizer(model) -> None:
             delattr(config, "quantization_config")
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
+
+
+def _portable_tokenizer_class(path: Path) -> None:
+    """transformers 5 names a GGUF tokenizer's class TokenizersBackend, which transformers 4 cannot load; the
+    folder serves both stacks (and both read a tokenizer.json as PreTrainedTokenizerFast)."""
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        path.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))

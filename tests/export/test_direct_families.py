@@ -13,17 +13,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import transformers
 from test_direct import _feed
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from builders import FAMILIES  # noqa: E402
 
 from spexport.export.common import quiet_tracing  # noqa: E402
-from spexport.export.decoder.direct import MODEL_TYPES, builds  # noqa: E402
+from spexport.export.decoder.direct import MODEL_TYPES, NEEDS_TRANSFORMERS_5, builds, written_types  # noqa: E402
 from spexport.export.decoder.graph import export_decoder  # noqa: E402
 from spexport.families import DECODER, model_info  # noqa: E402
 
-WRITTEN = sorted(set(MODEL_TYPES) - {"llama", "mistral", "qwen2"})  # those three: test_direct.py
+WRITTEN = sorted(set(written_types()) - {"llama", "mistral", "qwen2"})  # those three: test_direct.py
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 CASES = [([0, 3], 0, 6), ([2, 0], 4, 3), ([0, 5], 7, 1), ([1, 0, 2], 9, 1)]
 # per layer: QKV MatMul, Split, 2 RotaryEmbedding, Attention, o_proj, 2 skip norms, 3 MLP MatMuls, SiLU (2), Mul;
 # Qwen3's per-head q/k norms add 2 Reshapes and a norm each, OLMo 2's q/k and post-norms 4, Gemma's GeLU is one
@@ -118,7 +120,8 @@ def test_every_decoder_type_has_a_writer():
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "attention scaled by the layer's index"),
     ("opt", {"do_layer_norm_before": False}, "norms after the blocks (OPT-350m)"),
     ("gpt_neox", {"use_parallel_residual": False}, "a sequential residual"),
-    ("phi3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+    ("phi3", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}} if TRANSFORMERS_4 else
+     {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      "rope tables that change with the length"),
     ("qwen3", {"sliding_window": 8, "layer_types": ["sliding_attention"] * 2}, "a sliding window outside Gemma 2"),
 ])
@@ -130,3 +133,9 @@ def test_configs_a_writer_does_not_describe_are_traced(family, change, why):
 
     model = AutoModelForCausalLM.from_config(config)
     assert not builds(model, model_info(model.config, None)), why
+
+
+@pytest.mark.parametrize("family", sorted(NEEDS_TRANSFORMERS_5))
+def test_types_written_from_transformers_5_modules_are_traced_under_4(family):
+    model = FAMILIES[family]()
+    assert builds(model, model_info(model.config, None)) is not TRANSFORMERS_4

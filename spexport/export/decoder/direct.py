@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
+import transformers
 
 from spexport.artifact.manifest import ModelInfo
 from spexport.export.decoder.direct_bloom import BloomWriter, bloom_builds, bloom_fused_counts
@@ -51,10 +52,23 @@ OTHER_WRITERS = {"gpt2": OtherWriter(gpt2_builds, Gpt2Writer, gpt2_fused_counts)
                  "gpt_neox": OtherWriter(neox_builds, NeoxWriter, neox_fused_counts),
                  "bloom": OtherWriter(bloom_builds, BloomWriter, bloom_fused_counts)}
 MODEL_TYPES = (*LAYOUTS, *OTHER_WRITERS)  # layouts.py's Llama-style layers, and the LayerNorm families
+# Written from transformers 5's modules alone: transformers 4's differ where these writers read them (GPT-2's
+# attention has no `scaling`; Gemma's and GPT-NeoX's layers compute otherwise), so under transformers 4 they are
+# traced, as before these writers existed.
+NEEDS_TRANSFORMERS_5 = frozenset({"gpt2", "gpt_neox", "gemma", "gemma2"})
+
+
+def written_types() -> tuple[str, ...]:
+    """The model types this module writes under the installed transformers (others are traced)."""
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return MODEL_TYPES
+    return tuple(t for t in MODEL_TYPES if t not in NEEDS_TRANSFORMERS_5)
 
 
 def builds(model, info: ModelInfo) -> bool:
     """Whether `model` is a layer stack that this module writes exactly (others are traced)."""
+    if model.config.model_type not in written_types():
+        return False
     other = OTHER_WRITERS.get(model.config.model_type)
     return other.builds(model, info) if other else layout_for(model, info) is not None
 
