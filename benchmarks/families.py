@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import measure, op_profile, workloads
 from benchmarks.run import environment
 
@@ -81,12 +79,7 @@ def step_timer(graph: Path, threads: int, reps: int):
     session.run(None, feeds)
 
     def run() -> dict:
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        return {"step_s": float(np.median(times))}
+        return {"step_s": measure.step_seconds(session, feeds, reps)}
     return run
 
 
