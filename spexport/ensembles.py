@@ -33,7 +33,7 @@ def parse_specs(values: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
     return ensembles
 
 
-def check_ensembles(ensembles: dict[str, list[str]], tasks: list[Task], family: str) -> None:
+def check_ensembles(ensembles: dict[str, list[str]], tasks: list[Task]) -> None:
     """Refuse ensembles that an artifact of `tasks` cannot hold, with the first problem as an OptionError."""
     for name, members in ensembles.items():
         problem = ensemble_problem(name, members, tasks)
@@ -62,17 +62,17 @@ def edit_ensembles(folder: str | Path, add: dict[str, list[str]] | None = None, 
     folder = Path(folder)
     manifest = Manifest.read(folder)
     verify_files(folder, manifest)  # the new seal vouches for the artifact as it stands
-    ensembles = edited(folder, manifest.ensembles, manifest.tasks, manifest.family, add, remove, replace)
+    ensembles = edited(folder, manifest.ensembles, manifest.tasks, add, remove, replace)
     updated = dataclasses.replace(manifest, ensembles=ensembles)
     _write_manifest(folder, updated)
     return updated
 
 
-def edited(folder: Path, ensembles: dict[str, list[str]], tasks: list[Task], family: str,
+def edited(folder: Path, ensembles: dict[str, list[str]], tasks: list[Task],
            add: dict[str, list[str]] | None = None, remove: list[str] = (), replace: bool = False
            ) -> dict[str, list[str]]:
     """`ensembles` without those named in `remove` and with those of `add`, checked against `tasks`."""
-    check_ensembles(add or {}, tasks, family)
+    check_ensembles(add or {}, tasks)
     ensembles = dict(ensembles)
     for name in remove:
         if name not in ensembles:

@@ -68,7 +68,7 @@ def _add(folder: Path, adapters: list[tuple[str, Path]], replace: bool, provider
             tasks.append(task)
         bank[task.tensor] = kv
     written = {t.name: kv for t, kv in added} if family_named(manifest.family, folder).adapter_files else {}
-    groups = edited(folder, manifest.ensembles, tasks, manifest.family, ensembles, replace=replace)
+    groups = edited(folder, manifest.ensembles, tasks, ensembles, replace=replace)
     return _rewrite(folder, dataclasses.replace(manifest, ensembles=groups), tasks, bank, written)
 
 
@@ -107,7 +107,7 @@ def _signed_again(folder: Path, sign_key, edit) -> Manifest:
 def _remove(folder: Path, names: list[str], ensembles) -> Manifest:
     manifest = _open(folder)
     manifest = dataclasses.replace(manifest, ensembles=edited(folder, manifest.ensembles, manifest.tasks,
-                                                              manifest.family, remove=ensembles))
+                                                              remove=ensembles))
     have = [t.name for t in manifest.tasks]
     unknown = [n for n in names if n not in have]
     if unknown:

@@ -229,7 +229,7 @@ def finish(staging: Path, output: Path, model_dir: Path, **fields) -> Manifest:
     """Copy the model's tokenizer and config files into `staging`, write the manifest (`fields` plus
     every file's sha256), and move the artifact into place at `output`. Ensembles are checked against the
     tasks first."""
-    check_ensembles(fields.get("ensembles", {}), fields["tasks"], fields["family"])
+    check_ensembles(fields.get("ensembles", {}), fields["tasks"])
     copied = [f for f in TOKENIZER_FILES + MODEL_FILES if (model_dir / f).is_file()]
     for f in copied:
         shutil.copy2(model_dir / f, staging / f)
