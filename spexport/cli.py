@@ -55,6 +55,9 @@ def main() -> None:
 @click.option("--bake", is_flag=True, help="Bake the prompts into model.onnx; the graph takes task_ids.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Fuse norms, activations and rotary embeddings into ONNX Runtime operators.")
+@click.option("--writer", type=click.Choice(["auto", "direct", "trace"]), default="auto", show_default=True,
+              help="Decoders: write the graph from the weights (direct, fused operators) or trace it with torch.onnx; "
+              "auto writes directly the layers spexport knows, unless --no-optimize.")
 @click.option("--quantize", type=click.Choice(["int8", "int4", "int4-exact"]),
               help="Block-wise 8- or 4-bit weights for every matrix product (CPU); int4-exact keeps a GGUF Q4_1 "
               "checkpoint's float block minimums. Prints the drift from float32.")
@@ -79,7 +82,7 @@ def convert(model_dir: Path, adapters, output: Path, overwrite: bool, ensembles:
         from spexport.export import convert as run_convert
 
         choices["dtype"] = choices["dtype"] or default_dtype(model_dir, device, choices["quantize"])
-        # bake, optimize, quantize, dtype, trust_remote_code: one options object from here to the passes
+        # bake, optimize, writer, quantize, dtype, trust_remote_code: one options object from here to the passes
         options = ExportOptions(**choices, ensembles=parse_specs(ensembles), on_step=on_step)
         manifest = run_convert(model_dir, adapters, output, overwrite, options=options)
     if as_json:

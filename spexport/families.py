@@ -40,6 +40,7 @@ class Family:
     bake: bool = False  # --bake: the prompt bank as graph constants, picked by task_ids
     quantize: tuple[str, ...] = ()  # --quantize values
     dtypes: tuple[str, ...] = ("float32",)  # --dtype values
+    writes_directly: bool = False  # --writer direct / trace: some of its graphs are written without the tracer
     # onnxruntime.transformers' optimizer model type whose fusions match these graphs; None: no fusions
     fusion_type: str | None = None
     positions_after_pad: frozenset[str] = frozenset()  # model types counting positions from pad_token_id + 1
@@ -54,8 +55,11 @@ class Family:
         """The `ServedArtifact` subclass that serves the family's artifacts."""
         return _attribute(self.runtime_ref)
 
-    def check(self, bake: bool, quantize: str | None, dtype: str) -> None:
+    def check(self, bake: bool, quantize: str | None, dtype: str, writer: str = "auto") -> None:
         """Refuse an option this family's artifacts cannot have, before anything is loaded."""
+        if writer != "auto" and not self.writes_directly:
+            raise OptionError(f"--writer is for decoder-only models; {self.name} graphs are always traced, so "
+                              "leave --writer out")
         if bake and not self.bake:
             raise OptionError(f"--bake is not available for {self.name} artifacts, which keep their prompts in "
                               "prompts.safetensors; leave out --bake")
@@ -77,7 +81,7 @@ DECODER = Family("decoder", "decoder-only",
                  "spexport.export.decoder:convert", "spexport.runtime.decoder:DecoderModel",
                  generates=True, takes_added_tasks=True, adapter_files=True,
                  bake=True, quantize=("int8", "int4", "int4-exact"), dtypes=("float32", "float16"),
-                 fusion_type="gpt2")
+                 writes_directly=True, fusion_type="gpt2")
 # SEQ_CLS / TOKEN_CLS classifiers whose transformers class takes inputs_embeds (export/encoder).
 ENCODER = Family("encoder", "encoder", frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra",
                                                   "deberta-v2"}), ("SEQ_CLS", "TOKEN_CLS"),

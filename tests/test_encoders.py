@@ -542,6 +542,8 @@ CASES = {
                                          r"prefix tuning needs a model that takes a KV cache, and "
                                          r"DistilBertModel does not \(PEFT cannot run it either\)", {}),
     "bake": ("model", [("x", "good")], OptionError, r"--bake is not available for encoder artifacts", {"bake": True}),
+    "writer": ("model", [("x", "good")], OptionError, r"--writer is for decoder-only models; encoder graphs are always "
+               r"traced", {"writer": "trace"}),
 }
 
 

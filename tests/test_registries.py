@@ -55,3 +55,16 @@ def test_docs_list_the_registered_model_types():
         for model_type in family.model_types:
             assert re.search(rf"\b{re.escape(model_type)}\b", pages, re.IGNORECASE), \
                 f"docs/models.md does not name {family.name} model type {model_type}"
+
+
+def test_every_graph_pass_has_a_test_that_names_it():
+    """A pass exported from spexport.export.passes is an onnx-ir pass with a test of its own on a tiny graph."""
+    from onnx_ir.passes import PassBase
+
+    from spexport.export import passes
+
+    tests = "".join(path.read_text() for path in (Path(__file__).parent / "export" / "passes").glob("test_*.py"))
+    for name in passes.__all__:
+        assert issubclass(getattr(passes, name), PassBase), name
+    untested = [name for name in passes.__all__ if not re.search(rf"\b{name}\b", tests)]
+    assert not untested, f"passes with no test in tests/export/passes/: {untested}"

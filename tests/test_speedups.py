@@ -92,6 +92,27 @@ def test_no_optimize_leaves_a_plain_onnx_graph_with_the_same_logits(tiny):
     np.testing.assert_allclose(fused.logits(ids, task=tasks), unfused.logits(ids, task=tasks), atol=1e-4)
 
 
+def test_the_writer_and_the_fusions_are_separate_choices(tiny):
+    """--writer trace fuses the traced graph (the same logits as the written one, which holds ONNX Runtime's
+    operators from the start), and every artifact's graphs derive from the core graph: main, core and prefix."""
+    traced = _artifact(tiny, "traced", writer="trace")
+    written, by_trace = load(_artifact(tiny, "fused")), load(traced)
+    ids, tasks = _rows(written)
+    np.testing.assert_allclose(written.logits(ids, task=tasks), by_trace.logits(ids, task=tasks), atol=1e-4)
+    assert by_trace.manifest.core_graph and by_trace.manifest.prefix_graph  # a traced graph has both too
+    assert any(node.domain == "com.microsoft" for node in _graph(traced).graph.node)
+
+
+@pytest.mark.parametrize("choices, message", [
+    ({"writer": "direct", "optimize": False}, "use --writer trace"),
+    ({"writer": "compiled"}, "not one of auto, direct, trace")])
+def test_a_writer_that_cannot_be_had_is_refused_before_anything_loads(tiny, tmp_path, choices, message):
+    _, model_dir, adapters = tiny
+    with pytest.raises(SpexportError, match=message):
+        convert(model_dir, adapters, tmp_path / "out", **choices)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 @pytest.mark.parametrize("bake", [False, True], ids=["bank", "baked"])
 def test_quantized_graph_runs_with_matmulnbits_and_float32_prompts(tiny, bake, quantize):

@@ -32,7 +32,8 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     passes; or its fields as keywords (`choices`), as follows.
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input (decoders).
     optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators (faster;
-    the graph then needs ONNX Runtime). quantize="int8" / "int4" / "int4-exact": block-wise 8- or 4-bit weights
+    the graph then needs ONNX Runtime). writer: "auto", "direct" or "trace", how a decoder's graph is made
+    (ExportOptions says more). quantize="int8" / "int4" / "int4-exact": block-wise 8- or 4-bit weights
     for every matrix product (MatMulNBits; docs/quantization.md says which to choose), with the drift from
     float32 measured and stored in the manifest.
     dtype="float16": fp16 weights and compute, for GPU providers. Prompts and the graph's inputs
@@ -53,7 +54,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, ove
     except ModelError as e:
         encoder.explain_unsupported(model_dir, model_type)
         raise ModelError(f"{model_dir}: {e}") from None
-    family.check(options.bake, options.quantize, options.dtype)
+    family.check(options.bake, options.quantize, options.dtype, options.writer)
     adapters = parse_adapters(adapters)
     output = check_output(output, [model_dir] + [Path(path) for _, path in adapters], overwrite)
     return family.exporter(model_dir, adapters, output, options)

@@ -22,9 +22,11 @@ from spexport.artifact.manifest import Manifest, ModelInfo, is_artifact
 from spexport.converters import SoftPrompt, check_task_names, convert_adapter, exists, parse_adapters  # noqa: F401
 from spexport.converters.bank import adapter_prompts
 from spexport.ensembles import check_ensembles
-from spexport.errors import ModelError, OutputError, SpexportWarning
+from spexport.errors import ModelError, OptionError, OutputError, SpexportWarning
 from spexport.families import Family
 from spexport.runtime.chat import check_template_file
+
+WRITERS = ("auto", "direct", "trace")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,10 @@ class ExportOptions:
     """How `convert` builds an artifact; `families.Family.check` has refused what a family cannot do.
 
     bake: put the prompt bank into the graph as constants, selected by a `task_ids` input.
-    optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators.
+    optimize: fuse norms, activations and rotary embeddings into ONNX Runtime operators (without it, plain ONNX).
+    writer: how a decoder's core graph is made: "direct" (written from the model's weights by direct.py, with
+    ONNX Runtime's fused operators), "trace" (torch.onnx, then fused when optimizing) or "auto" (direct where
+    spexport knows the layers and fused operators are wanted, else traced).
     quantize: "int8", "int4" or "int4-exact" block-wise weights for every matrix product (export/passes/quantize.py),
     with a drift report against float32 in the manifest. dtype: "float16" for GPU providers.
     trust_remote_code: run Python code that the model folder ships (config.json's auto_map).
@@ -40,11 +45,19 @@ class ExportOptions:
 
     bake: bool = False
     optimize: bool = True
+    writer: str = "auto"
     quantize: str | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
     ensembles: dict[str, list[str]] = field(default_factory=dict)  # {name: member tasks}, checked in `finish`
     on_step: Callable[[str], None] = field(default=lambda step: None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.writer not in WRITERS:
+            raise OptionError(f"writer={self.writer!r} is not one of {', '.join(WRITERS)}")
+        if self.writer == "direct" and not self.optimize:
+            raise OptionError("the direct writer writes ONNX Runtime's fused operators; for plain ONNX operators "
+                              "(--no-optimize) use --writer trace or leave --writer out")
 
     @property
     def weights(self) -> str:

@@ -31,8 +31,8 @@ def _sessions(model, folder):
     with quiet_tracing():
         for kind, path in paths.items():
             path.parent.mkdir()
-            fused = export_decoder(model, info, path, direct=kind == "direct")
-            assert (fused is not None) == (kind == "direct")
+            core = export_decoder(model, info, path, direct=kind == "direct")
+            assert core.written == (kind == "direct") and bool(core.fused) == core.written
     return info, {kind: ort.InferenceSession(str(path)) for kind, path in paths.items()}
 
 

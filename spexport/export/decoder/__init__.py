@@ -1,7 +1,7 @@
 """Decoder-only models: every task becomes a per-layer KV prefix, computed once here.
 
-graph.py traces the frozen model's decoder-with-past graph; build.py wires the prefix inputs (or a
-baked bank) into it and applies the speed-ups. Virtual tokens come first and attend only to
+graph.py writes (or traces) the frozen model's decoder-with-past graph, the core graph; build.py derives the
+artifact's graphs from it with onnx-ir passes. Virtual tokens come first and attend only to
 each other, so their keys and values never depend on a request: prompt tuning, P-tuning and
 multitask prompt tuning run through the frozen model once, and prefix tuning is a prefix already.
 """
@@ -19,6 +19,7 @@ from spexport.artifact.genai import write_genai_config
 from spexport.artifact.manifest import Manifest, ModelInfo
 from spexport.artifact.ports import stack_prefixes
 from spexport.converters.bank import bank_entry
+from spexport.errors import ModelError
 from spexport.export import calibrate, drift
 from spexport.export.calibrate import Activations
 from spexport.export.common import (
@@ -34,11 +35,9 @@ from spexport.export.common import (
     within_vocab,
 )
 from spexport.export.decoder import quality
-from spexport.export.decoder.build import build
-from spexport.export.decoder.core_graph import export_core_graph
+from spexport.export.decoder.build import Graphs, build
 from spexport.export.decoder.direct import builds
 from spexport.export.decoder.graph import export_decoder
-from spexport.export.decoder.prefix_graph import export_prefix_graph
 from spexport.export.passes.quantize import MODES
 from spexport.export.transformers_api import output_cache
 from spexport.families import DECODER, model_info
@@ -67,21 +66,19 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
             options.on_step("reading calibration activations")
             activations = Activations.collect(model, calibrate.rows_of(drift.TextEncoder(model_dir), info.vocab_size,
                                                                        info.max_positions))
-        record = export_graph(model, info, staging, options, baked, activations)
-        extra = {}
+        graphs = export_graph(model, info, staging, options, baked, activations)
+        record = graphs.quantization
         if record is not None:
             options.on_step(f"measuring the {options.quantize} graph's drift from float32")
             record["drift"] = quality.measure_drift(staging, GRAPH, info, tasks, None if options.bake else BANK,
                                                     drift.TextEncoder(model_dir))
             shutil.rmtree(staging / drift.REFERENCE)
-            extra["quantization"] = record
         if not options.bake:  # baked graphs take task_ids, which neither tasks.py nor genai can add to
-            extra["prefix_graph"] = export_prefix_graph(staging, GRAPH)  # None: the graph has no token lookup
-            extra["core_graph"] = export_core_graph(staging, GRAPH, info.num_layers)  # None: a traced graph
             write_genai_config(staging, info, GRAPH, model_dir / "config.json")
         return finish(staging, output, model_dir, family=DECODER.name, model=info, graph=GRAPH,
                       prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake,
-                      ensembles=options.ensembles, **extra)
+                      ensembles=options.ensembles, core_graph=graphs.core_graph, prefix_graph=graphs.prefix_graph,
+                      **({"quantization": record} if record is not None else {}))
 
 
 def read_info(model_dir: Path, trust_remote_code: bool = False) -> ModelInfo:
@@ -111,23 +108,33 @@ def embeddings_to_kv(model, embeddings: np.ndarray) -> np.ndarray:
     return np.stack([np.stack([k[0].numpy(), v[0].numpy()]) for k, v in layers]).astype(np.float32)
 
 
-def export_graph(model, info: ModelInfo, out: Path, options: ExportOptions, bank=None,
-                 activations=None) -> dict | None:
-    """The frozen model's decoder-with-past graph, wired and sped up as `options` say, written to `out`. Quantizing,
-    the float32 graph stays beside it under drift.REFERENCE and the quantization's record is returned.
+def export_graph(model, info: ModelInfo, out: Path, options: ExportOptions, bank=None, activations=None) -> Graphs:
+    """The frozen model's graphs, written (or traced) once as its core graph and derived from it as `options`
+    say (build.py), into `out`. Quantizing, the float32 main graph stays beside them under drift.REFERENCE.
 
-    Once traced, `model`'s weights move to torch's meta device (convert needs them no more), so the
-    graph passes run with one copy of the weights in memory, not two.
+    Once the core graph is written, `model`'s weights move to torch's meta device (convert needs them no more),
+    so the graph passes run with one copy of the weights in memory, not two.
     """
-    reference = None
-    if options.quantize:
-        (out / drift.REFERENCE).mkdir()
-        reference = out / drift.REFERENCE / GRAPH
+    reference = out / drift.REFERENCE if options.quantize else None
+    direct = writes_directly(options, model, info)
     with tempfile.TemporaryDirectory() as scratch, quiet_tracing():
-        # a directly written float32 unbaked graph keeps the raw graph's weights file as its own: written once,
-        # in place (the fusions of a traced graph and the other weight types write new tensors)
-        in_place = options.weights == "float32" and bank is None and options.optimize and builds(model, info)
-        raw = out / GRAPH if in_place else Path(scratch) / GRAPH
-        fused = export_decoder(model, info, raw, direct=options.optimize)
+        # a directly written float32 unbaked graph is written where it stays, its weights file the artifact's
+        # (the fusions of a traced graph and the other weight types write new tensors)
+        in_place = direct and options.weights == "float32" and bank is None
+        core = export_decoder(model, info, out / GRAPH if in_place else Path(scratch) / GRAPH, direct)
         model.to("meta")
-        return build(options, raw, info, out / GRAPH, bank, reference, fused, activations)
+        return build(options, core, info, out, bank, reference, activations)
+
+
+def writes_directly(options: ExportOptions, model, info: ModelInfo) -> bool:
+    """Whether the core graph is written directly (direct.py, ONNX Runtime's fused operators) or traced: as
+    options.writer says, and with "auto", directly where spexport knows the layers and fused operators are
+    wanted (--no-optimize asks for plain ONNX operators, which only the tracer writes)."""
+    if options.writer == "trace":
+        return False
+    if options.writer == "direct":
+        if not builds(model, info):
+            raise ModelError(f"spexport does not write {info.model_type} graphs like this one directly (their layers "
+                             "differ from the ones direct.py knows); leave out --writer direct to trace it")
+        return True
+    return options.optimize and builds(model, info)

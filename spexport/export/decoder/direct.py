@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 import transformers
 
+from spexport.artifact.files import WEIGHTS_SUFFIX
 from spexport.artifact.manifest import ModelInfo
 from spexport.export.decoder.direct_bloom import BloomWriter, bloom_builds, bloom_fused_counts
 from spexport.export.decoder.direct_gpt2 import Gpt2Writer, gpt2_builds, gpt2_fused_counts
@@ -35,7 +36,6 @@ from spexport.export.decoder.direct_neox import NeoxWriter, neox_builds, neox_fu
 from spexport.export.decoder.direct_opt import OptWriter, opt_builds, opt_fused_counts
 from spexport.export.decoder.layouts import LAYOUTS, Layout, activation, layout_for, windows
 from spexport.export.decoder.layouts import fused_counts as layout_counts
-from spexport.export.decoder.prefix_graph import WEIGHTS_SUFFIX
 from spexport.export.decoder.writer import MS, GraphWriter, array
 
 

@@ -4,7 +4,8 @@
   past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
   -> logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads, past + seq, head_dim]
 
-A plain Llama-layer model is written directly (direct.py); any other is traced by torch.onnx.
+The layer stacks direct.py knows are written directly; any other is traced by torch.onnx. This is the
+core graph: the frozen model with the ports clients see, from which build.py derives every other graph.
 These are the names and shapes of optimum-onnx's text-generation-with-past export, which spexport
 used before; the prefix passes and every client read them. The wrapper calls the Hugging Face model
 itself with the past as its cache, so the graph computes exactly what the model does.
@@ -12,14 +13,14 @@ itself with the past as its cache, so the graph computes exactly what the model 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
 import torch
 
 from spexport.artifact.manifest import ModelInfo
 from spexport.artifact.ports import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
-from spexport.export.decoder.direct import builds, fused_counts, write_decoder
+from spexport.export.decoder.direct import fused_counts, write_decoder
 from spexport.export.transformers_api import cache_argument, seeded_cache, traceable_masks
 
 OPSET = 17
@@ -41,15 +42,23 @@ class DecoderWithPast(torch.nn.Module):
         return (out.logits, *presents)
 
 
-def export_decoder(model: torch.nn.Module, info: ModelInfo, path: Path, direct: bool = True) -> dict[str, int] | None:
-    """Write the decoder-with-past graph of `model` (eval mode, float32) to `path`.
+@dataclass(frozen=True)
+class CoreGraph:
+    """The frozen model's graph as first written, with the ports above (build.py derives the artifact's graphs
+    from it): where it is, whether it was written directly or traced, and the ONNX Runtime operators a directly
+    written graph holds already (build.py then runs no fusion pass over it)."""
 
-    With `direct`, a model that direct.py writes (the plain Llama layer) is written there, fused
-    already, and the counts of its fused operators are returned; any other is traced (None).
-    """
-    if direct and builds(model, info):
+    path: Path
+    written: bool
+    fused: dict[str, int] = field(default_factory=dict)
+
+
+def export_decoder(model: torch.nn.Module, info: ModelInfo, path: Path, direct: bool) -> CoreGraph:
+    """Write the decoder-with-past graph of `model` (eval mode, float32) to `path`: directly (direct.py, which
+    writes ONNX Runtime's fused operators) or, without `direct`, traced by torch.onnx in plain ONNX operators."""
+    if direct:
         write_decoder(model, info, path)
-        return fused_counts(info)
+        return CoreGraph(path, written=True, fused=fused_counts(info))
     # every dynamic axis its own size above 1, and a padded row, so no size or branch gets baked in
     batch, steps, past_len = 2, 3, 5
     mask = torch.ones(batch, past_len + steps, dtype=torch.int64)
@@ -71,16 +80,4 @@ def export_decoder(model: torch.nn.Module, info: ModelInfo, path: Path, direct: 
         torch.onnx.export(wrapper, (ids, mask, positions, *past), str(path), dynamo=False, opset_version=OPSET,
                           input_names=["input_ids", "attention_mask", POSITION_IDS, *pasts],
                           output_names=["logits", *presents], dynamic_axes=axes)
-    _keep_position_ids(path)
-    return None
-
-
-def _keep_position_ids(path: Path) -> None:
-    """A model that reads positions off the mask (ALiBi: BLOOM) leaves position_ids unused, and the
-    tracer drops it; it goes back in, unread, so every decoder graph takes the same inputs."""
-    model = onnx.load(path, load_external_data=False)  # weights past 2 GB stay in their files beside it
-    if POSITION_IDS in {value.name for value in model.graph.input}:
-        return
-    model.graph.input.insert(2, onnx.helper.make_tensor_value_info(POSITION_IDS, onnx.TensorProto.INT64,
-                                                                   ["batch_size", "sequence_length"]))
-    onnx.save(model, path)
+    return CoreGraph(path, written=False)

@@ -27,14 +27,25 @@ class AddPrefixInputsPass(InPlacePass):
         super().__init__()
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
 
-    def call(self, model: ir.Model) -> PassResult:
-        graph = model.graph
-        inputs = {value.name: value for value in graph.inputs}
-        outputs = {value.name: i for i, value in enumerate(graph.outputs)}
+    def requires(self, model: ir.Model) -> None:
+        """The decoder-with-past ports (export/decoder/graph.py's), which the prefix is wired into."""
+        inputs = {value.name for value in model.graph.inputs}
+        outputs = {value.name for value in model.graph.outputs}
         for name in ["position_ids", "attention_mask"]:
             if name not in inputs:
                 raise ModelError(f"the exported decoder graph has no {name} input, which spexport offsets for the "
                                  "prefix; this model's ONNX export is not supported")
+        for layer in range(self.num_layers):
+            for past_name, present_name in [(PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE)]:
+                past_name, present_name = past_name.format(layer), present_name.format(layer)
+                if past_name not in inputs or present_name not in outputs:
+                    raise ModelError(f"the exported decoder graph has no {past_name} input or {present_name} output; "
+                                     "this model's ONNX export is not supported")
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        inputs = {value.name: value for value in graph.inputs}
+        outputs = {value.name: i for i, value in enumerate(graph.outputs)}
         kv_prefix = graph_input(graph, KV_PREFIX, ir.DataType.FLOAT,
                                 ["batch_size", self.num_layers, 2, self.kv_heads, "prefix_length", self.head_dim])
         prefix_mask = graph_input(graph, PREFIX_MASK, ir.DataType.INT64, ["batch_size", "prefix_length"])
@@ -68,9 +79,6 @@ class AddPrefixInputsPass(InPlacePass):
         for layer in range(self.num_layers):
             for past_name, present_name in [(PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE)]:
                 past_name, present_name = past_name.format(layer), present_name.format(layer)
-                if past_name not in inputs or present_name not in outputs:
-                    raise ModelError(f"the exported decoder graph has no {past_name} input or {present_name} output; "
-                                     "this model's ONNX export is not supported")
                 past = inputs[past_name]
                 joined = op("Concat", [parts[past_name], past], f"spx_{past_name}", axis=2)
                 intercept(past, joined, 1)

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from spexport.export.passes.tag import record_fusions
 from spexport.export.passes.values import constant, constant_numbers, producer
 
 MS_DOMAIN = "com.microsoft"
@@ -24,17 +25,16 @@ _PASS_THROUGH = {"Cast", "Unsqueeze", "Expand", "Identity"}
 
 
 class FuseRotaryEmbeddingPass(InPlacePass):
-    """`fused` counts the rotations replaced (recorded in the graph's metadata as RotaryEmbedding)."""
+    """The rotations replaced are counted in the graph's metadata (tag.py), as RotaryEmbedding."""
 
     def __init__(self, max_positions: int):
         super().__init__()
         self.max_positions = max_positions
-        self.fused = 0
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         caches: dict[tuple, tuple[ir.Value, ir.Value]] = {}
-        self.fused = 0
+        count = 0
         for add in [node for node in graph if node.op_type == "Add"]:
             match = _rotation(add)
             if match is None:
@@ -60,11 +60,12 @@ class FuseRotaryEmbeddingPass(InPlacePass):
             if rotated.is_graph_output():  # a port keeps its name
                 rotated.name, fused.name = f"{rotated.name}_unfused", rotated.name
             rotated.replace_all_uses_with(fused, replace_graph_outputs=True)
-            self.fused += 1
-        if self.fused:
+            count += 1
+        if count:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             RemoveUnusedNodesPass()(model)
-        return PassResult(model, modified=self.fused > 0)
+            record_fusions(model, {ROTARY: count})
+        return PassResult(model, modified=count > 0)
 
     def _caches(self, graph: ir.Graph, inv_freq: np.ndarray, cos_scale: float, sin_scale: float,
                 index: int) -> tuple[ir.Value, ir.Value]:

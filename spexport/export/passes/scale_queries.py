@@ -11,21 +11,18 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from spexport.export.passes.tag import SCALED_QUERY, record_fusions
 from spexport.export.passes.values import constant_numbers, ints, op, producer
 
 _ELEMENTWISE = {"Sqrt", "Cast", "Reciprocal", "Neg", "Div", "Mul", "Add", "Sub", "Pow"}
 
 
 class ScaleQueriesNotKeysPass(InPlacePass):
-    """`moved` counts the attention products rewritten (recorded in the graph's metadata)."""
-
-    def __init__(self):
-        super().__init__()
-        self.moved = 0
+    """The attention products rewritten are counted in the graph's metadata (tag.py), as MatMulScaledQuery."""
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        self.moved = 0
+        moved = 0
         for matmul in [node for node in graph if node.op_type == "MatMul"]:
             keys = producer(matmul.inputs[1], "Mul")
             # a scaled key that anything else reads (a graph output included) must stay
@@ -39,9 +36,10 @@ class ScaleQueriesNotKeysPass(InPlacePass):
                     matmul.replace_input_with(0, query.outputs[0])
                     matmul.replace_input_with(1, transposed)
                     graph.remove(keys, safe=True)
-                    self.moved += 1
+                    moved += 1
                     break
-        return PassResult(model, modified=self.moved > 0)
+        record_fusions(model, {SCALED_QUERY: moved})
+        return PassResult(model, modified=moved > 0)
 
 
 def _swaps_last_two_axes(value: ir.Value) -> bool:
