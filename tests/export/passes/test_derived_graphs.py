@@ -24,9 +24,10 @@ def _lm() -> ir.Model:
              helper.make_node("Add", ["scores", "bias"], ["logits"]),
              helper.make_node("Unsqueeze", ["hidden", "one"], ["token_kv"])]
     for part in ("key", "value"):
-        inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{part}", TensorProto.FLOAT, ["b", 1, "p", HIDDEN]))
-        nodes.append(helper.make_node("Concat", [f"past_key_values.0.{part}", "token_kv"], [f"present.0.{part}"], axis=2))
-        outputs.append(helper.make_tensor_value_info(f"present.0.{part}", TensorProto.FLOAT, ["b", 1, "t", HIDDEN]))
+        past, present = f"past_key_values.0.{part}", f"present.0.{part}"
+        inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, ["b", 1, "p", HIDDEN]))
+        nodes.append(helper.make_node("Concat", [past, "token_kv"], [present], axis=2))
+        outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, ["b", 1, "t", HIDDEN]))
     weights = [onnx.numpy_helper.from_array(array, name) for array, name in
                [(EMBEDDINGS, "embeddings"), (HEAD, "head"), (BIAS, "bias"), (np.array([1], np.int64), "one")]]
     graph = helper.make_graph(nodes, "lm", inputs, outputs, weights)
