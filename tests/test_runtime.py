@@ -77,7 +77,7 @@ def test_generation_feeds_the_prefix_once_as_the_past(runtime_model):
     tasks = ["pt", "proj"]  # 5 and 2 virtual tokens
     rows = [runtime_model.tasks.index(t) for t in tasks]
     mask = np.array([[0, 1, 1], [1, 1, 1]], np.int64)  # row 0 left-padded
-    prefix, past, full_mask, positions = runtime_model._first_step(mask, rows)
+    prefix, past, full_mask, positions = runtime_model._first_step(mask, rows, runtime_model.task_table())
     core = runtime_model.manifest.core_graph is not None
     assert prefix == {} if core else (prefix[KV_PREFIX].shape[4] == 0 and prefix[PREFIX_MASK].shape == (2, 0))
     assert all(p.shape[2] == 5 for p in past)
@@ -110,7 +110,7 @@ def test_core_graph_computes_the_logits_of_the_positions_asked(runtime_model):
         assert runtime_model.info.model_type not in ("llama", "mistral", "qwen2")  # those are written directly
         return
     mask = np.array([[1, 1, 1, 0], [0, 1, 1, 1]], np.int64)  # row 0 right-padded, row 1 left-padded
-    prefix, past, joined, positions = runtime_model._first_step(mask, [0, 1])
+    prefix, past, joined, positions = runtime_model._first_step(mask, [0, 1], runtime_model.task_table())
     ids = np.random.default_rng(5).integers(4, 150, (2, 4)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": joined, "position_ids": positions, **prefix,
              **dict(zip(runtime_model._past_names, past))}
@@ -125,7 +125,8 @@ def test_one_row_first_step_reads_the_bank_without_copying_it(runtime_model):
     """A one-row request's past is the bank's own memory, so a long prefix costs no copy per
     request; its mask covers exactly the task's virtual tokens and its positions follow them."""
     row = runtime_model.tasks.index("pt")  # 5 virtual tokens
-    _, past, full_mask, positions = runtime_model._first_step(np.ones((1, 3), np.int64), [row])
+    _, past, full_mask, positions = runtime_model._first_step(np.ones((1, 3), np.int64), [row],
+                                                                 runtime_model.task_table())
     bank = runtime_model._table.prompts[row]
     assert all(np.shares_memory(p, bank) for p in past)
     np.testing.assert_array_equal(past[1][0], bank[0, 1])  # layer 0's values

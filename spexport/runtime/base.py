@@ -69,13 +69,19 @@ class TaskTable:
     prompts: tuple | None = None  # a decoder's KV prefixes (None: baked into the graph)
 
 
-class TaskRows(list):
-    """Each row's task id, with the TaskTable the ids index. A request that names an ensemble runs one row
-    per member: `owners` [rows] then holds each row's row of the request (None: one row per request row)."""
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """A checked request as the graphs run it: token ids and mask [rows, seq] as int64, each row's task id,
+    and the task list those ids index (read once, so the request is served with one list to its end).
 
-    def __init__(self, rows: list[int], table: TaskTable, owners: np.ndarray | None = None):
-        super().__init__(rows)
-        self.table, self.owners = table, owners
+    A request row that names an ensemble runs one row per member: `owners` [rows] then holds each run
+    row's request row (None: one run row per request row)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    rows: list[int]  # each run row's task id in `table`
+    table: TaskTable
+    owners: np.ndarray | None = None
 
     @property
     def firsts(self) -> np.ndarray | slice:
@@ -216,11 +222,9 @@ class ServedArtifact:
         encoded = codec.encode(rows, (self.info.max_positions - taken).tolist(), truncation, add_special_tokens)
         return (encoded, *inputs.pad_rows(encoded, self.info.pad_token_id, left))
 
-    def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None, verb: str = ""
-                 ) -> tuple[np.ndarray, np.ndarray, TaskRows]:
-        """The checked request: token ids and mask [batch, seq] as int64, and each row's task id. A row
-        that names an ensemble becomes one row per member (see TaskRows.owners); a `verb` given refuses
-        ensembles instead."""
+    def _prepare(self, input_ids, attention_mask, task: str | Sequence[str] | None, verb: str = "") -> Batch:
+        """The checked request as a Batch. A row that names an ensemble becomes one row per member (see
+        Batch.owners); a `verb` given refuses ensembles instead."""
         table = self._table  # read once: the whole request is served with this task list
         ids = inputs.as_token_matrix(input_ids, self.info.vocab_size, self.max_batch_size)
         mask = inputs.as_mask(attention_mask, ids.shape)
@@ -232,7 +236,7 @@ class ServedArtifact:
         rows = inputs.task_indices(task, list(table.names), ids.shape[0])
         tokens = np.full(len(ids), ids.shape[1]) if self.PADDING_TAKES_POSITIONS else mask.sum(axis=1)
         self._check_length("input", tokens, [table.positions[r] for r in rows])
-        return ids, mask, TaskRows(rows, table, owners)
+        return Batch(ids, mask, rows, table, owners)
 
     def _check_length(self, what: str, tokens: np.ndarray, virtual: list[int]) -> None:
         """Refuse a batch in which a row's tokens and its task's virtual tokens outnumber the positions."""

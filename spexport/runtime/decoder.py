@@ -27,7 +27,7 @@ from spexport.artifact.ports import (
 from spexport.errors import AdapterError, InputError
 from spexport.families import DECODER
 from spexport.runtime import inputs
-from spexport.runtime.base import TaskRows, TaskTable, finite_logits, running
+from spexport.runtime.base import Batch, TaskTable, finite_logits, running
 from spexport.runtime.device import io_device
 from spexport.runtime.engine import Engine
 from spexport.runtime.generation import GeneratingModel, GenerationConfig
@@ -76,12 +76,10 @@ class DecoderModel(GeneratingModel):
 
     # -- batching -------------------------------------------------------------------------------
 
-    def _rows_table(self, rows: list[int]) -> TaskTable:
-        """The task list `rows` index: the one the request was checked against (TaskRows), else the current one."""
-        return getattr(rows, "table", None) or self._table
-
-    def _first_step(self, mask: np.ndarray, rows: list[int]):
-        """Generation's first feeds: (prefix inputs, past, attention mask, position ids).
+    def _first_step(self, mask: np.ndarray, rows: list[int], table: TaskTable
+                    ) -> tuple[dict[str, np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+        """Generation's first feeds for rows of task ids `rows` in `table`: (prefix inputs, past, attention
+        mask, position ids).
 
         With a prompt bank, each row's prefix goes in as the past, with its mask ahead of the
         caller's and positions after it: what the main graph would join inside it, the caller joins
@@ -89,7 +87,7 @@ class DecoderModel(GeneratingModel):
         prefix and tokens and is passed back as it is, so no later step splits off the prefix.
         A baked graph holds its prompts, so it is given task ids and an empty past.
         """
-        prompts = self._rows_table(rows).prompts
+        prompts = table.prompts
         if prompts is None:
             return {TASK_IDS: np.array(rows, np.int64)}, self._empty_past(len(rows)), mask, inputs.positions(mask)
         info = self.info
@@ -101,12 +99,13 @@ class DecoderModel(GeneratingModel):
         positions = inputs.positions(mask) + prefix_mask.sum(axis=1, keepdims=True)
         return empty, past, np.concatenate([prefix_mask, mask], axis=1), positions
 
-    def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> _BoundSteps | _GroupedSteps:
-        groups = self._window_groups(mask)
+    def _steps(self, batch: Batch) -> _BoundSteps | _GroupedSteps:
+        groups = self._window_groups(batch.mask)
         if groups is not None:
-            return _GroupedSteps(self._graph, [(group, self._steps(*self._unpadded(ids, mask, rows, group)))
+            return _GroupedSteps(self._graph, [(group, self._steps(self._unpadded(batch, group)))
                                                for group in groups])
-        return _BoundSteps(self, ids, inputs.last_real(mask), *self._first_step(mask, rows))
+        return _BoundSteps(self, batch.ids, inputs.last_real(batch.mask),
+                           *self._first_step(batch.mask, batch.rows, batch.table))
 
     def _window_groups(self, mask: np.ndarray) -> list[np.ndarray] | None:
         """The batch's rows grouped by their number of real tokens, where the model has sliding-window
@@ -120,19 +119,19 @@ class DecoderModel(GeneratingModel):
         lengths = mask.sum(axis=1)
         return [np.flatnonzero(lengths == n) for n in np.unique(lengths)]
 
-    def _unpadded(self, ids: np.ndarray, mask: np.ndarray, rows: list[int],
-                  group: np.ndarray) -> tuple[np.ndarray, np.ndarray, TaskRows]:
-        """The rows of `group`, which have equal numbers of real tokens, with their padding taken out."""
-        real = ids[group][mask[group] == 1].reshape(len(group), -1)
-        return real, np.ones_like(real), TaskRows([rows[i] for i in group], self._rows_table(rows))
+    def _unpadded(self, batch: Batch, group: np.ndarray) -> Batch:
+        """The rows of `group`, which have equal numbers of real tokens, with their padding taken out (as
+        runs of the model: an ensemble's owners stay with the whole batch)."""
+        real = batch.ids[group][batch.mask[group] == 1].reshape(len(group), -1)
+        return Batch(real, np.ones_like(real), [batch.rows[i] for i in group], batch.table)
 
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.info.num_kv_heads, 0, self.info.head_dim)
         return [np.zeros(shape, np.float32) for _ in self._past_names]
 
-    def _room(self, ids: np.ndarray, rows: list[int]) -> int:
-        positions = self._rows_table(rows).positions
-        return self.info.max_positions - max(positions[r] for r in rows) - ids.shape[1]
+    def _room(self, batch: Batch) -> int:
+        positions = batch.table.positions
+        return self.info.max_positions - max(positions[r] for r in batch.rows) - batch.ids.shape[1]
 
     def _sequence_start(self, ids: np.ndarray) -> np.ndarray:
         return ids
@@ -149,15 +148,14 @@ class DecoderModel(GeneratingModel):
         """The task list requests are checked against now (replaced whole by add_task / remove_task)."""
         return self._table
 
-    def _token_columns(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], config: GenerationConfig,
-                       stopped: np.ndarray | None = None):
-        if not config.prompt_lookup_num_tokens or getattr(rows, "owners", None) is not None:
+    def _token_columns(self, batch: Batch, config: GenerationConfig,
+                       stopped: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        if not config.prompt_lookup_num_tokens or batch.owners is not None:
             # an ensemble's members share one continuation: they decode one token a step, without drafts
-            return super()._token_columns(ids, mask, rows, config, stopped)
+            return super()._token_columns(batch, config, stopped)
         eos = self.info.eos_token_ids
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
-        return lookup_columns(self, ids, mask, self._rows_table(rows), list(rows), config, self._room(ids, rows), pad,
-                              stopped)
+        return lookup_columns(self, batch, config, self._room(batch), pad, stopped)
 
     def row_start(self, task_id: int, table: TaskTable) -> tuple[list[np.ndarray], int]:
         """A row's past before its first token, per past name [kv_heads, slots, head_dim], and its number of
@@ -222,18 +220,19 @@ class DecoderModel(GeneratingModel):
 
     def logits(self, input_ids, attention_mask=None, task: str | Sequence[str] = None) -> np.ndarray:
         """Logits [batch, seq, vocab] for the caller's tokens (no virtual positions)."""
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task, verb="logits")
-        groups = self._window_groups(mask)
+        batch = self._prepare(input_ids, attention_mask, task, verb="logits")
+        groups = self._window_groups(batch.mask)
         if groups is None:
-            return self._logits(ids, mask, rows)
-        out = np.zeros((*ids.shape, self.info.vocab_size), np.float32)  # padding slots: 0
+            return self._logits(batch)
+        out = np.zeros((*batch.ids.shape, self.info.vocab_size), np.float32)  # padding slots: 0
         for group in groups:
-            slots = np.nonzero(mask[group])[1].reshape(len(group), -1)
-            out[group[:, None], slots] = self._logits(*self._unpadded(ids, mask, rows, group))
+            slots = np.nonzero(batch.mask[group])[1].reshape(len(group), -1)
+            out[group[:, None], slots] = self._logits(self._unpadded(batch, group))
         return out
 
-    def _logits(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> np.ndarray:
-        prefix, past, joined, positions = self._first_step(mask, rows)
+    def _logits(self, batch: Batch) -> np.ndarray:
+        ids, mask = batch.ids, batch.mask
+        prefix, past, joined, positions = self._first_step(mask, batch.rows, batch.table)
         feeds = {"input_ids": ids, "attention_mask": joined, "position_ids": positions, **prefix,
                  **dict(zip(self._past_names, past))}
         if self._positional:
@@ -319,19 +318,18 @@ class _BoundSteps:
         return logits
 
 
-def lookup_columns(model, ids: np.ndarray, mask: np.ndarray, table: TaskTable, task_ids: list[int],
-                   config: GenerationConfig, room: int, pad: int,
+def lookup_columns(model: DecoderModel, batch: Batch, config: GenerationConfig, room: int, pad: int,
                    stopped: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """`generate`'s columns with prompt-lookup drafting: every row run through an engine of its own, in the
     caller's thread, and its tokens (EOS included) laid out as the generation loop lays them out, each column
     as soon as every row has its token. A row the caller marks in `stopped` is cancelled."""
-    engine = Engine(model, max_running_rows=max(len(ids), 1), prefix_cache_bytes=0,
+    engine = Engine(model, max_running_rows=max(len(batch.ids), 1), prefix_cache_bytes=0,
                     prompt_lookup_num_tokens=config.prompt_lookup_num_tokens, background=False)
-    names = list(table.names)
+    names = list(batch.table.names)
     requests = [engine.submit(row[real == 1], names[task], min(config.max_new_tokens, room),
                               config.do_sample, config.temperature, config.top_k, config.top_p, config.seed,
                               config.repetition_penalty)
-                for row, real, task in zip(ids, mask, task_ids)]
+                for row, real, task in zip(batch.ids, batch.mask, batch.rows)]
     step = 0
     while True:
         while any(not r.finished and len(r.tokens) <= step for r in requests):

@@ -20,7 +20,7 @@ from spexport.artifact.ports import (
 from spexport.errors import ArtifactError, InputError
 from spexport.families import ENCODER
 from spexport.runtime import inputs
-from spexport.runtime.base import EMBEDDINGS, KV, ServedArtifact, finite_logits, prompt_kind
+from spexport.runtime.base import EMBEDDINGS, KV, Batch, ServedArtifact, finite_logits, prompt_kind
 from spexport.runtime.session import load_bank, open_session
 
 SEQUENCE, TOKEN = "sequence", "token"
@@ -90,10 +90,10 @@ class EncoderModel(ServedArtifact):
         gives them; default all 0. Rows of tasks with fewer labels than the batch's widest are padded
         with -inf, which softmax and argmax ignore.
         """
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task, verb="logits")
-        return self._logits(ids, mask, rows, token_type_ids)
+        return self._logits(self._prepare(input_ids, attention_mask, task, verb="logits"), token_type_ids)
 
-    def _logits(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], token_type_ids) -> np.ndarray:
+    def _logits(self, batch: Batch, token_type_ids) -> np.ndarray:
+        ids, mask, rows = batch.ids, batch.mask, batch.rows
         kind = self._head_kind(rows)
         names = [o.name for o in self.session.get_outputs()]
         feeds = {"input_ids": ids, "attention_mask": mask, **self._token_types(token_type_ids, ids.shape),
@@ -123,17 +123,18 @@ class EncoderModel(ServedArtifact):
         for its tokens, special tokens and the label "O" left out.
         """
         encoded, ids, mask, types = self._encode_texts(texts, task, truncation, pairs=True)
-        ids, mask, rows = self._prepare(ids, mask, task)
-        owners = np.arange(len(ids)) if rows.owners is None else rows.owners
-        logits = self._logits(ids, mask, rows, types[owners])
+        batch = self._prepare(ids, mask, task)
+        owners = np.arange(len(batch.ids)) if batch.owners is None else batch.owners
+        logits = self._logits(batch, types[owners])
+        names = [batch.table.names[r] for r in batch.rows]  # each run row's task
         results = []
         for row, e in enumerate(encoded):
             members = np.flatnonzero(owners == row)
             if len(members) > 1:
-                results.append(_ensemble_answer([rows.table.names[rows[m]] for m in members], logits[members],
-                                                self.labels[rows.table.names[rows[members[0]]]]))
+                results.append(_ensemble_answer([names[m] for m in members], logits[members],
+                                                self.labels[names[members[0]]]))
                 continue
-            labels = self.labels[self.tasks[rows[members[0]]]]
+            labels = self.labels[names[members[0]]]
             scores = _scores(logits[members[0], ..., :len(labels)])
             if logits.ndim == 2:
                 best = int(scores.argmax())

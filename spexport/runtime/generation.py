@@ -16,7 +16,7 @@ import numpy as np
 
 from spexport.errors import InputError
 from spexport.runtime import inputs, sampling
-from spexport.runtime.base import ServedArtifact, non_finite_logits
+from spexport.runtime.base import Batch, ServedArtifact, non_finite_logits
 from spexport.runtime.chat import conversations
 from spexport.runtime.text import TextCodec, TextStream, check_stop
 
@@ -123,10 +123,10 @@ class GeneratingModel(ServedArtifact):
     DOES = "generates text"
     PAD_TEXT_LEFT = True  # generate_text's padding side: a decoder-only model continues each row at its right end
 
-    def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> Steps:
+    def _steps(self, batch: Batch) -> Steps:
         raise NotImplementedError
 
-    def _room(self, ids: np.ndarray, rows: list[int]) -> int:
+    def _room(self, batch: Batch) -> int:
         """New tokens the batch's positions leave room for."""
         raise NotImplementedError
 
@@ -145,7 +145,7 @@ class GeneratingModel(ServedArtifact):
         """The artifact's tokenizer and decoding rules (None without a tokenizer.json)."""
         return self._text
 
-    def _token_columns(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], config: GenerationConfig,
+    def _token_columns(self, batch: Batch, config: GenerationConfig,
                        stopped: np.ndarray | None = None) -> Iterator[np.ndarray]:
         if config.prompt_lookup_num_tokens:
             raise InputError("prompt_lookup_num_tokens is for decoder-only artifacts; this is "
@@ -154,26 +154,25 @@ class GeneratingModel(ServedArtifact):
         pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
         seen = None
         if config.repetition_penalty != 1.0:
-            tokens, real = self._sequence_so_far(ids, mask)
-            seen = np.zeros((len(ids), self.info.vocab_size), bool)
+            tokens, real = self._sequence_so_far(batch.ids, batch.mask)
+            seen = np.zeros((len(batch.ids), self.info.vocab_size), bool)
             seen[np.nonzero(real)[0], tokens[real == 1]] = True
-        return token_columns(self._steps(ids, mask, rows), config, self._room(ids, rows), eos, pad,
-                             lambda step: self._forced_token(step, config), seen, stopped,
-                             getattr(rows, "owners", None))
+        return token_columns(self._steps(batch), config, self._room(batch), eos, pad,
+                             lambda step: self._forced_token(step, config), seen, stopped, batch.owners)
 
-    def _new_tokens(self, ids: np.ndarray, mask: np.ndarray, rows: list[int], config: GenerationConfig) -> np.ndarray:
-        columns = list(self._token_columns(ids, mask, rows, config))
-        return np.stack(columns, axis=1) if columns else np.empty((len(ids[rows.firsts]), 0), np.int64)
+    def _new_tokens(self, batch: Batch, config: GenerationConfig) -> np.ndarray:
+        columns = list(self._token_columns(batch, config))
+        return np.stack(columns, axis=1) if columns else np.empty((len(batch.ids[batch.firsts]), 0), np.int64)
 
     def _reply_pieces(self, ids: np.ndarray, mask: np.ndarray, task, config: GenerationConfig,
                       stop: list[str]) -> Iterator[list[str]]:
         """Each step's new piece of text per row as the tokens come; last, the rest of every row's reply.
         A row ends at an EOS or at its first stop string."""
-        ids, mask, rows = self._prepare(ids, mask, task)
-        streams = [TextStream(self._require_text(), stop) for _ in ids[rows.firsts]]
+        batch = self._prepare(ids, mask, task)
+        streams = [TextStream(self._require_text(), stop) for _ in batch.ids[batch.firsts]]
         ended = np.zeros(len(streams), bool)
         eos = set(self.info.eos_token_ids)
-        for column in self._token_columns(ids, mask, rows, config, stopped=ended):
+        for column in self._token_columns(batch, config, stopped=ended):
             pieces = [""] * len(streams)
             for row, (stream, token) in enumerate(zip(streams, column.tolist())):
                 if ended[row]:
@@ -214,8 +213,7 @@ class GeneratingModel(ServedArtifact):
         """generate's new tokens one column [batch] at a time, as the loop chooses them, for callers that
         stream or stop early (the server); kwargs are generate's settings."""
         config = GenerationConfig(max_new_tokens, **kwargs)
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
-        return self._token_columns(ids, mask, rows, config)
+        return self._token_columns(self._prepare(input_ids, attention_mask, task), config)
 
     def generate(self, input_ids, attention_mask=None, task: str | Sequence[str] = None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -233,9 +231,9 @@ class GeneratingModel(ServedArtifact):
         """
         config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, repetition_penalty,
                                   prompt_lookup_num_tokens)
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task)
-        new = self._new_tokens(ids, mask, rows, config)
-        return np.concatenate([self._sequence_start(ids[rows.firsts]), new], axis=1)
+        batch = self._prepare(input_ids, attention_mask, task)
+        new = self._new_tokens(batch, config)
+        return np.concatenate([self._sequence_start(batch.ids[batch.firsts]), new], axis=1)
 
     def generate_text(self, texts: str | Sequence[str], task: str | Sequence[str] = None,
                       max_new_tokens: int = 20, stop: str | Sequence[str] | None = None, truncation: bool = False,

@@ -26,7 +26,7 @@ from spexport.artifact.ports import (
 from spexport.errors import ArtifactError, InputError
 from spexport.families import SEQ2SEQ
 from spexport.runtime import inputs
-from spexport.runtime.base import EMBEDDINGS, KV, finite_logits, prompt_kind
+from spexport.runtime.base import EMBEDDINGS, KV, Batch, finite_logits, prompt_kind
 from spexport.runtime.generation import GeneratingModel, GenerationConfig
 from spexport.runtime.session import check_ports, load_bank, open_session
 
@@ -86,7 +86,7 @@ class Seq2SeqModel(GeneratingModel):
 
     # -- running the graphs ---------------------------------------------------------------------
 
-    def _encode(self, ids, mask, rows) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The encoder's states and mask, each row laid out as [virtual tokens, its tokens, padding]."""
         embeds, prompt_mask = stack_prefixes([self._embeds[r] for r in rows], axis=0, min_slots=1)
         return self._run(self.encoder, self._encoder_graph, ["last_hidden_state", ENCODER_MASK],
@@ -112,12 +112,13 @@ class Seq2SeqModel(GeneratingModel):
         kv, mask = stack_prefixes([self._kv[r] for r in rows], axis=3, min_slots=1)
         return {KV_PREFIX: kv, PREFIX_MASK: mask}
 
-    def _steps(self, ids: np.ndarray, mask: np.ndarray, rows: list[int]) -> _CachedSteps:
-        return _CachedSteps(self, self._encode(ids, mask, rows), self._prefix(rows), self._sequence_start(ids))
+    def _steps(self, batch: Batch) -> _CachedSteps:
+        return _CachedSteps(self, self._encode(batch.ids, batch.mask, batch.rows), self._prefix(batch.rows),
+                            self._sequence_start(batch.ids))
 
-    def _room(self, ids: np.ndarray, rows: list[int]) -> int:
+    def _room(self, batch: Batch) -> int:
         """Decoder tokens a batch may feed: a row's prefix takes positions before its own tokens."""
-        return self.info.max_positions - max(self._kv[r].shape[3] for r in rows)
+        return self.info.max_positions - max(self._kv[r].shape[3] for r in batch.rows)
 
     def _sequence_start(self, ids: np.ndarray) -> np.ndarray:
         return np.full((len(ids), 1), self._start, np.int64)
@@ -139,7 +140,8 @@ class Seq2SeqModel(GeneratingModel):
                decoder_input_ids=None) -> np.ndarray:
         """Logits [batch, dec_len, vocab] of `decoder_input_ids` (default: the decoder start token)
         given the encoder input; no virtual positions on either side."""
-        ids, mask, rows = self._prepare(input_ids, attention_mask, task, verb="logits")
+        batch = self._prepare(input_ids, attention_mask, task, verb="logits")
+        ids, mask, rows = batch.ids, batch.mask, batch.rows
         if decoder_input_ids is None:
             decoder_ids = np.full((len(ids), 1), self._start, np.int64)
         else:
