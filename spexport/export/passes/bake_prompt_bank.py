@@ -10,7 +10,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from spexport.artifact.ports import KV_PREFIX, PREFIX_MASK, TASK_IDS
 from spexport.export.passes.values import constant, graph_input, op
 
-BANK_CONSTANTS = ("spx_kv_bank", "spx_bank_mask")  # the bank's initializers: they stay float32 (float16.py)
+BANK_CONSTANTS = ("spx_kv_bank", "spx_bank_mask")  # the bank's initializers (float32 in every graph)
 
 
 class BakePromptBankPass(InPlacePass):

@@ -1,15 +1,13 @@
-"""fp16 weights and compute, for GPU providers; the graph's inputs and outputs and a baked prompt bank
-stay float32, so the artifact's interface does not change."""
+"""fp16 weights and compute, for GPU providers; the graph's inputs and outputs stay float32, so the artifact's
+interface does not change (the prompt bank, wired in after this pass by build.py, stays float32 too)."""
 
 from __future__ import annotations
 
 from unittest import mock
 
 import onnx_ir as ir
-from onnx import TensorProto, ValueInfoProto, helper
+from onnx import TensorProto, ValueInfoProto
 from onnx_ir.passes import FunctionalPass, PassResult
-
-from spexport.export.passes.bake_prompt_bank import BANK_CONSTANTS
 
 PROTOBUF_LIMIT = 1_800_000_000  # shape inference serialises the model: protobuf's 2 GB limit, with room
 
@@ -25,28 +23,21 @@ class ConvertToFloat16Pass(FunctionalPass):
         in_files = {name: tensor for name, value in model.graph.initializers.items()
                     if isinstance(tensor := value.const_value, ir.ExternalTensor) and tensor.dtype == ir.DataType.FLOAT}
         proto = ir.to_proto(model)
-        bank_readers = []
-        for i, node in enumerate(proto.graph.node):
-            if node.op_type == "Gather" and node.input[0] in BANK_CONSTANTS:
-                node.name = node.name or f"spx_bank_gather{i}"
-                bank_readers.append(node.name)
         # the converter reads a converted weight back only for its shape, which its dims give without the data
         with mock.patch.object(float16, "make_value_info_from_tensor", _value_info_from_dims):
-            converted = float16.convert_float_to_float16(proto, keep_io_types=True, node_block_list=bank_readers,
+            converted = float16.convert_float_to_float16(proto, keep_io_types=True,
                                                          disable_shape_infer=proto.ByteSize() > PROTOBUF_LIMIT)
-        retyped = [t for t in converted.graph.initializer if t.name in in_files and t.data_type == TensorProto.FLOAT16]
-        for tensor in retyped:
-            del tensor.external_data[:]
-            tensor.data_location = TensorProto.DEFAULT
         model = ir.from_proto(converted)
-        for tensor in retyped:
-            source = in_files[tensor.name]
-            model.graph.initializers[tensor.name].const_value = ir.LazyTensor(
-                lambda source=source: ir.Tensor(float16.convert_np_to_float16(source.numpy())),
-                dtype=ir.DataType.FLOAT16, shape=source.shape, name=tensor.name)
+        for name, source in in_files.items():  # retyped, but their references still point at float32 data
+            weight = model.graph.initializers[name]
+            if weight.const_value.dtype == ir.DataType.FLOAT16:
+                weight.const_value = ir.LazyTensor(
+                    lambda source=source: ir.Tensor(float16.convert_np_to_float16(source.numpy())),
+                    dtype=ir.DataType.FLOAT16, shape=source.shape, name=name)
         model.graph.sort()  # the converter appends the casts of float32 inputs after their readers
         return PassResult(model, modified=True)
 
 
 def _value_info_from_dims(tensor: TensorProto) -> ValueInfoProto:
-    return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+    value = ir.Value(name=tensor.name, type=ir.TensorType(ir.DataType(tensor.data_type)), shape=ir.Shape(tensor.dims))
+    return ir.serde.serialize_value(value)

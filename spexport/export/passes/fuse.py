@@ -1,6 +1,6 @@
 """Fuse norms, activations and skip connections into ONNX Runtime's contrib operators, and turn
 shape arithmetic into constant reshapes, with onnxruntime.transformers' optimizer (which works on
-ONNX protobufs).
+ONNX protobufs; its result comes back into onnx-ir before this pass touches it).
 
 Only the fusions that match the graphs torch exports today run: its attention patterns predate them
 and never match, and rotary embeddings are FuseRotaryEmbeddingPass's (the optimizer's own search for
@@ -17,11 +17,13 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import FunctionalPass, PassResult
 
+from spexport.export.passes.tag import record_fusions
+
 LARGE_TENSOR = 1 << 20  # bytes: weight matrices; norms' weights, biases and constants stay in the graph
 
 
 class FuseTransformerOpsPass(FunctionalPass):
-    """`counts` holds the fused operators and how many of each (recorded in the graph's metadata)."""
+    """The fused operators and how many of each are recorded in the result's metadata (tag.py)."""
 
     def __init__(self, fusion_type: str, num_heads: int, hidden_size: int, workdir: Path | None = None):
         """`workdir`: a folder that outlives the fused model, where its weight matrices stay (memory-mapped)
@@ -29,7 +31,6 @@ class FuseTransformerOpsPass(FunctionalPass):
         super().__init__()
         self.fusion_type, self.num_heads, self.hidden_size = fusion_type, num_heads, hidden_size
         self.workdir = workdir
-        self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> PassResult:
         from onnxruntime.transformers.fusion_options import FusionOptions
@@ -41,22 +42,29 @@ class FuseTransformerOpsPass(FunctionalPass):
             path = self.workdir / "fuse_input.onnx"
             ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=LARGE_TENSOR)
             proto = onnx.load(path, load_external_data=False)
-        inputs = [onnx.ValueInfoProto.FromString(value.SerializeToString()) for value in proto.graph.input]
         fusions = FusionOptions(self.fusion_type)
         fusions.enable_attention = fusions.enable_rotary_embeddings = fusions.enable_qordered_matmul = False
         # opt_level 0: only the pattern fusions, no provider-specific rewriting baked into the file.
         optimized = optimize_model(proto, model_type=self.fusion_type, num_heads=self.num_heads,
                                    hidden_size=self.hidden_size, optimization_options=fusions, opt_level=0)
-        self.counts = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
-        proto = optimized.model
-        kept = {value.name for value in proto.graph.input}
-        for position, value in enumerate(inputs):  # the optimizer prunes unread inputs; the ports stay
-            if value.name not in kept:
-                proto.graph.input.insert(position, value)
-        domains = {node.domain for node in proto.graph.node} - {"", "ai.onnx"}
-        known = {opset.domain for opset in proto.opset_import}
-        proto.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in sorted(domains - known))
+        counts = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
         if self.workdir is None:
-            return PassResult(ir.from_proto(proto), modified=bool(self.counts))
-        onnx.save(proto, path)  # its weights still refer to the file beside it
-        return PassResult(ir.load(path), modified=bool(self.counts))
+            fused = ir.from_proto(optimized.model)
+        else:
+            onnx.save(optimized.model, path)  # its weights still refer to the file beside it
+            fused = ir.load(path)
+        _keep_inputs(fused.graph, model.graph.inputs)
+        for domain in sorted({node.domain for node in fused.graph} - {"", "ai.onnx"} - set(fused.opset_imports)):
+            fused.opset_imports[domain] = 1
+        fused.metadata_props.update(model.metadata_props)  # other passes' records
+        record_fusions(fused, counts)
+        return PassResult(fused, modified=bool(counts))
+
+
+def _keep_inputs(graph: ir.Graph, inputs: list[ir.Value]) -> None:
+    """Put back, where they stood, the `inputs` the optimizer pruned for being unread: the ports stay."""
+    kept = {value.name for value in graph.inputs}
+    for position, value in enumerate(inputs):
+        if value.name not in kept:
+            shape = None if value.shape is None else value.shape.copy()
+            graph.inputs.insert(position, ir.Value(name=value.name, type=value.type, shape=shape))

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import torch
 
 from spexport.artifact.files import DECODER_GRAPH, ENCODER_GRAPH
@@ -206,8 +207,10 @@ def _export(model, layers: int, heads: int, head_dim: int, positions: RowPositio
                                  for n in self_presents}})
             # the cross-attention cache is computed on the first step; later steps pass it back unchanged
             cross = {present: past for past, present in zip(pasts, presents) if ".encoder." in present}
-            merged = merge_decoders(onnx.load(raw / "decoder.onnx"), onnx.load(raw / "decoder_with_past.onnx"),
-                                    USE_CACHE_BRANCH, cross)
+            # with their weights (onnx.load reads external data too): the traced files go with the temporary folder
+            no_past, with_past = (ir.from_proto(onnx.load(raw / name)) for name in ("decoder.onnx",
+                                                                                   "decoder_with_past.onnx"))
+            merged = ir.to_proto(merge_decoders(no_past, with_past, USE_CACHE_BRANCH, cross))
             large = merged.ByteSize() > PROTOBUF_LIMIT
             if not large:
                 onnx.checker.check_model(merged)

@@ -10,90 +10,86 @@ from __future__ import annotations
 
 import hashlib
 
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
 
 
-def merge_decoders(no_past: onnx.ModelProto, with_past: onnx.ModelProto, condition: str,
-                   pass_through: dict[str, str]) -> onnx.ModelProto:
+def merge_decoders(no_past: ir.Model, with_past: ir.Model, condition: str,
+                   pass_through: dict[str, str]) -> ir.Model:
     """A model running `with_past` where its bool input `condition` [1] is true, else `no_past`.
 
     Its inputs are both graphs' inputs and `condition`; its outputs are `no_past`'s. pass_through
     names, for each output that `with_past` lacks, the input of `with_past` to return unchanged in
-    its place (the cross-attention cache, which later steps do not recompute).
+    its place (the cross-attention cache, which later steps do not recompute). The two graphs become
+    the If node's branches: both models are taken apart.
     """
-    shared: dict[tuple, onnx.TensorProto] = {}
-    branches = {}
-    for tag, model in (("no_past", no_past), ("with_past", with_past)):
-        kept, renamed = [], {}
-        for weight in model.graph.initializer:
-            if _small(weight):  # beside their readers, where ONNX Runtime folds constants
-                kept.append(weight)
-                continue
-            content = _content(weight)
-            if content not in shared:
-                shared[content] = _renamed(weight, shared.values(), tag)
-            renamed[weight.name] = shared[content].name
-        nodes = []
-        for node in model.graph.node:
-            node = _copy(node)
-            node.input[:] = [renamed.get(name, name) for name in node.input]
-            nodes.append(node)
-        branches[tag] = (nodes, kept)
+    inputs: dict[str, ir.Value] = {}
+    shared: dict[tuple, ir.Value] = {}
+    for tag, branch in (("no_past", no_past.graph), ("with_past", with_past.graph)):
+        for value in branch.inputs:  # read from the outer graph
+            if value.name not in inputs:
+                inputs[value.name] = ir.Value(name=value.name, type=value.type, shape=_copy(value.shape))
+            value.replace_all_uses_with(inputs[value.name])
+        branch.inputs.clear()
+        _share_weights(branch, shared, tag)
+        branch.name = tag
 
-    nodes, kept = branches["no_past"]
-    else_branch = helper.make_graph(nodes, "no_past", [], list(no_past.graph.output), kept)
-    nodes, kept = branches["with_past"]
-    produced = {output.name: output for output in with_past.graph.output}
-    outputs = []
-    for output in no_past.graph.output:
-        if output.name not in produced:
-            nodes.append(helper.make_node("Identity", [pass_through[output.name]], [output.name]))
-        outputs.append(produced.get(output.name, output))
-    then_branch = helper.make_graph(nodes, "with_past", [], outputs, kept)
-    choose = helper.make_node("If", [condition], [output.name for output in no_past.graph.output],
-                              name="spx_use_cache_branch", then_branch=then_branch, else_branch=else_branch)
-    known = {value.name for value in no_past.graph.input}
-    inputs = [*no_past.graph.input, *(value for value in with_past.graph.input if value.name not in known),
-              helper.make_tensor_value_info(condition, TensorProto.BOOL, [1])]
-    graph = helper.make_graph([choose], "merged", inputs,
-                              [_either(output, produced.get(output.name)) for output in no_past.graph.output],
-                              list(shared.values()))
-    return helper.make_model(graph, opset_imports=list(no_past.opset_import), ir_version=no_past.ir_version)
+    produced = {value.name: value for value in with_past.graph.outputs}
+    returned = []
+    for value in no_past.graph.outputs:
+        if value.name in produced:
+            returned.append(produced[value.name])
+        else:
+            passed = ir.Value(name=value.name, type=value.type, shape=_copy(value.shape))
+            with_past.graph.append(ir.Node("", "Identity", [inputs[pass_through[value.name]]], outputs=[passed],
+                                           name=""))
+            returned.append(passed)
+    with_past.graph.outputs.clear()
+    with_past.graph.outputs.extend(returned)
+    use_cache = inputs[condition] = ir.Value(name=condition, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([1]))
+    results = [ir.Value(name=value.name, type=value.type, shape=_either(value.shape, produced.get(value.name)))
+               for value in no_past.graph.outputs]
+    choose = ir.Node("", "If", [use_cache], name="spx_use_cache_branch", outputs=results,
+                     attributes=[ir.AttrGraph("else_branch", no_past.graph),
+                                 ir.AttrGraph("then_branch", with_past.graph)])
+    graph = ir.Graph(list(inputs.values()), results, nodes=[choose], initializers=list(shared.values()),
+                     opset_imports=dict(no_past.opset_imports), name="merged")
+    return ir.Model(graph, ir_version=no_past.ir_version)
 
 
-def _small(weight: onnx.TensorProto) -> bool:
+def _share_weights(branch: ir.Graph, shared: dict[tuple, ir.Value], tag: str) -> None:
+    """Moves `branch`'s weights to `shared` (by content), the first of equal ones kept and renamed if
+    another stored weight has its name; the others' readers read it. Small constants stay in the branch,
+    beside their readers, where ONNX Runtime folds them."""
+    for value in list(branch.initializers.values()):
+        weight = value.const_value
+        if weight is None or _small(weight):
+            continue
+        del branch.initializers[value.name]
+        content = weight.dtype, tuple(weight.shape), hashlib.sha256(weight.tobytes()).hexdigest()
+        if content in shared:
+            value.replace_all_uses_with(shared[content])
+            continue
+        if value.name in {other.name for other in shared.values()}:
+            value.name = f"{value.name}.{tag}"
+        shared[content] = value
+
+
+def _small(weight: ir.TensorProtocol) -> bool:
     """A scalar or a 1-D integer tensor (a shape, an axis): a constant, not a weight."""
-    return len(weight.dims) == 0 or (len(weight.dims) == 1 and weight.data_type in (TensorProto.INT32,
-                                                                                    TensorProto.INT64))
+    return len(weight.shape) == 0 or (len(weight.shape) == 1 and weight.dtype in (ir.DataType.INT32,
+                                                                                  ir.DataType.INT64))
 
 
-def _content(weight: onnx.TensorProto) -> tuple:
-    data = numpy_helper.to_array(weight)
-    return weight.data_type, tuple(weight.dims), hashlib.sha256(data.tobytes()).hexdigest()
+def _copy(shape: ir.Shape | None) -> ir.Shape | None:
+    return None if shape is None else shape.copy()
 
 
-def _renamed(weight: onnx.TensorProto, stored, tag: str) -> onnx.TensorProto:
-    """A copy of `weight` for the outer graph, renamed if another stored weight has its name."""
-    copy = onnx.TensorProto()
-    copy.CopyFrom(weight)
-    if weight.name in {other.name for other in stored}:
-        copy.name = f"{weight.name}.{tag}"
-    return copy
-
-
-def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    return copy
-
-
-def _either(output: onnx.ValueInfoProto, other: onnx.ValueInfoProto | None) -> onnx.ValueInfoProto:
-    """The If node's output type: `output`'s, with each axis the branches size differently left unnamed."""
-    merged = onnx.ValueInfoProto()
-    merged.CopyFrom(output)
-    if other is not None:
-        for dim, theirs in zip(merged.type.tensor_type.shape.dim, other.type.tensor_type.shape.dim):
-            if dim != theirs:
-                dim.Clear()
-    return merged
+def _either(shape: ir.Shape | None, other: ir.Value | None) -> ir.Shape | None:
+    """The If node's output shape: `shape`, with each axis the branches size differently left unnamed."""
+    if shape is None or other is None or other.shape is None:
+        return _copy(shape)
+    dims = list(shape)
+    for axis, theirs in enumerate(list(other.shape)[:len(dims)]):
+        if dims[axis] != theirs:
+            dims[axis] = None
+    return ir.Shape(dims)

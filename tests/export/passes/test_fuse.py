@@ -4,6 +4,7 @@ import onnx_ir as ir
 from graphs import run
 
 from spexport.export.passes import FuseTransformerOpsPass
+from spexport.export.passes.tag import FUSIONS_KEY
 
 
 def _erf_gelu() -> ir.Model:
@@ -23,9 +24,7 @@ def test_gelu_becomes_one_operator_with_the_same_values():
     model = _erf_gelu()
     x = np.linspace(-3, 3, 16, dtype=np.float32).reshape(2, 8)
     before = run(model, {"x": x})["y"]
-    fuse = FuseTransformerOpsPass("gpt2", num_heads=2, hidden_size=8)
-    fused = fuse(model).model
-    assert fuse.counts.get("Gelu") == 1
+    fused = FuseTransformerOpsPass("gpt2", num_heads=2, hidden_size=8)(model).model
     assert [n.op_type for n in fused.graph] == ["Gelu"]
     np.testing.assert_allclose(run(ir.to_proto(fused), {"x": x})["y"], before, atol=1e-6)
 
@@ -39,3 +38,27 @@ def test_an_input_the_graph_does_not_read_stays():
     assert [value.name for value in fused.graph.inputs] == ["x", "position_ids"]
     x = np.ones((2, 8), np.float32)
     run(ir.to_proto(fused), {"x": x, "position_ids": np.zeros((2, 8), np.int64)})
+
+
+def test_the_counts_are_recorded_in_the_result_beside_earlier_passes():
+    model = _erf_gelu()
+    model.metadata_props[FUSIONS_KEY] = "RotaryEmbedding:2"
+    fused = FuseTransformerOpsPass("gpt2", num_heads=2, hidden_size=8)(model).model
+    assert fused.metadata_props[FUSIONS_KEY] == "Gelu:1,RotaryEmbedding:2"
+    assert fused.opset_imports["com.microsoft"] == 1
+
+
+def test_a_workdir_keeps_large_weights_in_a_file(tmp_path):
+    """With a workdir the weights stay in a file beside the fused graph, read when used."""
+    weight = np.random.default_rng(0).random((8, 8 * 1024 * 5), np.float32)  # over LARGE_TENSOR
+    h = onnx.helper
+    proto = ir.to_proto(_erf_gelu())
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
+    proto.graph.node.append(h.make_node("MatMul", ["y", "w"], ["z"]))
+    proto.graph.output[0].CopyFrom(h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, weight.shape[1]]))
+    fused = FuseTransformerOpsPass("gpt2", num_heads=2, hidden_size=8, workdir=tmp_path)(ir.from_proto(proto)).model
+    assert isinstance(fused.graph.initializers["w"].const_value, ir.ExternalTensor)
+    ir.save(fused, tmp_path / "fused.onnx")  # reads the weight from the file
+    x = np.linspace(-3, 3, 16, dtype=np.float32).reshape(2, 8)
+    np.testing.assert_allclose(run(onnx.load(tmp_path / "fused.onnx"), {"x": x})["z"], run(proto, {"x": x})["z"],
+                               rtol=1e-5)

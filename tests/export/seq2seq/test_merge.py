@@ -3,6 +3,7 @@ that only shares a name stays apart, and an output the with-past graph lacks is 
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -11,7 +12,7 @@ from spexport.export.seq2seq.merge import merge_decoders
 W = np.arange(6, dtype=np.float32).reshape(2, 3)
 
 
-def _decoder(weight_name: str, scale: float, with_past: bool) -> onnx.ModelProto:
+def _decoder(weight_name: str, scale: float, with_past: bool) -> ir.Model:
     """logits = (x @ W) * scale, where the tracer named W `weight_name`; without past it also returns
     `cross` = x @ W, which the with-past graph takes as an input instead."""
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])]
@@ -27,12 +28,12 @@ def _decoder(weight_name: str, scale: float, with_past: bool) -> onnx.ModelProto
         nodes.append(helper.make_node("Identity", ["xw"], ["cross"]))
         outputs.append(helper.make_tensor_value_info("cross", TensorProto.FLOAT, ["b", 3]))
     graph = helper.make_graph(nodes, "decoder", inputs, outputs, weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def test_the_condition_picks_the_branch_and_weights_are_stored_once():
-    merged = merge_decoders(_decoder("onnx::MatMul_1", 1.0, False), _decoder("onnx::MatMul_9", 2.0, True),
-                            "use_cache_branch", {"cross": "cross_past"})
+    merged = ir.to_proto(merge_decoders(_decoder("onnx::MatMul_1", 1.0, False), _decoder("onnx::MatMul_9", 2.0, True),
+                                        "use_cache_branch", {"cross": "cross_past"}))
     onnx.checker.check_model(merged)
     stored = [numpy_helper.to_array(w) for w in merged.graph.initializer]
     assert sum(w.shape == W.shape and (w == W).all() for w in stored) == 1
