@@ -28,7 +28,7 @@ def version(cache: Path = DEFAULT_CACHE) -> dict:
     """Which llama.cpp: the llama-cpp-python sdist it came from and llama-bench's build commit."""
     found = {"llama-cpp-python sdist": (cache / "src" / "LLAMA_CPP_PYTHON_VERSION").read_text().strip()}
     done = subprocess.run([str(cache / "build" / "bin" / "llama-bench"), "--version"], capture_output=True, text=True)
-    found["llama-bench --version"] = (done.stdout or done.stderr).strip().splitlines()[-1:] or [""]
+    found["llama-bench --version"] = "; ".join((done.stdout + done.stderr).strip().splitlines())
     return found
 
 
