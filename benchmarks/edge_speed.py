@@ -9,7 +9,9 @@ builder) and llama.cpp (F32, Q8_0, Q4_1 GGUFs) in one interleaved run, same thre
   Q4_1 ones (llama_cpp.py);
 - spexport and genai: N tokens decoded after a 49-token chat prompt (the first token's time subtracted);
   spexport serves a prompt-tuning task of 12 virtual tokens, so its context is 12 positions deeper;
-- genai runs in a child process with the Python of a venv holding the release under test (genai_child.py).
+- genai runs in a child process with the Python of a venv holding the release under test (genai_child.py);
+- "ORT MatMuls alone fp32": ONNX Runtime's matrix kernels over the fp32 graph's weight shapes and nothing else
+  (measure.matmul_ceiling), the floor any fp32 ONNX graph meets on this machine, beside llama.cpp F32.
 Every repetition runs each engine once, in a rotating order; figures are medians and ratios are taken within
 each repetition (benchmarks/measure.py). After the timing, ONNX Runtime's per-operator profile of one decode
 step of each ONNX graph (op_profile.py) shows where the time goes. Writes edge_speed.json (with environment()'s
@@ -42,7 +44,9 @@ RATIOS = [  # (numerator, denominator, target): targets from issue 31
     ("spexport int4", "llama.cpp Q4_1", 1.0), ("spexport int4", "genai int4", 1.0),
     ("spexport fp32", "genai fp32", 0.9), ("spexport fp32", "llama.cpp F32", None),
     ("spexport int8", "spexport int4", None), ("spexport int8", "llama.cpp Q8_0", None),
-    ("genai int4", "llama.cpp Q4_1", None), ("genai fp32", "llama.cpp F32", None)]
+    ("genai int4", "llama.cpp Q4_1", None), ("genai fp32", "llama.cpp F32", None),
+    ("ORT MatMuls alone fp32", "llama.cpp F32", None), ("spexport fp32", "ORT MatMuls alone fp32", None)]
+MATMULS_ALONE = "ORT MatMuls alone fp32"  # ONNX Runtime's kernels over the same weights and nothing else
 
 
 def build(model_dir: Path, work: Path, genai_python: str | None, gguf_python: str | None, log) -> dict:
@@ -244,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     built = build(args.model, args.work, args.genai_python, gguf_python, log)
     ids = prompt_ids(args.model)
     cases = {name: spexport_case(built[name], ids, args.new_tokens) for name in SPEXPORT}
+    matmuls = measure.matmul_ceiling(built["spexport fp32"] / "model.onnx", threads)
+    cases[MATMULS_ALONE] = lambda: {"ms_per_token": 1000 * matmuls()["step_s"]}
     genai = GenaiChild(args.genai_python, [built[n] for n in GENAI], threads) if args.genai_python else None
     if genai is not None:
         cases.update({name: genai.case(i, ids, args.new_tokens) for i, name in enumerate(GENAI)})
