@@ -214,7 +214,8 @@ def plot(result: dict, out: Path) -> None:
     names = list(runs)
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.boxplot([[r["ms_per_token"] for r in runs[n]] for n in names], tick_labels=names, vert=False)
-    ax.set_xlabel("decode ms/token (lower is better)")
+    ax.set_xscale("log")  # a loaded host stretches some runs tenfold
+    ax.set_xlabel("decode ms/token, log scale (lower is better)")
     env = result["environment"]
     ax.set_title(f"SmolLM2-135M, {env['threads']} threads, one interleaved run ({result['reps']} reps); "
                  f"host load {env['load_average_at_start'][0]:.1f} at the start", fontsize=10)
