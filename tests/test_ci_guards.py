@@ -14,7 +14,7 @@ import transformers
 from parity import KNOWN_PEFT_REFUSALS, skip_unless_peft_runs
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCKS = ["latest", "transformers4", "genai"]
+LOCKS = ["latest", "transformers4", "genai", "genai-bench"]
 PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][^\s;]*$")
 
 
