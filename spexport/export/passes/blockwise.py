@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DAMPING = 0.01  # GPTQ's dampening of H, as a share of its mean diagonal
+DAMPING = 0.1  # GPTQ's dampening of H, as a share of its mean diagonal (a few thousand calibration tokens)
 GPTQ_STEP = 128  # inputs rounded between two updates of the rest (the paper's lazy batch)
 
 

@@ -203,7 +203,7 @@ def test_modes_are_the_measured_settings():
     assert all(m.accuracy_level == 4 and m.block_size in (16, 32, 64, 128) for m in MODES.values())
     # int4: genai's graph (no residual terms, 4-bit head) rounded by GPTQ; int4-exact: Q4_1's float minimums
     assert (INT4.block_size, INT4.head_bits, INT4.offsets, INT4.gptq) == (32, 4, False, True)
-    assert (EXACT.head_bits, EXACT.offsets, EXACT.gptq) == (8, True, False)
+    assert (EXACT.head_bits, EXACT.offsets, EXACT.gptq) == (8, True, False) and INT8.gptq
     with pytest.raises(ValueError, match="do not split"):
         blockwise.quantize(np.zeros((24, 4), np.float32), 8, 16)
     assert isinstance(INT8, Mode)
