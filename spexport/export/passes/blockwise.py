@@ -73,9 +73,9 @@ def quantize(weight: np.ndarray, bits: int, block_size: int, offsets: bool = Fal
 def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, ...]:
     """GPTQ (Frantar et al., 2022) with integer zero points: codes [K, N], scales and zero points [k_blocks, N].
     The inputs are rounded one at a time, in order, and each one's error is spread over the inputs not yet
-    rounded, weighted by the calibration activations' second moments H = XᵀX, so the product x @ W moves as little as it can on text like the calibration's. A block's grid
-    is searched (_grid) on its weights as earlier errors left them. Costs nothing at run time: only the codes,
-    scales and zero points change."""
+    rounded, weighted by the calibration activations' second moments H = XᵀX, so the product x @ W moves as
+    little as it can on text like the calibration's. A block's grid is searched (_grid, 4 bits) on its weights
+    as earlier errors left them. Costs nothing at run time: only the codes, scales and zero points change."""
     k, n = weight.shape
     top = 2 ** bits - 1
     x = inputs.astype(np.float64)
