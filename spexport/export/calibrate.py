@@ -1,5 +1,7 @@
-"""Calibration activations for `--quantize int4`: what each of the frozen model's Linear layers reads on a few
-fixed texts, so GPTQ (passes/blockwise.py) can round every weight against the inputs it will meet.
+"""Calibration activations for `--quantize int8` / `int4`: what each of the frozen model's Linear layers (an
+encoder's body's) reads on fixed texts, so GPTQ (passes/blockwise.py) can round every weight against the
+inputs it will meet. A few hundred tokens are too few: GPTQ then fits them and rounds worse than round to
+nearest on other text, hence 32 texts.
 
 The texts are not the drift report's prompts (export/drift.py): the drift report measures on text the
 calibration never saw. Each Linear's inputs are kept once per distinct input tensor (q, k and v read the
