@@ -156,9 +156,9 @@ def test_the_drift_report_is_in_the_manifest_for_every_task(tiny, quantize):
     record = Manifest.read(_artifact(tiny, f"{quantize}-False", quantize=quantize)).quantization
     assert record["bits"] == int(quantize[3:]) and record["fallbacks"] == {}
     assert record["matrices"] > 0 and record["head"] == quantize
-    # int4 rounds every matrix but the head (its codes are also the embedding's) by GPTQ on calibration text
+    # both round every matrix but the head (its codes are also the embedding's) by GPTQ on calibration text
     gptq = f"GPTQ on {record['matrices'] - 1} of {record['matrices']} matrices, else round to nearest"
-    assert record["method"] == ("round to nearest" if quantize == "int8" else gptq)
+    assert record["method"] == gptq
     drift = record["drift"]
     assert drift["reference"] == "float32 graph" and drift["prompts"] == 4 and drift["new_tokens"] == 16
     assert set(drift["tasks"]) == set(TASKS)

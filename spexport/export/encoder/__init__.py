@@ -69,7 +69,9 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         quantization = None
         if options.quantize:
             on_step(f"quantizing the body to {options.quantize} and measuring its label agreement")
-            quantization = quantize_body(staging, GRAPH, BANK, info, tasks, options.quantize, model_dir)
+            embeddings = [prompt.tensor for prompt, _ in prompts.values() if prompt.kind == "embeddings"]
+            quantization = quantize_body(staging, GRAPH, BANK, info, tasks, options.quantize, model_dir, body,
+                                         embeddings)
         return finish(staging, output, model_dir, family=ENCODER.name, model=info, graph=GRAPH, prompt_bank=BANK,
                       tasks=tasks, quantization=quantization, ensembles=options.ensembles)
 

@@ -1,6 +1,7 @@
-"""`--quantize int8` for encoders: the shared body graph gets block-wise int8 weights (the task heads
-are a few thousand numbers and stay float32), and the drift report compares each task's labels with
-the float32 body's on fixed texts (export/drift.py)."""
+"""`--quantize int8` / `int4` for encoders: the shared body graph gets block-wise weights (the task heads
+are a few thousand numbers and stay float32), rounded by GPTQ on the body's own calibration activations
+where the mode asks for it (export/calibrate.py, as decoders are), and the drift report compares each
+task's labels with the float32 body's on fixed texts (export/drift.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from spexport.artifact.manifest import Manifest, ModelInfo, Task
-from spexport.export import drift
+from spexport.export import calibrate, drift
 from spexport.export.passes import QuantizeWeightsPass, TagGraphPass
 from spexport.export.passes.float16 import PROTOBUF_LIMIT
 from spexport.export.passes.quantize import MODES
@@ -20,14 +21,19 @@ from spexport.families import ENCODER
 
 
 def quantize_body(staging: Path, graph: str, bank: str, info: ModelInfo, tasks: list[Task], quantize: str,
-                  model_dir: Path) -> dict:
-    """Quantize `staging`/`graph` in place and return the record with its drift report (label agreement)."""
+                  model_dir: Path, body, prompts: list[np.ndarray]) -> dict:
+    """Quantize `staging`/`graph` (the torch `body`'s export) in place and return the record with its drift
+    report (label agreement). `prompts` are the tasks' virtual-token embeddings, which the body reads too."""
     from spexport.runtime import EncoderModel
     from spexport.runtime.device import pick_providers
 
+    activations = None
+    if MODES[quantize].gptq:
+        rows = calibrate.rows_of(drift.TextEncoder(model_dir), info.vocab_size, info.max_positions)
+        activations = calibrate.Activations.collect(body, rows, continued=False, prompts=tuple(prompts))
     (staging / drift.REFERENCE).mkdir()
     shutil.move(staging / graph, staging / drift.REFERENCE / graph)
-    pass_ = QuantizeWeightsPass(MODES[quantize])
+    pass_ = QuantizeWeightsPass(MODES[quantize], activations)
     model = TagGraphPass(quantize, {})(pass_(ir.load(staging / drift.REFERENCE / graph)).model).model
     proto = ir.to_proto(model)
     onnx.save(proto, staging / graph, save_as_external_data=proto.ByteSize() > PROTOBUF_LIMIT,

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DAMPING = 0.01  # GPTQ's dampening of H, as a share of its mean diagonal
+DAMPING = 0.1  # GPTQ's dampening of H, as a share of its mean diagonal (a few thousand calibration tokens)
+CLIPS = np.linspace(1.0, 0.5, 21)  # shares of a block's range that GPTQ's 4-bit grid search tries (8 bits: 1.0)
 GPTQ_STEP = 128  # inputs rounded between two updates of the rest (the paper's lazy batch)
 
 
@@ -70,16 +71,18 @@ def quantize(weight: np.ndarray, bits: int, block_size: int, offsets: bool = Fal
 
 
 def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, ...]:
-    """GPTQ (Frantar et al., 2022) on the same grids as round to nearest: codes [K, N], scales and integer
-    zero points [k_blocks, N]. The inputs are rounded one at a time, in order, and each one's error is
-    spread over the inputs not yet rounded, weighted by the calibration activations' second moments
-    H = XᵀX, so the product x @ W moves as little as it can on text like the calibration's. A block's grid
-    is set from its weights as earlier errors left them. Costs nothing at run time: only the codes change."""
+    """GPTQ (Frantar et al., 2022) with integer zero points: codes [K, N], scales and zero points [k_blocks, N].
+    The inputs are rounded one at a time, in order, and each one's error is spread over the inputs not yet
+    rounded, weighted by the calibration activations' second moments H = XᵀX, so the product x @ W moves as
+    little as it can on text like the calibration's. A block's grid is searched (_grid, 4 bits) on its weights
+    as earlier errors left them. Costs nothing at run time: only the codes, scales and zero points change."""
     k, n = weight.shape
     top = 2 ** bits - 1
     x = inputs.astype(np.float64)
     h = x.T @ x
     h[np.diag_indices(k)] += np.where(np.diag(h) > 0, 0.0, 1.0) + DAMPING * np.mean(np.diag(h))
+    importance = np.diag(h).astype(np.float32)
+    clips = CLIPS if bits == 4 else CLIPS[:1]
     upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # H⁻¹ = UᵀU: row i spreads input i's error
     w = weight.astype(np.float32, copy=True)
     codes = np.zeros((k, n), np.float32)
@@ -91,7 +94,7 @@ def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> 
         for i in range(start, stop):
             if i % block_size == 0:
                 b = i // block_size
-                scales[b], zeros[b] = _grid(w[i:i + block_size], top)
+                scales[b], zeros[b] = _grid(w[i:i + block_size], top, importance[i:i + block_size], clips)
             codes[i] = np.clip(np.round(w[i] / scales[b]) + zeros[b], 0, top)
             errors[i - start] = (w[i] - (codes[i] - zeros[b]) * scales[b]) / upper[i, i]
             w[i + 1:stop] -= np.outer(upper[i, i + 1:stop], errors[i - start])
@@ -99,11 +102,21 @@ def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> 
     return codes, scales, zeros
 
 
-def _grid(block: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Round to nearest's grid for one block [block_size, N]: its range with 0 in it, cut into `top` steps."""
+def _grid(block: np.ndarray, top: int, importance: np.ndarray, clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The grid for one block [block_size, N] of each column: its range with 0 in it, shrunk by the factor of
+    `clips` whose grid rounds the block with the least error, each input's error weighted by its `importance`
+    (its calibration activations' second moment), as AWQ's clip search does; an outlier weight may be
+    clipped where the rest of its block rounds finer."""
     low, high = np.minimum(block.min(axis=0), 0), np.maximum(block.max(axis=0), 0)
-    scales = np.where(high > low, (high - low) / top, 1.0)
-    return scales, np.clip(np.round(-low / scales), 0, top)
+    best = (np.full(block.shape[1], np.inf), np.ones(block.shape[1]), np.zeros(block.shape[1]))
+    for clip in clips:
+        scales = np.where(high > low, (high - low) * clip / top, 1.0)
+        zeros = np.clip(np.round(-low * clip / scales), 0, top)
+        rounded = (np.clip(np.round(block / scales) + zeros, 0, top) - zeros) * scales
+        error = importance @ (block - rounded) ** 2
+        better = error < best[0]
+        best = tuple(np.where(better, new, old) for new, old in zip((error, scales, zeros), best))
+    return best[1].astype(np.float32), best[2].astype(np.float32)
 
 
 def _packed(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block_size: int,

@@ -47,7 +47,8 @@ class Mode:
     gptq_head: bool = False  # the head too (its codes are also the tied embedding's rows)
 
 
-MODES = {"int8": Mode(bits=8, block_size=16, accuracy_level=4, head_bits=8, share_embedding=True, offsets=False),
+MODES = {"int8": Mode(bits=8, block_size=16, accuracy_level=4, head_bits=8, share_embedding=True, offsets=False,
+                      gptq=True),
          # onnxruntime-genai's int4: integer zero points, 4-bit head, the embedding read from its codes
          "int4": Mode(bits=4, block_size=32, accuracy_level=4, head_bits=4, share_embedding=True, offsets=False,
                       gptq=True),
