@@ -211,7 +211,7 @@ def test_cli_convert_passes_the_speed_flags(tiny, tmp_path):
     # unfused: the only contrib operators are the quantized ones
     assert {node.op_type for node in graph.graph.node if node.domain not in ("", "ai.onnx")} <= {
         "MatMulNBits", "GatherBlockQuantized"}
-    assert "int8 weights (round to nearest, blocks of 16" in result.output
+    assert "int8 weights (GPTQ on " in result.output and "blocks of 16" in result.output
     assert "drift from the float32 graph (4 fixed prompts, 16 greedy tokens each):" in result.output
     assert all(any(line.split()[:1] == [task] for line in result.output.splitlines()) for task in TASKS)
 
