@@ -53,7 +53,7 @@ from spexport.export.passes import (
 )
 from spexport.export.passes.embeddings_input import embedding_lookup
 from spexport.export.passes.float16 import PROTOBUF_LIMIT
-from spexport.export.passes.quantize import MODES
+from spexport.export.passes.quantize import MODES, recorded
 from spexport.families import DECODER
 
 SMALL = 1024  # bytes: tensors under this stay inside each graph file, the rest go to the shared weights file
@@ -62,7 +62,7 @@ SMALL = 1024  # bytes: tensors under this stay inside each graph file, the rest 
 @dataclass(frozen=True)
 class Graphs:
     """What build() wrote beside the main graph: the core and prefix graphs' file names (None: none), and the
-    quantization's record (passes/quantize.py's `record`; None unquantized)."""
+    quantization's record (passes/quantize.py's `recorded`; None unquantized)."""
 
     core_graph: str | None
     prefix_graph: str | None
@@ -84,9 +84,8 @@ def build(options: ExportOptions, core: CoreGraph, info: ModelInfo, out: Path,
     if options.quantize is not None:
         float32 = run(TagGraphPass("float32", core.fused), model.clone())
         write_graphs(float32, reference, info, bank, main_only=True)
-        quantize = QuantizeWeightsPass(MODES[options.quantize], activations)
-        model = run(quantize, model)
-        record = quantize.record()
+        model = run(QuantizeWeightsPass(MODES[options.quantize], activations), model)
+        record = recorded(model)
     model = run(TagGraphPass(options.weights, core.fused), model)
     graphs = write_graphs(model, out, info, bank, in_place=core.path == out / GRAPH)
     return Graphs(*graphs, quantization=record)

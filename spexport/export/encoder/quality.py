@@ -16,7 +16,7 @@ from spexport.artifact.manifest import Manifest, ModelInfo, Task
 from spexport.export import calibrate, drift
 from spexport.export.passes import QuantizeWeightsPass, TagGraphPass
 from spexport.export.passes.float16 import PROTOBUF_LIMIT
-from spexport.export.passes.quantize import MODES
+from spexport.export.passes.quantize import MODES, recorded
 from spexport.families import ENCODER
 
 
@@ -33,12 +33,12 @@ def quantize_body(staging: Path, graph: str, bank: str, info: ModelInfo, tasks: 
         activations = calibrate.Activations.collect(body, rows, continued=False, prompts=tuple(prompts))
     (staging / drift.REFERENCE).mkdir()
     shutil.move(staging / graph, staging / drift.REFERENCE / graph)
-    pass_ = QuantizeWeightsPass(MODES[quantize], activations)
-    model = TagGraphPass(quantize, {})(pass_(ir.load(staging / drift.REFERENCE / graph)).model).model
+    quantized = QuantizeWeightsPass(MODES[quantize], activations)(ir.load(staging / drift.REFERENCE / graph)).model
+    record = recorded(quantized)
+    model = TagGraphPass(quantize)(quantized).model
     proto = ir.to_proto(model)
     onnx.save(proto, staging / graph, save_as_external_data=proto.ByteSize() > PROTOBUF_LIMIT,
               location=graph + ".data")
-    record = pass_.record()
 
     def served(path: str):
         manifest = Manifest(family=ENCODER.name, model=info, graph=path, prompt_bank=bank, tasks=tasks)

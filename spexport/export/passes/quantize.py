@@ -19,6 +19,7 @@ or stays float32; `fallbacks` names each such weight.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ from spexport.export.passes.values import constant, op, producer
 
 MS_DOMAIN = "com.microsoft"
 LOGITS = "logits"
+QUANTIZATION_KEY = "spexport.quantization"  # the pass's record, as JSON
 SMALLEST_BLOCK = 16  # MatMulNBits' smallest block
 
 
@@ -57,9 +59,15 @@ MODES = {"int8": Mode(bits=8, block_size=16, accuracy_level=4, head_bits=8, shar
                             offsets=True)}
 
 
+def recorded(model: ir.Model) -> dict:
+    """What QuantizeWeightsPass did to `model`, as the manifest's `quantization` records it: the mode, the
+    method, the head's and embedding's storage, the matrices rewritten and `fallbacks` (a weight's MatMul: what
+    it got instead of `block_size`, "block 16" or "float32")."""
+    return json.loads(model.metadata_props[QUANTIZATION_KEY])
+
+
 class QuantizeWeightsPass(InPlacePass):
-    """`quantized` counts the weights rewritten; `fallbacks` maps a weight's MatMul to what it got
-    instead of `block_size` ("block 16", "float32"); `embedding` says how the token table is stored."""
+    """Its record goes into the result's metadata (QUANTIZATION_KEY; read it with `recorded`)."""
 
     def __init__(self, mode: Mode, activations=None):
         super().__init__()
@@ -68,8 +76,7 @@ class QuantizeWeightsPass(InPlacePass):
         self.head_bits, self.share_embedding = mode.head_bits, mode.share_embedding
         self.quantized, self.fallbacks, self.embedding, self.calibrated = 0, {}, "float32", 0
 
-    def record(self) -> dict:
-        """What was done, for the manifest's `quantization`."""
+    def _record(self) -> dict:
         mode = asdict(self.mode)
         head = "float32" if self.head_bits is None else f"int{self.head_bits}"
         method = f"GPTQ on {self.calibrated} of {self.quantized} matrices, else round to nearest" \
@@ -108,6 +115,7 @@ class QuantizeWeightsPass(InPlacePass):
         if self.quantized:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         _drop_unused(graph, replaced)
+        model.metadata_props[QUANTIZATION_KEY] = json.dumps(self._record())
         return PassResult(model, modified=bool(self.quantized))
 
     def _inputs(self, weight: np.ndarray, head: bool) -> np.ndarray | None:

@@ -10,7 +10,7 @@ from graphs import run
 from onnx import TensorProto, helper
 
 from spexport.export.passes import QuantizeWeightsPass, blockwise
-from spexport.export.passes.quantize import MODES, Mode
+from spexport.export.passes.quantize import MODES, Mode, recorded
 
 RNG = np.random.default_rng(0)
 INT8, INT4, EXACT = MODES["int8"], MODES["int4"], MODES["int4-exact"]
@@ -39,11 +39,10 @@ def test_matmul_becomes_matmulnbits_that_computes_with_the_dequantized_weight(mo
     model, weight = _matmul(64, 48)
     x = RNG.normal(size=(3, 64)).astype(np.float32)
     exact = x @ weight
-    pass_ = QuantizeWeightsPass(dataclasses.replace(mode, accuracy_level=0))
-    quantized = pass_(model).model
+    quantized = QuantizeWeightsPass(dataclasses.replace(mode, accuracy_level=0))(model).model
     # with offsets: the block sums of x, MatMulNBits, the sums times the residuals, and their sum
     assert _ops(quantized) == (["MatMul", "MatMulNBits", "MatMul", "Add"] if mode.offsets else ["MatMulNBits"])
-    assert pass_.quantized == 1 and pass_.fallbacks == {}
+    assert recorded(quantized)["matrices"] == 1 and recorded(quantized)["fallbacks"] == {}
     assert "w" not in quantized.graph.initializers  # the float weight is gone
     q = blockwise.quantize(weight, mode.bits, mode.block_size, mode.offsets)
     np.testing.assert_allclose(run(quantized, {"x": x})["y"], x @ blockwise.dequantize(q), atol=1e-5)
@@ -67,11 +66,9 @@ def test_blocks_that_do_not_fit_fall_back_per_weight_and_say_so():
                                    [("w2", w2), ("w3", w3), ("w4", w4)])
     del proto.graph.output[:]
     proto.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", 4]))
-    pass_ = QuantizeWeightsPass(dataclasses.replace(INT4, accuracy_level=0))
-    quantized = pass_(ir.from_proto(proto)).model
-    assert pass_.fallbacks == {"small_k": "float32", "k48": "block 16", "k24": "float32"}
-    assert pass_.quantized == 2 and _ops(quantized).count("MatMul") == 2
-    assert pass_.record()["fallbacks"] == pass_.fallbacks
+    quantized = QuantizeWeightsPass(dataclasses.replace(INT4, accuracy_level=0))(ir.from_proto(proto)).model
+    assert recorded(quantized)["fallbacks"] == {"small_k": "float32", "k48": "block 16", "k24": "float32"}
+    assert recorded(quantized)["matrices"] == 2 and _ops(quantized).count("MatMul") == 2
     x = rng.normal(size=(2, 64)).astype(np.float32)
     w1, w3 = (blockwise.dequantize(blockwise.quantize(w, 4, block)) for w, block in [(w1, 32), (w3, 16)])
     expected = x @ w1 @ w2 @ w3 @ w4  # w2 and w4 as they were
@@ -108,10 +105,9 @@ def test_a_tied_embedding_reads_the_heads_codes_and_is_stored_once(copied):
     """int4 is onnxruntime-genai's graph: a 4-bit head (bits 4, blocks of 32, accuracy level 4, uint4 zero
     points) whose codes the token lookup reads (GatherBlockQuantized), so the table is stored once, in 4 bits."""
     model, table = _tied(copied=copied)
-    pass_ = QuantizeWeightsPass(INT4)
-    quantized = pass_(model).model
+    quantized = QuantizeWeightsPass(INT4)(model).model
     assert sorted(_ops(quantized)) == ["GatherBlockQuantized", "MatMulNBits", "Reshape"]
-    assert pass_.embedding == "int4, shared with the head" and pass_.record()["head"] == "int4"
+    assert recorded(quantized)["embedding"] == "int4, shared with the head" and recorded(quantized)["head"] == "int4"
     head = next(node for node in quantized.graph if node.op_type == "MatMulNBits")
     lookup = next(node for node in quantized.graph if node.op_type == "GatherBlockQuantized")
     assert {name: head.attributes[name].as_int() for name in ("bits", "block_size", "accuracy_level")} == {
@@ -133,10 +129,9 @@ def test_a_tied_embedding_reads_the_heads_codes_and_is_stored_once(copied):
 
 def test_the_head_can_stay_float32():
     model, table = _tied()
-    pass_ = QuantizeWeightsPass(dataclasses.replace(INT4, head_bits=None))
-    quantized = pass_(model).model
-    assert sorted(_ops(quantized)) == ["Gather", "MatMul", "Transpose"] and pass_.quantized == 0
-    assert pass_.record()["head"] == "float32" and pass_.embedding == "float32"
+    quantized = QuantizeWeightsPass(dataclasses.replace(INT4, head_bits=None))(model).model
+    assert sorted(_ops(quantized)) == ["Gather", "MatMul", "Transpose"] and recorded(quantized)["matrices"] == 0
+    assert recorded(quantized)["head"] == "float32" and recorded(quantized)["embedding"] == "float32"
 
 
 def _on_block_grids(k: int, n: int, block: int) -> np.ndarray:
@@ -243,14 +238,12 @@ def test_gptq_keeps_the_layout_and_moves_the_product_less_than_round_to_nearest(
 def test_the_pass_rounds_by_gptq_where_it_has_activations_and_records_it():
     model, weight = _matmul(64, 48)
     x = _correlated(200, 64, 3)
-    pass_ = QuantizeWeightsPass(dataclasses.replace(INT4, accuracy_level=0), _Inputs(x))
-    quantized = pass_(model).model
-    assert pass_.calibrated == 1 and pass_.record()["method"].startswith("GPTQ on 1 of 1 matrices")
+    quantized = QuantizeWeightsPass(dataclasses.replace(INT4, accuracy_level=0), _Inputs(x))(model).model
+    assert recorded(quantized)["method"].startswith("GPTQ on 1 of 1 matrices")
     expected = blockwise.dequantize(blockwise.quantize(weight, 4, 32, inputs=x))
     np.testing.assert_allclose(run(quantized, {"x": x[:5]})["y"], x[:5] @ expected, rtol=1e-4, atol=1e-4)
-    rtn = QuantizeWeightsPass(dataclasses.replace(INT4, gptq=False), _Inputs(x))
-    rtn(_matmul(64, 48)[0])
-    assert rtn.calibrated == 0 and rtn.record()["method"] == "round to nearest"
+    rtn = QuantizeWeightsPass(dataclasses.replace(INT4, gptq=False), _Inputs(x))(_matmul(64, 48)[0]).model
+    assert recorded(rtn)["method"] == "round to nearest"
 
 
 def test_the_option_names_are_the_modes():
