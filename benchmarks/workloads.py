@@ -7,6 +7,7 @@ Tasks are PEFT prompt-tuning adapters saved as PEFT saves them, so PEFT itself c
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,9 @@ def build_model(name: str, folder: Path, seed: int = 0) -> Path:
 def save_tokenizer(folder: Path) -> None:
     """A small BPE tokenizer, so tools that insist on one (onnxruntime-genai's builder) find it.
 
-    The benchmark feeds token ids; the tokenizer's vocabulary is a small subset of the model's.
+    The benchmark feeds token ids; the tokenizer's vocabulary is a small subset of the model's. transformers 5
+    names its class TokenizersBackend, which the peers' transformers 4 cannot load; PreTrainedTokenizerFast reads
+    the same tokenizer.json in both.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -51,6 +54,8 @@ def save_tokenizer(folder: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
 def build_prompt_adapter(base, model_dir: Path, folder: Path, num_virtual_tokens: int, seed: int) -> Path:
