@@ -3,12 +3,15 @@ interface does not change (the prompt bank, wired in after this pass by build.py
 
 from __future__ import annotations
 
+import functools
 from unittest import mock
 
+import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, ValueInfoProto
 from onnx_ir.passes import FunctionalPass, PassResult
 
+CHUNK = 1 << 22  # float32 values converted at a time (16 MB)
 PROTOBUF_LIMIT = 1_800_000_000  # shape inference serialises the model: protobuf's 2 GB limit, with room
 
 
@@ -31,11 +34,23 @@ class ConvertToFloat16Pass(FunctionalPass):
         for name, source in in_files.items():  # retyped, but their references still point at float32 data
             weight = model.graph.initializers[name]
             if weight.const_value.dtype == ir.DataType.FLOAT16:
-                weight.const_value = ir.LazyTensor(
-                    lambda source=source: ir.Tensor(float16.convert_np_to_float16(source.numpy())),
-                    dtype=ir.DataType.FLOAT16, shape=source.shape, name=name)
+                weight.const_value = ir.LazyTensor(functools.partial(_halved, source, float16.convert_np_to_float16),
+                                                   dtype=ir.DataType.FLOAT16, shape=source.shape, name=name)
         model.graph.sort()  # the converter appends the casts of float32 inputs after their readers
         return PassResult(model, modified=True)
+
+
+def _halved(source: ir.ExternalTensor, convert) -> ir.Tensor:
+    """`source` in fp16, read from its file a chunk at a time into the fp16 array: memory holds the fp16 copy and
+    one chunk, not the float32 tensor and the converter's temporaries (3 GB at a 1B model's embedding table)."""
+    halves = np.empty(source.shape.numpy(), np.float16)
+    flat = halves.reshape(-1)
+    with open(source.path, "rb") as file:
+        file.seek(source.offset or 0)
+        for start in range(0, flat.size, CHUNK):
+            chunk = np.fromfile(file, np.float32, count=min(CHUNK, flat.size - start))
+            flat[start:start + chunk.size] = convert(chunk)  # elementwise: clamps to fp16's range, as whole
+    return ir.Tensor(halves, name=source.name)
 
 
 def _value_info_from_dims(tensor: TensorProto) -> ValueInfoProto:
