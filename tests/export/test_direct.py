@@ -82,3 +82,19 @@ def test_other_models_are_traced(make, why):
 def test_the_plain_llama_layer_is_written_directly():
     model = LlamaForCausalLM(LlamaConfig(**SMALL))
     assert builds(model, _info(model))
+
+
+def test_the_writer_choice_writes_traces_or_refuses():
+    """auto writes what direct.py knows when fused operators are wanted; trace always traces; direct refuses a
+    model whose layers it does not know, in one line, rather than tracing it silently."""
+    from spexport.errors import ModelError
+    from spexport.export.common import ExportOptions
+    from spexport.export.decoder import writes_directly
+
+    plain, other = LlamaForCausalLM(LlamaConfig(**SMALL)), LlamaForCausalLM(LlamaConfig(**SMALL, hidden_act="gelu"))
+    assert writes_directly(ExportOptions(), plain, _info(plain))
+    assert not writes_directly(ExportOptions(optimize=False), plain, _info(plain))
+    assert not writes_directly(ExportOptions(writer="trace"), plain, _info(plain))
+    assert not writes_directly(ExportOptions(), other, _info(other))
+    with pytest.raises(ModelError, match="^spexport does not write llama graphs like this one directly"):
+        writes_directly(ExportOptions(writer="direct"), other, _info(other))
