@@ -21,8 +21,7 @@ GENAI_TYPES = ("llama", "mistral", "qwen2")
 
 
 def genai_config(info: ModelInfo, graph: str, bos_token_id: int | None) -> dict:
-    eos = info.eos_token_ids
-    pad = info.pad_token_id if info.pad_token_id is not None else (eos[0] if eos else 0)
+    eos, pad = info.eos_token_ids, info.padding_token
     return {
         "model": {
             "bos_token_id": bos_token_id if bos_token_id is not None else pad,

@@ -44,6 +44,13 @@ class ModelInfo:
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | None = None
 
+    @property
+    def padding_token(self) -> int:
+        """The token that fills padded slots and finished rows: pad_token_id, else the first EOS, else 0."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
+
 
 SEQ2SEQ_MODEL_FIELDS = ["decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id"]
 

@@ -153,9 +153,7 @@ class DecoderModel(GeneratingModel):
         if not config.prompt_lookup_num_tokens or batch.owners is not None:
             # an ensemble's members share one continuation: they decode one token a step, without drafts
             return super()._token_columns(batch, config, stopped)
-        eos = self.info.eos_token_ids
-        pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
-        return lookup_columns(self, batch, config, self._room(batch), pad, stopped)
+        return lookup_columns(self, batch, config, self._room(batch), self.info.padding_token, stopped)
 
     def row_start(self, task_id: int, table: TaskTable) -> tuple[list[np.ndarray], int]:
         """A row's past before its first token, per past name [kv_heads, slots, head_dim], and its number of

@@ -150,15 +150,14 @@ class GeneratingModel(ServedArtifact):
         if config.prompt_lookup_num_tokens:
             raise InputError("prompt_lookup_num_tokens is for decoder-only artifacts; this is "
                              f"{self.family.display_name}")
-        eos = self.info.eos_token_ids
-        pad = self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0)
         seen = None
         if config.repetition_penalty != 1.0:
             tokens, real = self._sequence_so_far(batch.ids, batch.mask)
             seen = np.zeros((len(batch.ids), self.info.vocab_size), bool)
             seen[np.nonzero(real)[0], tokens[real == 1]] = True
-        return token_columns(self._steps(batch), config, self._room(batch), eos, pad,
-                             lambda step: self._forced_token(step, config), seen, stopped, batch.owners)
+        return token_columns(self._steps(batch), config, self._room(batch), self.info.eos_token_ids,
+                             self.info.padding_token, lambda step: self._forced_token(step, config), seen, stopped,
+                             batch.owners)
 
     def _new_tokens(self, batch: Batch, config: GenerationConfig) -> np.ndarray:
         columns = list(self._token_columns(batch, config))
