@@ -28,8 +28,7 @@ class TakeEmbeddingsInputPass(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         lookup, hidden, dtype = embedding_lookup(graph)
-        embeds = graph_input(graph, INPUTS_EMBEDS, ir.DataType.FLOAT, ["batch_size", "sequence_length", hidden])
-        graph.inputs.insert(0, graph.inputs.pop())
+        embeds = graph_input(graph, INPUTS_EMBEDS, ir.DataType.FLOAT, ["batch_size", "sequence_length", hidden], 0)
         looked_up = lookup.outputs[0]
         if dtype != ir.DataType.FLOAT:  # fp16 weights: the graph goes on in their type
             cast = op("Cast", [embeds], "spx_inputs_embeds_cast", to=dtype)

@@ -10,6 +10,8 @@ from typing import Sequence
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from spexport.export.passes.values import graph_input
+
 
 class RestoreInputPass(InPlacePass):
     def __init__(self, name: str, dtype: ir.DataType, shape: Sequence[int | str], position: int):
@@ -19,6 +21,5 @@ class RestoreInputPass(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         if any(value.name == self.name for value in model.graph.inputs):
             return PassResult(model, modified=False)
-        value = ir.Value(name=self.name, shape=ir.Shape(self.shape), type=ir.TensorType(self.dtype))
-        model.graph.inputs.insert(self.position, value)
+        graph_input(model.graph, self.name, self.dtype, self.shape, self.position)
         return PassResult(model, modified=True)

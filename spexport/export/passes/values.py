@@ -16,10 +16,11 @@ def constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def graph_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: Sequence[int | str]) -> ir.Value:
-    """A new input of `graph`; string axes are symbolic."""
+def graph_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: Sequence[int | str],
+                position: int | None = None) -> ir.Value:
+    """A new input of `graph`, last or at `position`; string axes are symbolic."""
     value = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype))
-    graph.inputs.append(value)
+    graph.inputs.insert(len(graph.inputs) if position is None else position, value)
     return value
 
 
