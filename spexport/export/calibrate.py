@@ -131,8 +131,8 @@ class Activations:
                     sequence = model.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False,
                                               max_new_tokens=NEW_TOKENS, pad_token_id=0) if continued else tokens
                     run(input_ids=sequence)
+                    embedded = model.get_input_embeddings()(sequence) if prompts else None
                     for prompt in prompts:
-                        embedded = model.get_input_embeddings()(sequence)
                         virtual = torch.from_numpy(np.asarray(prompt, np.float32))[None].to(embedded.dtype)
                         run(inputs_embeds=torch.cat([virtual, embedded], dim=1))
         finally:
