@@ -34,7 +34,7 @@ from onnx_ir.passes import PassBase, PreconditionError, Sequential
 from spexport.artifact.files import GRAPH, WEIGHTS_SUFFIX
 from spexport.artifact.manifest import ModelInfo
 from spexport.artifact.ports import CORE_GRAPH, PREFIX_GRAPH
-from spexport.errors import SpexportError
+from spexport.errors import ModelError, SpexportError
 from spexport.export.common import ExportOptions
 from spexport.export.decoder.graph import POSITION_IDS, CoreGraph
 from spexport.export.passes import (
@@ -51,7 +51,6 @@ from spexport.export.passes import (
     TagGraphPass,
     TakeEmbeddingsInputPass,
 )
-from spexport.export.passes.embeddings_input import embedding_lookup
 from spexport.export.passes.float16 import PROTOBUF_LIMIT
 from spexport.export.passes.quantize import MODES, recorded
 from spexport.families import DECODER
@@ -131,12 +130,11 @@ def write_graphs(model: ir.Model, out: Path, info: ModelInfo, bank=None, in_plac
     if not main_only:
         ir.save(run(GatherLogitsPositionsPass(), model.clone()), out / CORE_GRAPH)
         core_graph = CORE_GRAPH
-        if embedding_lookup(model.graph) is not None:
+        try:
             ir.save(run(TakeEmbeddingsInputPass(), model.clone()), out / PREFIX_GRAPH)
             prefix_graph = PREFIX_GRAPH
-        else:  # the artifact serves as ever; `spexport add` then refuses tasks that hold embeddings
-            warnings.warn("the decoder graph has no Gather of a [vocab, hidden] initializer by input_ids, so the "
-                          "artifact gets no prefix graph", stacklevel=2)
+        except ModelError as e:  # its precondition; the artifact serves as ever, `spexport add` refuses embeddings
+            warnings.warn(f"the decoder graph has {e}, so the artifact gets no prefix graph", stacklevel=2)
     ir.save(run(main_graph(info, None), model), out / GRAPH)
     _readable_like(out / GRAPH)
     return core_graph, prefix_graph

@@ -22,8 +22,8 @@ RESHAPES = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Cast")  #
 class TakeEmbeddingsInputPass(InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if embedding_lookup(model.graph) is None:
-            raise ModelError("no Gather of a [vocab, hidden] initializer by input_ids: the graph has no token lookup "
-                             "to start from embeddings instead")
+            raise ModelError("no Gather of a [vocab, hidden] initializer by input_ids (no token lookup to start from "
+                             "embeddings instead)")
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph

@@ -3,9 +3,12 @@
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from graphs import run
 from onnx import TensorProto, helper
+from onnx_ir.passes import PreconditionError
 
+from spexport.errors import ModelError
 from spexport.export.passes import GatherLogitsPositionsPass, RestoreInputPass, TakeEmbeddingsInputPass
 
 VOCAB, HIDDEN = 7, 4
@@ -75,3 +78,12 @@ def test_a_pruned_input_comes_back_unread_and_a_present_one_stays():
     assert RestoreInputPass("position_ids", ir.DataType.INT64, ["b", "s"], 1)(model).modified
     assert [value.name for value in model.graph.inputs][:2] == ["input_ids", "position_ids"]
     assert not RestoreInputPass("position_ids", ir.DataType.INT64, ["b", "s"], 1)(model).modified
+
+
+def test_a_graph_without_a_token_lookup_cannot_take_embeddings():
+    model = _lm()
+    next(node for node in model.graph if node.op_type == "Gather").op_type = "GatherElements"
+    with pytest.raises(PreconditionError) as raised:
+        TakeEmbeddingsInputPass()(model)
+    assert isinstance(raised.value.__cause__, ModelError)
+    assert str(raised.value.__cause__).startswith("no Gather of a [vocab, hidden] initializer by input_ids")
