@@ -11,7 +11,9 @@ builder) and llama.cpp (F32, Q8_0, Q4_1 GGUFs) in one interleaved run, same thre
   spexport serves a prompt-tuning task of 12 virtual tokens, so its context is 12 positions deeper;
 - genai runs in a child process with the Python of a venv holding the release under test (genai_child.py);
 - "ORT MatMuls alone fp32": ONNX Runtime's matrix kernels over the fp32 graph's weight shapes and nothing else
-  (measure.matmul_ceiling), the floor any fp32 ONNX graph meets on this machine, beside llama.cpp F32.
+  (measure.matmul_ceiling), the floor any fp32 ONNX graph meets on this machine, beside llama.cpp F32;
+- "... graph, bare loop": spexport's and genai's graphs in one lean loop with the same session options, and
+  genai's with its shared KV buffer (bare_loop.py): the graphs compared alone, and what each runtime adds.
 Every repetition runs each engine once, in a rotating order; figures are medians and ratios are taken within
 each repetition (benchmarks/measure.py). After the timing, ONNX Runtime's per-operator profile of one decode
 step of each ONNX graph (op_profile.py) shows where the time goes. Writes edge_speed.json (with environment()'s
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import llama_cpp, measure, op_profile, quantization, workloads
+from benchmarks import bare_loop, llama_cpp, measure, op_profile, quantization, workloads
 from benchmarks.environment import describe, environment
 
 PROMPT_TOKENS = 49
@@ -47,6 +49,12 @@ RATIOS = [  # (numerator, denominator, target): targets from issue 31
     ("genai int4", "llama.cpp Q4_1", None), ("genai fp32", "llama.cpp F32", None),
     ("ORT MatMuls alone fp32", "llama.cpp F32", None), ("spexport fp32", "ORT MatMuls alone fp32", None)]
 MATMULS_ALONE = "ORT MatMuls alone fp32"  # ONNX Runtime's kernels over the same weights and nothing else
+# bare_loop.py's cases, per precision: each graph in the same bare loop, and genai's with its shared KV buffer
+BARE = {precision: (f"spexport {precision} graph, bare loop", f"genai {precision} graph, bare loop",
+                    f"genai {precision} graph, bare loop, shared KV") for precision in ("fp32", "int4")}
+for _precision, (_ours, _theirs, _shared) in BARE.items():
+    RATIOS += [(f"spexport {_precision}", _ours, None), (_ours, _theirs, None), (_shared, _theirs, None),
+               (f"genai {_precision}", _shared, None)]
 
 
 def build(model_dir: Path, work: Path, genai_python: str | None, gguf_python: str | None, log) -> dict:
@@ -139,6 +147,22 @@ def spexport_case(folder: Path, ids: np.ndarray, new_tokens: int):
         total = time.perf_counter() - start
         return {"ms_per_token": 1000 * max(total - first, 1e-9) / max(made - 1, 1), "ttft_ms": 1000 * first}
     return run
+
+
+def bare_cases(built: dict, new_tokens: int, threads: int) -> dict:
+    """bare_loop.py's cases: spexport's graph (the core graph its runtime runs, its task's virtual tokens in the
+    past) and genai's, each in the same bare loop, and genai's with past and present in one buffer."""
+    from spexport.artifact.manifest import Manifest
+
+    cases = {}
+    for precision, (ours, theirs, shared) in BARE.items():
+        folder = built[f"spexport {precision}"]
+        graph = folder / (Manifest.read(folder).core_graph or "model.onnx")
+        cases[ours] = bare_loop.bare_decode(graph, threads, quantization.VIRTUAL_TOKENS + PROMPT_TOKENS, new_tokens)
+        genai_graph = built[f"genai {precision}"] / "model.onnx"
+        cases[theirs] = bare_loop.bare_decode(genai_graph, threads, PROMPT_TOKENS, new_tokens)
+        cases[shared] = bare_loop.bare_decode(genai_graph, threads, PROMPT_TOKENS, new_tokens, shared=True)
+    return cases
 
 
 def profiles(built: dict, new_tokens: int, threads: int) -> dict:
@@ -254,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     genai = GenaiChild(args.genai_python, [built[n] for n in GENAI], threads) if args.genai_python else None
     if genai is not None:
         cases.update({name: genai.case(i, ids, args.new_tokens) for i, name in enumerate(GENAI)})
+        cases.update(bare_cases(built, args.new_tokens, threads))
     if llama:
         cases.update({name: (lambda g=built[name]: llama_cpp.bench(g, DEPTH, args.new_tokens, threads))
                       for name in LLAMA})
