@@ -267,3 +267,13 @@ def test_gptqs_grid_clips_an_outlier_whose_input_is_quiet():
     assert (gptq.scales < rtn.scales).all()
     assert np.linalg.norm(x @ blockwise.dequantize(gptq) - x @ weight) < 0.9 * np.linalg.norm(
         x @ blockwise.dequantize(rtn) - x @ weight)  # measured: 0.84
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_round_to_nearest_is_the_same_a_slice_of_columns_at_a_time(monkeypatch, offsets):
+    weight = np.random.default_rng(0).normal(size=(64, 40)).astype(np.float32)
+    whole = blockwise.quantize(weight, 4, 32, offsets=offsets)
+    monkeypatch.setattr(blockwise, "COLUMNS", 16)  # slices of 16, 16 and 8
+    sliced = blockwise.quantize(weight, 4, 32, offsets=offsets)
+    for field in ("packed", "scales", "zero_points", "residuals"):
+        np.testing.assert_array_equal(getattr(sliced, field), getattr(whole, field))
