@@ -11,6 +11,9 @@ Linear's first or last row however the exporter packs (q|k|v) or scales (q) its 
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 TEXTS = [
@@ -77,20 +80,26 @@ NEW_TOKENS = 24  # each text's own greedy continuation joins it: activations of 
 
 class Activations:
     """Inputs of the model's Linear (and GPT-2 Conv1D) layers over the calibration rows: [tokens, in_features]
-    float32 each."""
+    float32 each, kept in files and read back one weight's at a time (a 1B model's are 4 GB: held in memory
+    beside the model, they would raise the export's peak by as much)."""
 
     def __init__(self):
-        self.by_row: dict[bytes, np.ndarray] = {}
+        self._folder = tempfile.TemporaryDirectory(prefix="spexport-calibration-")
+        self.by_row: dict[bytes, tuple[Path, int]] = {}  # a weight's first or last row -> its inputs' file, width
+        self._last: tuple[Path, np.ndarray] | None = None  # q, k and v read one file in turn: it is read once
 
     def __len__(self) -> int:
-        return len({id(x) for x in self.by_row.values()})
+        return len(set(self.by_row.values()))
 
     def inputs_of(self, weight: np.ndarray) -> np.ndarray | None:
         """The inputs of the MatMul whose weight [K, N] this is, or None when no Linear's row matches."""
         for column in (weight[:, 0], weight[:, -1]):
-            found = self.by_row.get(np.ascontiguousarray(column, np.float32).tobytes())
-            if found is not None and found.shape[1] == weight.shape[0]:
-                return found
+            path, width = self.by_row.get(np.ascontiguousarray(column, np.float32).tobytes(), (None, 0))
+            if path is not None and width == weight.shape[0]:
+                if self._last is None or self._last[0] != path:
+                    self._last = None  # the previous inputs go before the next are read
+                    self._last = path, np.fromfile(path, np.float32).reshape(-1, width)
+                return self._last[1]
         return None
 
     @classmethod
@@ -101,7 +110,7 @@ class Activations:
         import torch
 
         found, seen = cls(), {}
-        parts: dict[int, list[np.ndarray]] = {}
+        files: dict[int, Path] = {}
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
 
         def hook(module, args):
@@ -111,7 +120,9 @@ class Activations:
             key = (x.data_ptr(), tuple(x.shape))
             if key not in seen:  # the first Linear to read a tensor keeps it; the others share it
                 seen[key] = (id(module), x)  # holding x: its memory cannot pass to another tensor meanwhile
-                parts.setdefault(id(module), []).append(x.reshape(-1, x.shape[-1]).float().numpy().copy())
+                path = files.setdefault(id(module), Path(found._folder.name) / f"{len(files)}.f32")
+                with open(path, "ab") as file:
+                    x.reshape(-1, x.shape[-1]).float().numpy().tofile(file)
             owners[id(module)] = seen[key][0]
 
         def run(**inputs):
@@ -139,16 +150,15 @@ class Activations:
             seen.clear()
             for handle in handles:
                 handle.remove()
-        stacked = {owner: np.concatenate(chunks) for owner, chunks in parts.items()}
         for module in linears:
-            inputs = stacked.get(owners.get(id(module)))
+            inputs = files.get(owners.get(id(module)))
             if inputs is None:
                 continue
             weight = module.weight.detach().float().numpy()
             if not isinstance(module, torch.nn.Linear):  # GPT-2's Conv1D keeps its weight as [in, out]
                 weight = weight.T
             for row in (weight[0], weight[-1]):
-                found.by_row[np.ascontiguousarray(row).tobytes()] = inputs
+                found.by_row[np.ascontiguousarray(row).tobytes()] = inputs, weight.shape[1]
         return found
 
 

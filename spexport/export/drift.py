@@ -110,15 +110,32 @@ def prompt_rows(text: TextEncoder | None, info: ModelInfo, tasks: list[Task], re
 def decoder_drift(reference: Reference, candidate: Reference, tasks: list[str], rows: list[np.ndarray],
                   eos: list[int], new_tokens: int = NEW_TOKENS) -> list[TaskDrift]:
     """Teacher-forced top-1 agreement and max |Δlogits| of `candidate` along `reference`'s own greedy text."""
-    report = []
+    return compared_with(candidate, reference_texts(reference, tasks, rows, eos, new_tokens))
+
+
+def reference_texts(reference: Reference, tasks: list[str], rows: list[np.ndarray], eos: list[int],
+          new_tokens: int = NEW_TOKENS) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per task, each row with `reference`'s greedy text after it, and the reference's logits at the positions
+    that chose that text: all compared_with needs, so the reference need not be loaded beside the candidate."""
+    texts = {}
     for task in tasks:
-        same, total, worst = 0, 0, 0.0
+        texts[task] = []
         for ids in rows:
             continuation = reference.continuation(ids, task, new_tokens)
             stop = next((i + 1 for i, token in enumerate(continuation) if token in eos), len(continuation))
             sequence = np.concatenate([ids, continuation[:stop]])
             compared = slice(len(ids) - 1, len(sequence) - 1)  # the positions that chose each new token
-            ours, theirs = candidate.logits(sequence, task)[compared], reference.logits(sequence, task)[compared]
+            texts[task].append((sequence, reference.logits(sequence, task)[compared].copy()))
+    return texts
+
+
+def compared_with(candidate: Reference, texts: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> list[TaskDrift]:
+    """decoder_drift's report of `candidate` on `reference_texts`'s texts."""
+    report = []
+    for task, rows in texts.items():
+        same, total, worst = 0, 0, 0.0
+        for sequence, theirs in rows:
+            ours = candidate.logits(sequence, task)[-1 - len(theirs):-1]  # where the reference chose its text
             same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
             total += len(ours)
             worst = max(worst, float(np.abs(ours - theirs).max())) if len(ours) else worst

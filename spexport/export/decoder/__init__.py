@@ -8,6 +8,7 @@ multitask prompt tuning run through the frozen model once, and prefix tuning is 
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from pathlib import Path
@@ -112,8 +113,8 @@ def export_graph(model, info: ModelInfo, out: Path, options: ExportOptions, bank
     """The frozen model's graphs, written (or traced) once as its core graph and derived from it as `options`
     say (build.py), into `out`. Quantizing, the float32 main graph stays beside them under drift.REFERENCE.
 
-    Once the core graph is written, `model`'s weights move to torch's meta device (convert needs them no more),
-    so the graph passes run with one copy of the weights in memory, not two.
+    Once the core graph is written, `model`'s weights move to torch's meta device (convert needs them no more)
+    and are freed, so the graph passes run with one copy of the weights in memory, not two.
     """
     reference = out / drift.REFERENCE if options.quantize else None
     direct = writes_directly(options, model, info)
@@ -123,6 +124,7 @@ def export_graph(model, info: ModelInfo, out: Path, options: ExportOptions, bank
         in_place = direct and options.weights == "float32" and bank is None
         core = export_decoder(model, info, out / GRAPH if in_place else Path(scratch) / GRAPH, direct)
         model.to("meta")
+        gc.collect()  # the writer's onnx-ir graph, views of the weights, is a reference cycle: freed only by gc
         return build(options, core, info, out, bank, reference, activations)
 
 

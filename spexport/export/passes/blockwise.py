@@ -22,6 +22,7 @@ import numpy as np
 
 DAMPING = 0.1  # GPTQ's dampening of H, as a share of its mean diagonal (a few thousand calibration tokens)
 CLIPS = np.linspace(1.0, 0.5, 21)  # shares of a block's range that GPTQ's 4-bit grid search tries (8 bits: 1.0)
+COLUMNS = 8192  # columns rounded to nearest at a time (a 1B head's float64 temporaries: 0.1 GB each, not 2)
 GPTQ_STEP = 128  # inputs rounded between two updates of the rest (the paper's lazy batch)
 
 
@@ -55,6 +56,22 @@ def quantize(weight: np.ndarray, bits: int, block_size: int, offsets: bool = Fal
     if inputs is not None and not offsets:
         codes, scales, zeros = gptq(weight, inputs, bits, block_size)
         return _packed(codes, scales, zeros, bits, block_size, None)
+    codes = np.empty((k, n), np.uint8)
+    scales, zeros = np.empty((k // block_size, n)), np.empty((k // block_size, n))
+    residuals = np.empty((k // block_size, n), np.float32) if offsets else None
+    for start in range(0, n, COLUMNS):  # columns round alone: a head's float64 temporaries, a slice at a time
+        columns = slice(start, start + COLUMNS)
+        codes[:, columns], scales[:, columns], zeros[:, columns], rest = _nearest(weight[:, columns], bits,
+                                                                                  block_size, offsets)
+        if offsets:
+            residuals[:, columns] = rest
+    return _packed(codes, scales, zeros, bits, block_size, residuals)
+
+
+def _nearest(weight: np.ndarray, bits: int, block_size: int, offsets: bool) -> tuple[np.ndarray, ...]:
+    """quantize's round to nearest of `weight` [K, N]: codes [K, N], scales and zeros [k_blocks, N] and the
+    residuals (None without `offsets`)."""
+    k, n = weight.shape
     top = 2 ** bits - 1
     blocks = weight.astype(np.float64).reshape(k // block_size, block_size, n)
     low, high = blocks.min(axis=1), blocks.max(axis=1)
@@ -67,7 +84,7 @@ def quantize(weight: np.ndarray, bits: int, block_size: int, offsets: bool = Fal
         residuals = (low + zeros * scales).astype(np.float32)
     else:
         codes, residuals = np.round(blocks / scales[:, None]) + zeros[:, None], None
-    return _packed(np.clip(codes, 0, top).reshape(k, n), scales, zeros, bits, block_size, residuals)
+    return np.clip(codes, 0, top).reshape(k, n), scales, zeros, residuals
 
 
 def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, ...]:

@@ -106,12 +106,15 @@ class QuantizeWeightsPass(InPlacePass):
             inputs = self._inputs(weight, node is head)
             self.calibrated += inputs is not None
             q = blockwise.quantize(weight, bits, block, offsets=self.mode.offsets and node is not head, inputs=inputs)
+            source = node.inputs[1] if table is None else table
             replaced.append(node.inputs[1])
             matmul = self._replace(graph, node, q, label, sums)
             if node is head and table is not None and self.share_embedding:
                 self.embedding = _share_embedding(graph, table, matmul, q) or self.embedding
                 replaced.append(table)
             self.quantized += 1
+            del weight  # it may be a view of the weights file's mapping, which the next line unmaps
+            _release(_constant(source))
         if self.quantized:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         _drop_unused(graph, replaced)
@@ -226,6 +229,13 @@ def _share_embedding(graph: ir.Graph, table: ir.Value, head: ir.Node, q: blockwi
                          domain=MS_DOMAIN, name=f"{gather.name or gather.outputs[0].name}_spx_q{q.bits}")
         ir.convenience.replace_nodes_and_values(graph, gather, [gather], [lookup], gather.outputs, lookup.outputs)
     return f"int{q.bits}, shared with the head"
+
+
+def _release(tensor: ir.TensorProtocol) -> None:
+    """Unmap a weight read from its file: each stays mapped once read, and mapped pages count as the process's
+    memory (at a 1B model, every float32 weight by the pass's end)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
 
 
 def _integer_attribute(node: ir.Node, name: str, default: int) -> int:

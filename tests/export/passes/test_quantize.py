@@ -267,3 +267,23 @@ def test_gptqs_grid_clips_an_outlier_whose_input_is_quiet():
     assert (gptq.scales < rtn.scales).all()
     assert np.linalg.norm(x @ blockwise.dequantize(gptq) - x @ weight) < 0.9 * np.linalg.norm(
         x @ blockwise.dequantize(rtn) - x @ weight)  # measured: 0.84
+
+
+@pytest.mark.parametrize("offsets", [False, True])
+def test_round_to_nearest_is_the_same_a_slice_of_columns_at_a_time(monkeypatch, offsets):
+    weight = np.random.default_rng(0).normal(size=(64, 40)).astype(np.float32)
+    whole = blockwise.quantize(weight, 4, 32, offsets=offsets)
+    monkeypatch.setattr(blockwise, "COLUMNS", 16)  # slices of 16, 16 and 8
+    sliced = blockwise.quantize(weight, 4, 32, offsets=offsets)
+    for field in ("packed", "scales", "zero_points", "residuals"):
+        np.testing.assert_array_equal(getattr(sliced, field), getattr(whole, field))
+
+
+def test_a_weight_read_from_its_file_is_unmapped_once_quantized(tmp_path):
+    """A mapped weight's pages count as the process's memory: at a 1B model, every weight's by the pass's end."""
+    model, _ = _matmul(64, 48)
+    ir.save(model, tmp_path / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
+    model = ir.load(tmp_path / "m.onnx")
+    weight = model.graph.initializers["w"].const_value
+    QuantizeWeightsPass(INT4)(model)
+    assert isinstance(weight, ir.ExternalTensor) and weight.raw is None
