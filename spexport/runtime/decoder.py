@@ -42,7 +42,7 @@ class DecoderModel(GeneratingModel):
     family = DECODER
 
     def __init__(self, folder: Path, manifest: Manifest, providers: list[str],
-                 max_batch_size: int = inputs.MAX_BATCH_SIZE):
+                 max_batch_size: int = inputs.MAX_BATCH_SIZE, options: ort.SessionOptions | None = None):
         super().__init__(folder, manifest, max_batch_size)
         # a baked graph holds the prompt bank itself and picks each row's prefix by task id
         if not manifest.baked:
@@ -57,7 +57,7 @@ class DecoderModel(GeneratingModel):
         # has no prefix inputs, saves every step the main graph's copies of an empty prefix
         self._core = not manifest.baked and manifest.core_graph is not None
         self._graph = inside_folder(folder, manifest.core_graph if self._core else manifest.graph)
-        self.session = open_session(self._graph, providers)
+        self.session = open_session(self._graph, providers, options)
         # the core graph computes logits only where asked (generation: each row's last real token)
         self._positional = LOGITS_POSITIONS in {value.name for value in self.session.get_inputs()}
         check_ports(self.session, self._graph, *self._ports())

@@ -37,3 +37,26 @@ def test_no_weight_of_the_torch_model_outlives_the_core_graph(tmp_path, monkeypa
     finally:
         gc.enable()
     assert held == [0]
+
+
+def test_the_drift_reference_opens_without_packed_weights(tiny_llama, tmp_path, monkeypatch):
+    # packing a float32 graph's weights for ONNX Runtime's products holds them twice while the session opens
+    # (a 1B model's reference: 5.9 GB against 4.9); the reference runs a few texts once, the candidate is served
+    import spexport.runtime
+    from spexport.export import convert
+    from spexport.export.drift import REFERENCE
+
+    opened = {}
+
+    class Recording(spexport.runtime.DecoderModel):
+        def __init__(self, folder, manifest, providers, options=None):
+            super().__init__(folder, manifest, providers, options=options)
+            try:
+                unpacked = self.session.get_session_options().get_session_config_entry("session.disable_prepacking")
+            except RuntimeError:  # not set: ONNX Runtime packs
+                unpacked = None
+            opened[manifest.graph.startswith(REFERENCE)] = unpacked
+
+    monkeypatch.setattr(spexport.runtime, "DecoderModel", Recording)
+    convert(tiny_llama["model"], [("pt", tiny_llama["adapters"]["pt"])], tmp_path / "int8", quantize="int8")
+    assert opened == {True: "1", False: None}
