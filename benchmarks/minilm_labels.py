@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import measure
-from benchmarks.edge_speed import environment_basic
+from benchmarks.environment import environment
 
 SENTIMENT = [("I loved every minute of this film.", 1), ("The service was slow and the food was cold.", 0),
              ("What a wonderful, heartfelt story.", 1), ("This is the worst purchase I have ever made.", 0),
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = measure.interleaved({name: case(model) for name, model in models.items()}, args.reps)
     speed = {name: {"ms_per_batch": measure.median(r, "ms"),
                     "vs_float32": measure.paired_ratio(r, runs["float32"], "ms")} for name, r in runs.items()}
-    result = {"environment": environment_basic(measure.threads()), "texts": len(TEXTS), "agreement": found,
+    result = {"environment": environment(measure.threads()), "texts": len(TEXTS), "agreement": found,
               "speed_batch_of_60": speed}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "minilm_labels.json").write_text(json.dumps(result, indent=2))
