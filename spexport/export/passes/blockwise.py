@@ -89,10 +89,12 @@ def _nearest(weight: np.ndarray, bits: int, block_size: int, offsets: bool) -> t
 
 def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, ...]:
     """GPTQ (Frantar et al., 2022) with integer zero points: codes [K, N], scales and zero points [k_blocks, N].
-    The inputs are rounded one at a time, in order, and each one's error is spread over the inputs not yet
-    rounded, weighted by the calibration activations' second moments H = XᵀX, so the product x @ W moves as
-    little as it can on text like the calibration's. A block's grid is searched (_grid, 4 bits) on its weights
-    as earlier errors left them. Costs nothing at run time: only the codes, scales and zero points change."""
+    The inputs are rounded one at a time and each one's error is spread over the inputs not yet rounded,
+    weighted by the calibration activations' second moments H = XᵀX, so the product x @ W moves as little as it
+    can on text like the calibration's. The busiest inputs (largest diagonal of H) are rounded first, while the
+    most inputs are left to absorb their errors (act-order); each block's grid (_grid, searched at 4 bits) is
+    chosen beforehand on the weights as given ("static groups"), so every code stays in its own block and the
+    graph needs no g_idx. Costs nothing at run time: only the codes, scales and zero points change."""
     k, n = weight.shape
     top = 2 ** bits - 1
     x = inputs.astype(np.float64)
@@ -100,23 +102,24 @@ def gptq(weight: np.ndarray, inputs: np.ndarray, bits: int, block_size: int) -> 
     h[np.diag_indices(k)] += np.where(np.diag(h) > 0, 0.0, 1.0) + DAMPING * np.mean(np.diag(h))
     importance = np.diag(h).astype(np.float32)
     clips = CLIPS if bits == 4 else CLIPS[:1]
-    upper = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)  # H⁻¹ = UᵀU: row i spreads input i's error
-    w = weight.astype(np.float32, copy=True)
+    grids = [_grid(weight[b:b + block_size].astype(np.float32), top, importance[b:b + block_size], clips)
+             for b in range(0, k, block_size)]
+    scales, zeros = (np.stack(found) for found in zip(*grids))
+    order = np.argsort(-importance, kind="stable")
+    block_of = order // block_size  # the block of the i-th input rounded
+    upper = np.linalg.cholesky(np.linalg.inv(h[np.ix_(order, order)])).T.astype(np.float32)  # H⁻¹ = UᵀU
+    w = weight[order].astype(np.float32)
     codes = np.zeros((k, n), np.float32)
-    scales, zeros = np.ones((k // block_size, n), np.float32), np.zeros((k // block_size, n), np.float32)
-    step = max(block_size, GPTQ_STEP // block_size * block_size)
-    for start in range(0, k, step):
-        stop = min(start + step, k)
+    for start in range(0, k, GPTQ_STEP):
+        stop = min(start + GPTQ_STEP, k)
         errors = np.zeros((stop - start, n), np.float32)
         for i in range(start, stop):
-            if i % block_size == 0:
-                b = i // block_size
-                scales[b], zeros[b] = _grid(w[i:i + block_size], top, importance[i:i + block_size], clips)
+            b = block_of[i]
             codes[i] = np.clip(np.round(w[i] / scales[b]) + zeros[b], 0, top)
             errors[i - start] = (w[i] - (codes[i] - zeros[b]) * scales[b]) / upper[i, i]
             w[i + 1:stop] -= np.outer(upper[i, i + 1:stop], errors[i - start])
         w[stop:] -= upper[start:stop, stop:].T @ errors
-    return codes, scales, zeros
+    return codes[np.argsort(order)], scales, zeros
 
 
 def _grid(block: np.ndarray, top: int, importance: np.ndarray, clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
