@@ -20,8 +20,9 @@ import numpy as np
 
 def bare_decode(graph: Path, threads: int, past: int, new_tokens: int, shared: bool = False
                 ) -> Callable[[], dict]:
-    """A case: `new_tokens` decode steps of `graph` after a past of `past` slots (random keys and values),
-    fed token after token through one I/O binding, each step's presents bound as the next step's pasts
+    """A case: `new_tokens` decode steps of `graph` after a past of `past` slots (random keys and values) and one
+    untimed step (a session that ran just before may still hold the cores a moment), fed token after token
+    through one I/O binding, each step's presents bound as the next step's pasts
     without a copy. `shared`: each past and its present bound to one buffer with room for every step
     (only for a graph whose attention writes in place, as genai's does). Returns ms_per_token."""
     import onnxruntime as ort
@@ -49,7 +50,7 @@ def bare_decode(graph: Path, threads: int, past: int, new_tokens: int, shared: b
         logits = np.empty((1, 1, vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if shared:
-            buffers = kv(past + new_tokens)
+            buffers = kv(past + new_tokens + 1)
             for name, present, buffer, first in zip(past_names, present_names, buffers, start):
                 buffer[:, :, :past] = first
                 value = ort.OrtValue.ortvalue_from_numpy(buffer)
@@ -58,8 +59,10 @@ def bare_decode(graph: Path, threads: int, past: int, new_tokens: int, shared: b
         else:
             for name, first in zip(past_names, start):
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(first))
-        began = time.perf_counter()
-        for step in range(new_tokens):
+        began = None
+        for step in range(new_tokens + 1):  # the first step untimed, as the engines' first token is
+            if step == 1:
+                began = time.perf_counter()
             total = past + step + 1
             feeds = {"input_ids": np.array([[1000 + step]], np.int64), "attention_mask": np.ones((1, total), np.int64),
                      "position_ids": np.array([[total - 1]], np.int64), "logits_positions": np.zeros((1, 1), np.int64)}
