@@ -16,7 +16,7 @@ from spexport.converters.bank import adapter_prompts, bank_entry
 from spexport.errors import ArtifactError
 from spexport.families import Family, family_named
 from spexport.runtime.base import running
-from spexport.runtime.session import open_session, session_options
+from spexport.runtime.session import open_session, unpacked_options
 
 
 def check_editable(folder: Path, manifest: Manifest) -> Family:
@@ -40,10 +40,9 @@ class PrefixGraph:
                                 "tasks); export it again to add tasks that hold embeddings")
         self.info = manifest.model
         self.path = inside_folder(folder, manifest.prefix_graph)
-        # one run over a few tokens: optimizing the graph and prepacking its weights would cost more than they save
-        options = session_options()
+        # one run over a few tokens: optimizing the graph would cost more than it saves, as packing would
+        options = unpacked_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.add_session_config_entry("session.disable_prepacking", "1")
         self.session = open_session(self.path, providers or ["CPUExecutionProvider"], options)
         self.inputs = {i.name for i in self.session.get_inputs()}
 

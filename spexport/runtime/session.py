@@ -162,6 +162,14 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
+def unpacked_options() -> ort.SessionOptions:
+    """session_options() for a session that runs once or twice: ONNX Runtime's packing of the weights for its
+    products would cost more than it saves, and holds them twice while the session opens."""
+    options = session_options()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
 def release_freed_memory() -> None:
     """Give the C heap's free pages back to the operating system (glibc only; elsewhere nothing).
 
