@@ -42,8 +42,7 @@ def bare_decode(graph: Path, threads: int, past: int, new_tokens: int, shared: b
         shapes = [inputs[name].shape for name in past_names]  # [batch, kv heads, slots, head_dim]
         return [np.zeros((1, shape[1], slots, shape[3]), np.float32) for shape in shapes]
 
-    start = [rng.standard_normal(value.shape[:2] + (past,) + value.shape[3:]).astype(np.float32) * 0.1
-             for value in kv(0)]
+    start = [rng.standard_normal(value.shape).astype(np.float32) * 0.1 for value in kv(past)]
 
     def run() -> dict:
         binding = session.io_binding()

@@ -52,9 +52,9 @@ MATMULS_ALONE = "ORT MatMuls alone fp32"  # ONNX Runtime's kernels over the same
 # bare_loop.py's cases, per precision: each graph in the same bare loop, and genai's with its shared KV buffer
 BARE = {precision: (f"spexport {precision} graph, bare loop", f"genai {precision} graph, bare loop",
                     f"genai {precision} graph, bare loop, shared KV") for precision in ("fp32", "int4")}
-for _precision, (_ours, _theirs, _shared) in BARE.items():
-    RATIOS += [(f"spexport {_precision}", _ours, None), (_ours, _theirs, None), (_shared, _theirs, None),
-               (f"genai {_precision}", _shared, None)]
+RATIOS += [pair for precision, (ours, theirs, shared) in BARE.items()
+           for pair in [(f"spexport {precision}", ours, None), (ours, theirs, None), (shared, theirs, None),
+                        (f"genai {precision}", shared, None)]]
 
 
 def build(model_dir: Path, work: Path, genai_python: str | None, gguf_python: str | None, log) -> dict:

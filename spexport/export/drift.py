@@ -114,7 +114,7 @@ def decoder_drift(reference: Reference, candidate: Reference, tasks: list[str], 
 
 
 def reference_texts(reference: Reference, tasks: list[str], rows: list[np.ndarray], eos: list[int],
-          new_tokens: int = NEW_TOKENS) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+                    new_tokens: int = NEW_TOKENS) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Per task, each row with `reference`'s greedy text after it, and the reference's logits at the positions
     that chose that text: all compared_with needs, so the reference need not be loaded beside the candidate."""
     texts = {}
