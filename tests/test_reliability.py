@@ -41,9 +41,9 @@ from spexport.runtime.session import VerifiedFiles
 IDS = np.array([[5, 9, 14, 22, 40, 7]], np.int64)
 
 
-# the graph the Python runtime runs in the tiny Llama artifact: the core graph (export/decoder/core_graph.py),
-# which reads the main graph's weights file
-RUNTIME_GRAPH = "core_model.onnx"
+# the graph the Python runtime runs in the tiny Llama artifact on the CPU: the core graph with its cache written in
+# place (export/decoder/build.py), which reads the main graph's weights file
+RUNTIME_GRAPH = "core_inplace_model.onnx"
 
 
 def _copy(artifact: Path, tmp_path: Path) -> Path:

@@ -142,7 +142,9 @@ def test_quantized_mixed_task_batches_equal_rows_alone(tiny, quantize):
     ids, tasks = _rows(model)
     mixed = model.logits(ids, task=tasks)
     alone = np.concatenate([model.logits(ids[i:i + 1], task=t) for i, t in enumerate(tasks)])
-    np.testing.assert_allclose(mixed, alone, atol=1e-5)
+    # float32 rounding only (a batch's attention products are blocked otherwise); a row given another row's
+    # prefix moves by tenths
+    np.testing.assert_allclose(mixed, alone, atol=5e-5)
     together = model.generate(ids, task=tasks, max_new_tokens=6)
     for i, task in enumerate(tasks):
         row = model.generate(ids[i:i + 1], task=task, max_new_tokens=6)[0]

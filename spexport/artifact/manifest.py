@@ -87,6 +87,9 @@ class Manifest:
     prefix_graph: str | None = None
     # decoder, unbaked: the main graph without its prefix inputs, which the Python runtime runs
     core_graph: str | None = None
+    # decoder, unbaked: the core graph with a KV cache updated in place (ONNX Runtime 1.32+), where every layer's
+    # attention allows it
+    inplace_graph: str | None = None
     quantization: dict | None = None  # --quantize: how (bits, block size, ...) and the drift report
     # prompt ensembles: name -> its member tasks, trained for one job and run together (left out when none)
     ensembles: dict[str, list[str]] = field(default_factory=dict)
@@ -100,7 +103,7 @@ class Manifest:
         for task in document["tasks"]:
             if task["head"] is None:
                 del task["head"]  # decoder tasks have none; readers before encoders know no such field
-        optional = [(document, ["encoder_graph", "prefix_graph", "core_graph", "quantization"]),
+        optional = [(document, ["encoder_graph", "prefix_graph", "core_graph", "inplace_graph", "quantization"]),
                     (document["model"], ["sliding_window", *SEQ2SEQ_MODEL_FIELDS])]
         for fields_of, keys in optional:
             for key in keys:
@@ -332,6 +335,7 @@ def _checked(raw: dict, path: Path) -> Manifest:
     graph = top.take("graph", _path, "a path")
     prefix_graph = top.take("prefix_graph", _path, "a path", None)
     core_graph = top.take("core_graph", _path, "a path", None)
+    inplace_graph = top.take("inplace_graph", _path, "a path", None)
     tokenizer_files = top.take("tokenizer_files", _paths, "a list of paths", [])
     files = top.take("files", lambda v: isinstance(v, dict) and all(_path(k) and isinstance(d, str) and
                                                                    _SHA256.fullmatch(d) for k, d in v.items()),
@@ -341,7 +345,7 @@ def _checked(raw: dict, path: Path) -> Manifest:
         problem = ensemble_problem(name, members, tasks)
         if problem:
             raise ArtifactError(f"{path}: field ensembles: {problem}")
-    for rel in [graph, bank, prefix_graph, core_graph, *tokenizer_files]:
+    for rel in [graph, bank, prefix_graph, core_graph, inplace_graph, *tokenizer_files]:
         if rel is not None and rel not in files:
             raise ArtifactError(f"{path}: field files has no sha256 for {rel!r}, so it cannot be checked")
     return Manifest(family=top.take("family", _text, "a string"), model=model, graph=graph, prompt_bank=bank,
@@ -349,4 +353,5 @@ def _checked(raw: dict, path: Path) -> Manifest:
                     versions=top.take("versions", lambda v: isinstance(v, dict), "an object", {}), files=files,
                     quantization=top.take("quantization", lambda v: isinstance(v, dict), "an object", None),
                     format_version=version, prefix_graph=prefix_graph, core_graph=core_graph,
+                    inplace_graph=inplace_graph,
                     ensembles={name: list(members) for name, members in ensembles.items()}, **top.rest(Manifest))

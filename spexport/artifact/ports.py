@@ -20,6 +20,8 @@ PRESENT_VALUE = "present.{}.value"
 PREFIX_GRAPH = "prefix_model.onnx"
 LOGITS_POSITIONS = "logits_positions"  # the core graph's: [batch, K] positions whose logits it computes
 CORE_GRAPH = "core_model.onnx"  # decoder, unbaked: the main graph without its prefix inputs (the Python runtime's)
+# decoder, unbaked: the core graph attending with GroupQueryAttention, whose past and present may be one buffer
+INPLACE_GRAPH = "core_inplace_model.onnx"
 INPUTS_EMBEDS = "inputs_embeds"  # [batch, n_virtual, hidden]
 # Encoder graphs (family "encoder"): virtual-token embeddings in, the body's states out.
 PROMPT_EMBEDS = "prompt_embeds"  # [batch, n_prompt, hidden]

@@ -28,7 +28,7 @@ from spexport.errors import AdapterError, InputError
 from spexport.families import DECODER
 from spexport.runtime import inputs
 from spexport.runtime.base import Batch, TaskTable, finite_logits, running
-from spexport.runtime.device import io_device
+from spexport.runtime.device import io_device, runs_inplace_cache
 from spexport.runtime.engine import Engine
 from spexport.runtime.generation import GeneratingModel, GenerationConfig
 from spexport.runtime.prefix import check_editable, new_tasks
@@ -56,7 +56,11 @@ class DecoderModel(GeneratingModel):
         # an unbaked artifact's prefix is joined here, once, as the first step's past: the core graph, which
         # has no prefix inputs, saves every step the main graph's copies of an empty prefix
         self._core = not manifest.baked and manifest.core_graph is not None
-        self._graph = inside_folder(folder, manifest.core_graph if self._core else manifest.graph)
+        # the core graph with GroupQueryAttention, where it runs: a generation's cache is then one buffer per
+        # layer, bound as past and present, that each step writes its slots into (no copy of the cache a step)
+        self._inplace = self._core and manifest.inplace_graph is not None and runs_inplace_cache(providers)
+        graph = manifest.inplace_graph if self._inplace else manifest.core_graph if self._core else manifest.graph
+        self._graph = inside_folder(folder, graph)
         self.session = open_session(self._graph, providers, options)
         # the core graph computes logits only where asked (generation: each row's last real token)
         self._positional = LOGITS_POSITIONS in {value.name for value in self.session.get_inputs()}
@@ -99,13 +103,13 @@ class DecoderModel(GeneratingModel):
         positions = inputs.positions(mask) + prefix_mask.sum(axis=1, keepdims=True)
         return empty, past, np.concatenate([prefix_mask, mask], axis=1), positions
 
-    def _steps(self, batch: Batch) -> _BoundSteps | _GroupedSteps:
+    def _steps(self, batch: Batch, new_tokens: int) -> _BoundSteps | _GroupedSteps:
         groups = self._window_groups(batch.mask)
         if groups is not None:
-            return _GroupedSteps(self._graph, [(group, self._steps(self._unpadded(batch, group)))
+            return _GroupedSteps(self._graph, [(group, self._steps(self._unpadded(batch, group), new_tokens))
                                                for group in groups])
         return _BoundSteps(self, batch.ids, inputs.last_real(batch.mask),
-                           *self._first_step(batch.mask, batch.rows, batch.table))
+                           *self._first_step(batch.mask, batch.rows, batch.table), new_tokens=new_tokens)
 
     def _window_groups(self, mask: np.ndarray) -> list[np.ndarray] | None:
         """The batch's rows grouped by their number of real tokens, where the model has sliding-window
@@ -142,7 +146,7 @@ class DecoderModel(GeneratingModel):
         """The graph generation steps run, and its port names, for callers that hold their own KV (the engine)."""
         return StepGraph(self.session, self._graph, self._past_names, self._present_names, self._positional,
                          *io_device(self.session), self.info.sliding_window is not None,
-                         self.info.vocab_size)
+                         self.info.vocab_size, self._inplace)
 
     def task_table(self) -> TaskTable:
         """The task list requests are checked against now (replaced whole by add_task / remove_task)."""
@@ -266,20 +270,33 @@ class _BoundSteps:
 
     The prefix inputs and the first past are bound once. Each step's `present.*` outputs stay ONNX
     Runtime values and are bound as the next step's `past_key_values.*` (on a GPU provider they
-    never leave the device). Logits land in numpy buffers allocated once per shape, so no step
-    copies them.
+    never leave the device). With the in-place graph, each layer's key and value are instead one buffer
+    each, as long as the whole generation, bound once as both past and present: a step writes its slots
+    into them (after the mask's slots so far) and copies nothing else. Logits land in numpy buffers
+    allocated once per shape, so no step copies them.
     """
 
     def __init__(self, model: DecoderModel, ids: np.ndarray, last: np.ndarray, prefix: dict[str, np.ndarray],
-                 past: list[np.ndarray], mask: np.ndarray, position_ids: np.ndarray):
+                 past: list[np.ndarray], mask: np.ndarray, position_ids: np.ndarray, new_tokens: int):
         self.session, self.graph = model.session, model._graph
         self.binding = model.session.io_binding()
         self.device, self.device_id = io_device(model.session)  # where present.* live
         self.past_names, self.present_names = model._past_names, model._present_names
-        self.vocab, self.positional = model.info.vocab_size, model._positional
+        self.vocab, self.positional, self.inplace = model.info.vocab_size, model._positional, model._inplace
         self.logits: dict[tuple[int, int], np.ndarray] = {}
-        for name, value in [*prefix.items(), *zip(self.past_names, past)]:
+        for name, value in prefix.items():
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, self.device_id))
+        # the last new token is never fed: the mask grows to its width plus new_tokens - 1 slots
+        capacity = mask.shape[1] + max(new_tokens - 1, 0)
+        for past_name, present_name, value in zip(self.past_names, self.present_names, past):
+            if self.inplace:
+                cache = np.zeros((*value.shape[:2], capacity, value.shape[3]), np.float32)
+                cache[:, :, :value.shape[2]] = value
+                bound = ort.OrtValue.ortvalue_from_numpy(cache)
+                self.binding.bind_ortvalue_output(present_name, bound)
+            else:
+                bound = ort.OrtValue.ortvalue_from_numpy(value, self.device, self.device_id)
+            self.binding.bind_ortvalue_input(past_name, bound)
         self.ids, self.last, self.mask, self.position_ids = ids, last, mask, position_ids
 
     def first(self) -> np.ndarray:
@@ -307,6 +324,10 @@ class _BoundSteps:
         if logits is None:
             logits = self.logits[shape] = np.empty((*shape, self.vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        if self.inplace:  # past and present stay bound to one buffer per layer
+            with running(self.graph):
+                self.session.run_with_iobinding(binding)
+            return logits
         for name in self.present_names:
             binding.bind_output(name, self.device, self.device_id)
         with running(self.graph):

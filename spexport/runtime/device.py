@@ -26,6 +26,7 @@ DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
 PACKAGES = {"CUDAExecutionProvider": "onnxruntime-gpu", "TensorrtExecutionProvider": "onnxruntime-gpu",
             "DmlExecutionProvider": "onnxruntime-directml", "OpenVINOExecutionProvider": "onnxruntime-openvino",
             "QNNExecutionProvider": "onnxruntime-qnn"}
+INPLACE_MIN_ORT = (1, 32)  # the in-place graph's GroupQueryAttention takes query_seqlens from this release
 # provider options spexport's graphs cannot run with, and why
 REFUSED_OPTIONS = {
     "enable_cuda_graph": "a captured CUDA graph replays fixed shapes at fixed addresses, but every decode step's "
@@ -104,3 +105,11 @@ def io_device(session: ort.InferenceSession) -> tuple[str, int]:
     if device == "cpu":
         return device, 0
     return device, int(session.get_provider_options().get(provider, {}).get("device_id", 0))
+
+
+def runs_inplace_cache(providers: Sequence[Provider]) -> bool:
+    """Whether a decoder's in-place graph (GroupQueryAttention with query_seqlens: ONNX Runtime 1.32 and later)
+    runs here. The CPU provider alone for now: the GPU providers' GroupQueryAttention with an attention bias and
+    per-row query lengths is unchecked, and PyPI's onnxruntime-gpu is 1.31."""
+    version = tuple(int(part) for part in ort.__version__.split(".")[:2] if part.isdigit())
+    return version >= INPLACE_MIN_ORT and all(_name_and_options(item)[0] == CPU for item in providers)

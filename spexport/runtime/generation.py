@@ -123,7 +123,8 @@ class GeneratingModel(ServedArtifact):
     DOES = "generates text"
     PAD_TEXT_LEFT = True  # generate_text's padding side: a decoder-only model continues each row at its right end
 
-    def _steps(self, batch: Batch) -> Steps:
+    def _steps(self, batch: Batch, new_tokens: int) -> Steps:
+        """The model calls of a generation of at most `new_tokens` tokens."""
         raise NotImplementedError
 
     def _room(self, batch: Batch) -> int:
@@ -155,9 +156,10 @@ class GeneratingModel(ServedArtifact):
             tokens, real = self._sequence_so_far(batch.ids, batch.mask)
             seen = np.zeros((len(batch.ids), self.info.vocab_size), bool)
             seen[np.nonzero(real)[0], tokens[real == 1]] = True
-        return token_columns(self._steps(batch), config, self._room(batch), self.info.eos_token_ids,
-                             self.info.padding_token, lambda step: self._forced_token(step, config), seen, stopped,
-                             batch.owners)
+        room = self._room(batch)
+        return token_columns(self._steps(batch, min(config.max_new_tokens, room)), config, room,
+                             self.info.eos_token_ids, self.info.padding_token,
+                             lambda step: self._forced_token(step, config), seen, stopped, batch.owners)
 
     def _new_tokens(self, batch: Batch, config: GenerationConfig) -> np.ndarray:
         columns = list(self._token_columns(batch, config))

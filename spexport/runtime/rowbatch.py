@@ -5,7 +5,9 @@ A row's past is its task prefix, its prompt and its tokens so far. Rows of diffe
 left-padded with masked slots (the graph lets a row be padded anywhere; positions count real slots), so
 every row sees exactly its own tokens. A step feeds each row one token, or several (a prompt-lookup draft);
 a row that feeds fewer than the widest gets masked slots after its own, and a rejected draft's slots are
-masked out afterwards. The batched past is rebuilt only when the rows change.
+masked out afterwards. The batched past is rebuilt only when the rows change. With an in-place graph, the
+batched past is one buffer per layer's key and value, bound as both past and present, which each step writes
+its slots into; it grows (doubling) when a step would not fit.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from spexport.runtime.base import running
 class StepGraph(NamedTuple):
     """A decoder's step graph: its session, path, past and present names (per layer: key, value), whether it
     takes logits_positions, the device (name, id) its presents live on, whether it has sliding-window layers, its
-    vocabulary."""
+    vocabulary, whether its past and present may be one buffer (the in-place graph)."""
 
     session: ort.InferenceSession
     graph: Path
@@ -34,6 +36,7 @@ class StepGraph(NamedTuple):
     device_id: int
     windowed: bool
     vocab: int
+    inplace: bool = False
 
 
 class RowBatch:
@@ -49,20 +52,20 @@ class RowBatch:
             self.binding.bind_cpu_input(name, value)
         # on the CPU the presents land in numpy buffers the batch owns: a rebuild reads them without a copy
         self.on_cpu = graph.device == "cpu"
+        self.inplace = graph.inplace and self.on_cpu
         # two flat buffers per present, used in turn (a step reads one and writes the other), grown by doubling:
         # fresh memory every step would cost page faults on every write
         self.pools = [[np.empty(0, np.float32), np.empty(0, np.float32)] for _ in graph.present_names]
         self.turn = 0
         self.past: list = []
-        for j, name in enumerate(graph.past_names):
+        capacity = 2 * width if self.inplace else width  # the in-place buffers' room for the steps to come
+        for j in range(len(graph.past_names)):
             heads, _, head_dim = kvs[0][j].shape
-            past = np.empty((len(kvs), heads, width, head_dim), np.float32)
+            past = np.zeros((len(kvs), heads, capacity, head_dim), np.float32)
             for i, kv in enumerate(kvs):
-                past[i, :, :width - lengths[i]] = 0
-                past[i, :, width - lengths[i]:] = kv[j]
+                past[i, :, width - lengths[i]:width] = kv[j]
             self.past.append(past)
-            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(
-                past, graph.device, graph.device_id))
+        self._bind_past()
         for i, n in enumerate(lengths):
             self.mask[i, width - n:] = 1
         self.fed: list[int] = []  # each row's fed count in the last step
@@ -102,6 +105,12 @@ class RowBatch:
         if logits is None:
             logits = self.logits[ids.shape] = np.empty((*ids.shape, graph.vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        if self.inplace:
+            if self.mask.shape[1] > self.past[0].shape[2]:
+                self._grow(2 * self.mask.shape[1], self.mask.shape[1] - ids.shape[1])
+            with running(graph.graph):
+                graph.session.run_with_iobinding(binding)
+            return logits
         presents = []
         self.turn ^= 1
         for name, past, pool in zip(graph.present_names, self.past, self.pools):
@@ -113,9 +122,28 @@ class RowBatch:
         with running(graph.graph):
             graph.session.run_with_iobinding(binding)
         self.past = presents if self.on_cpu else binding.get_outputs()[1:]
-        for name, value in zip(graph.past_names, self.past):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value) if self.on_cpu else value)
+        self._bind_past()
         return logits
+
+    def _bind_past(self) -> None:
+        """Bind `past` as the next step's past (in place: as its present too)."""
+        graph = self.graph
+        for j, (name, value) in enumerate(zip(graph.past_names, self.past)):
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(value, graph.device, graph.device_id)
+            self.binding.bind_ortvalue_input(name, value)
+            if self.inplace:
+                self.binding.bind_ortvalue_output(graph.present_names[j], value)
+
+    def _grow(self, capacity: int, used: int) -> None:
+        """Move the in-place buffers' first `used` slots into buffers of `capacity` slots."""
+        grown = []
+        for past in self.past:
+            bigger = np.zeros((*past.shape[:2], capacity, past.shape[3]), np.float32)
+            bigger[:, :, :used] = past[:, :, :used]
+            grown.append(bigger)
+        self.past = grown
+        self._bind_past()
 
     def _buffer(self, pool: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         size = int(np.prod(shape))
@@ -131,7 +159,8 @@ class RowBatch:
 
     def take(self) -> list[list[np.ndarray]]:
         """Each row's past, its real slots only, per past name [kv_heads, slots, head_dim]."""
-        values = [value.numpy() if isinstance(value, ort.OrtValue) else value for value in self.past]
+        width = self.mask.shape[1]  # an in-place buffer has room beyond the slots in use
+        values = [(value.numpy() if isinstance(value, ort.OrtValue) else value)[:, :, :width] for value in self.past]
         kvs = []
         for row in self.mask.astype(bool):
             slots = np.flatnonzero(row)

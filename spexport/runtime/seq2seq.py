@@ -112,7 +112,7 @@ class Seq2SeqModel(GeneratingModel):
         kv, mask = stack_prefixes([self._kv[r] for r in rows], axis=3, min_slots=1)
         return {KV_PREFIX: kv, PREFIX_MASK: mask}
 
-    def _steps(self, batch: Batch) -> _CachedSteps:
+    def _steps(self, batch: Batch, new_tokens: int) -> _CachedSteps:
         return _CachedSteps(self, self._encode(batch.ids, batch.mask, batch.rows), self._prefix(batch.rows),
                             self._sequence_start(batch.ids))
 

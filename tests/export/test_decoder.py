@@ -28,7 +28,7 @@ def test_no_weight_of_the_torch_model_outlives_the_core_graph(tmp_path, monkeypa
 
     def build(*args):
         held.append(sum(not weight.expired() for weight in weights))
-        return Graphs(None, None, None)
+        return Graphs(None, None, None, None)
 
     monkeypatch.setattr(spexport.export.decoder, "build", build)
     gc.disable()

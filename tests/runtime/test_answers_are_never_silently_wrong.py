@@ -31,7 +31,8 @@ def test_load_refuses_a_prompt_bank_holding_nan_or_inf(tiny_llama, tmp_path):
 def nan_weights(tiny_llama, tmp_path_factory):
     """The tiny artifact with NaN token embeddings, rehashed: it loads, and every logit is NaN."""
     folder = copy(tiny_llama["artifact"], tmp_path_factory.mktemp("nan-weights") / "artifact")
-    for name in ("model.onnx", "core_model.onnx"):  # the main graph, and the one the Python runtime runs
+    # the main graph, and those the Python runtime runs
+    for name in ("model.onnx", "core_model.onnx", "core_inplace_model.onnx"):
         if not (folder / name).is_file():
             continue
         graph = onnx.load(folder / name)

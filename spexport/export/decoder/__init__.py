@@ -79,6 +79,7 @@ def convert(model_dir: Path, adapters: list[tuple[str, Path]], output: Path, opt
         return finish(staging, output, model_dir, family=DECODER.name, model=info, graph=GRAPH,
                       prompt_bank=None if options.bake else BANK, tasks=tasks, baked=options.bake,
                       ensembles=options.ensembles, core_graph=graphs.core_graph, prefix_graph=graphs.prefix_graph,
+                      inplace_graph=graphs.inplace_graph,
                       **({"quantization": record} if record is not None else {}))
 
 

@@ -13,6 +13,9 @@ that add no weights of note, each file reading that one weights file:
                       that C++, C#, Node and onnxruntime-genai clients use
   core_model.onnx     GatherLogitsPositionsPass: the graph the Python runtime runs (it joins a row's prefix as its
                       first step's past, so the prefix wiring's copies of the cache would only cost it)
+  core_inplace_model.onnx
+                      ... UseGroupQueryAttentionPass: the same, its KV cache written in place (ONNX Runtime 1.32+);
+                      only where every layer's attention converts
   prefix_model.onnx   TakeEmbeddingsInputPass: virtual-token embeddings in, their KV out (`spexport add`)
 A baked graph takes task_ids, which neither the core graph nor `spexport add` serves: it is its artifact's one
 graph. Fusions, fp16 and quantization change the frozen model before any prompt is wired in, so the prompt bank
@@ -33,7 +36,7 @@ from onnx_ir.passes import PassBase, PreconditionError, Sequential
 
 from spexport.artifact.files import GRAPH, WEIGHTS_SUFFIX
 from spexport.artifact.manifest import ModelInfo
-from spexport.artifact.ports import CORE_GRAPH, PREFIX_GRAPH
+from spexport.artifact.ports import CORE_GRAPH, INPLACE_GRAPH, PREFIX_GRAPH
 from spexport.errors import ModelError, SpexportError
 from spexport.export.common import ExportOptions
 from spexport.export.decoder.graph import POSITION_IDS, CoreGraph
@@ -50,6 +53,7 @@ from spexport.export.passes import (
     ScaleQueriesNotKeysPass,
     TagGraphPass,
     TakeEmbeddingsInputPass,
+    UseGroupQueryAttentionPass,
 )
 from spexport.export.passes.float16 import PROTOBUF_LIMIT
 from spexport.export.passes.quantize import MODES, recorded
@@ -60,11 +64,12 @@ SMALL = 1024  # bytes: tensors under this stay inside each graph file, the rest 
 
 @dataclass(frozen=True)
 class Graphs:
-    """What build() wrote beside the main graph: the core and prefix graphs' file names (None: none), and the
-    quantization's record (passes/quantize.py's `recorded`; None unquantized)."""
+    """What build() wrote beside the main graph: the core, prefix and in-place graphs' file names (None: none), and
+    the quantization's record (passes/quantize.py's `recorded`; None unquantized)."""
 
     core_graph: str | None
     prefix_graph: str | None
+    inplace_graph: str | None
     quantization: dict | None
 
 
@@ -115,21 +120,25 @@ def main_graph(info: ModelInfo, bank: tuple[np.ndarray, np.ndarray] | None) -> l
 
 
 def write_graphs(model: ir.Model, out: Path, info: ModelInfo, bank=None, in_place: bool = False,
-                 main_only: bool = False) -> tuple[str | None, str | None]:
-    """Write the graphs derived from the core graph `model` to `out`, sharing one weights file; return the core
-    and prefix graphs' names (None where there is none). `in_place`: `model`'s weights are in out's weights
+                 main_only: bool = False) -> tuple[str | None, str | None, str | None]:
+    """Write the graphs derived from the core graph `model` to `out`, sharing one weights file; return the core,
+    prefix and in-place graphs' names (None where there is none). `in_place`: `model`'s weights are in out's weights
     file already. `model` becomes the main graph."""
     out.mkdir(exist_ok=True)
     if bank is not None:
         _save_baked(run(main_graph(info, bank), model), out / GRAPH)
-        return None, None
+        return None, None, None
     if not in_place:
         weights = out / (GRAPH + WEIGHTS_SUFFIX)
         ir.external_data.unload_from_model(model, out, weights.name, size_threshold_bytes=SMALL)
-    core_graph = prefix_graph = None
+    core_graph = prefix_graph = inplace_graph = None
     if not main_only:
-        ir.save(run(GatherLogitsPositionsPass(), model.clone()), out / CORE_GRAPH)
+        core = run(GatherLogitsPositionsPass(), model.clone())
+        ir.save(core, out / CORE_GRAPH)
         core_graph = CORE_GRAPH
+        if UseGroupQueryAttentionPass()(core).modified:
+            ir.save(core, out / INPLACE_GRAPH)
+            inplace_graph = INPLACE_GRAPH
         try:
             ir.save(run(TakeEmbeddingsInputPass(), model.clone()), out / PREFIX_GRAPH)
             prefix_graph = PREFIX_GRAPH
@@ -137,7 +146,7 @@ def write_graphs(model: ir.Model, out: Path, info: ModelInfo, bank=None, in_plac
             warnings.warn(f"the decoder graph has {e}, so the artifact gets no prefix graph", stacklevel=2)
     ir.save(run(main_graph(info, None), model), out / GRAPH)
     _readable_like(out / GRAPH)
-    return core_graph, prefix_graph
+    return core_graph, prefix_graph, inplace_graph
 
 
 def run(passes: PassBase | list[PassBase], model: ir.Model) -> ir.Model:

@@ -11,8 +11,9 @@ the output MatMul, two SkipSimplifiedLayerNormalization and the MLP's three MatM
 
 The ports and the attention bias are writer.py's, and position_ids index the rotary tables, so padded
 rows and rows of different prefix lengths compute what the model computes. (ONNX Runtime's
-GroupQueryAttention would save the Split and rotary kernels, but it refuses a batch of more than one
-row whose prompt has a past, and with a prefix every prompt has one.) The rotary tables are the
+GroupQueryAttention takes a batch of prompts behind a past only from 1.32, which PyPI's GPU build is not
+yet: the in-place graph the Python runtime runs on the CPU is derived with it, by
+passes/group_query_attention.py.) The rotary tables are the
 model's own rotary module's output, so any static rope scaling is in them. A multiplier is folded into
 the weights it follows (Granite's residual one into o_proj and down_proj, its logits scaling into the
 final norm), which copies those weights.

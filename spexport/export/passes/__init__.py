@@ -14,6 +14,7 @@ then derives the artifact's graphs from it:
   BakePromptBankPass             (--bake) the bank as constants, picked by a task_ids input
   MergePrefixIntoPastConcatPass  the prefix joins the frozen model's own concat(past, new token)
   GatherLogitsPositionsPass      core graph: the LM head at the positions asked for only
+  UseGroupQueryAttentionPass     in-place graph: the core graph's attention as GroupQueryAttention
   TakeEmbeddingsInputPass        prefix graph: virtual-token embeddings in, their KV out
 """
 
@@ -22,6 +23,7 @@ from spexport.export.passes.bake_prompt_bank import BakePromptBankPass
 from spexport.export.passes.embeddings_input import TakeEmbeddingsInputPass
 from spexport.export.passes.float16 import ConvertToFloat16Pass
 from spexport.export.passes.fuse import FuseTransformerOpsPass
+from spexport.export.passes.group_query_attention import UseGroupQueryAttentionPass
 from spexport.export.passes.logits_positions import GatherLogitsPositionsPass
 from spexport.export.passes.merge_prefix_concat import MergePrefixIntoPastConcatPass
 from spexport.export.passes.quantize import QuantizeWeightsPass
@@ -33,4 +35,4 @@ from spexport.export.passes.tag import TagGraphPass
 __all__ = ["AddPrefixInputsPass", "BakePromptBankPass", "ConvertToFloat16Pass", "FuseRotaryEmbeddingPass",
            "FuseTransformerOpsPass", "GatherLogitsPositionsPass", "MergePrefixIntoPastConcatPass",
            "QuantizeWeightsPass", "RestoreInputPass", "ScaleQueriesNotKeysPass", "TagGraphPass",
-           "TakeEmbeddingsInputPass"]
+           "TakeEmbeddingsInputPass", "UseGroupQueryAttentionPass"]
