@@ -12,8 +12,9 @@ builder) and llama.cpp (F32, Q8_0, Q4_1 GGUFs) in one interleaved run, same thre
 - genai runs in a child process with the Python of a venv holding the release under test (genai_child.py);
 - "ORT MatMuls alone fp32": ONNX Runtime's matrix kernels over the fp32 graph's weight shapes and nothing else
   (measure.matmul_ceiling), the floor any fp32 ONNX graph meets on this machine, beside llama.cpp F32;
-- "... graph, bare loop": spexport's and genai's graphs in one lean loop with the same session options, and
-  genai's with its shared KV buffer (bare_loop.py): the graphs compared alone, and what each runtime adds.
+- "... graph, bare loop": spexport's graph (the one its runtime runs: the in-place graph, its KV buffer shared
+  by past and present) and genai's, with and without its shared KV buffer, in one lean loop with the same
+  session options (bare_loop.py): the graphs compared alone, and what each runtime adds.
 Every repetition runs each engine once, in a rotating order; figures are medians and ratios are taken within
 each repetition (benchmarks/measure.py). After the timing, ONNX Runtime's per-operator profile of one decode
 step of each ONNX graph (op_profile.py) shows where the time goes. Writes edge_speed.json (with environment()'s
@@ -53,7 +54,7 @@ MATMULS_ALONE = "ORT MatMuls alone fp32"  # ONNX Runtime's kernels over the same
 BARE = {precision: (f"spexport {precision} graph, bare loop", f"genai {precision} graph, bare loop",
                     f"genai {precision} graph, bare loop, shared KV") for precision in ("fp32", "int4")}
 RATIOS += [pair for precision, (ours, theirs, shared) in BARE.items()
-           for pair in [(f"spexport {precision}", ours, None), (ours, theirs, None), (shared, theirs, None),
+           for pair in [(f"spexport {precision}", ours, None), (ours, shared, None), (shared, theirs, None),
                         (f"genai {precision}", shared, None)]]
 
 
@@ -153,15 +154,18 @@ def spexport_case(folder: Path, ids: np.ndarray, new_tokens: int):
 
 
 def bare_cases(built: dict, new_tokens: int, threads: int) -> dict:
-    """bare_loop.py's cases: spexport's graph (the core graph its runtime runs, its task's virtual tokens in the
-    past) and genai's, each in the same bare loop, and genai's with past and present in one buffer."""
+    """bare_loop.py's cases: spexport's graph (the one its runtime runs on the CPU, its task's virtual tokens in the
+    past; the in-place graph's past and present in one buffer) and genai's, each in the same bare loop, and
+    genai's with past and present in one buffer."""
     from spexport.artifact.manifest import Manifest
 
     cases = {}
     for precision, (ours, theirs, shared) in BARE.items():
         folder = built[f"spexport {precision}"]
-        graph = folder / (Manifest.read(folder).core_graph or "model.onnx")
-        cases[ours] = bare_loop.bare_decode(graph, threads, quantization.VIRTUAL_TOKENS + PROMPT_TOKENS, new_tokens)
+        manifest = Manifest.read(folder)
+        graph = folder / (manifest.inplace_graph or manifest.core_graph or "model.onnx")
+        cases[ours] = bare_loop.bare_decode(graph, threads, quantization.VIRTUAL_TOKENS + PROMPT_TOKENS, new_tokens,
+                                            shared=manifest.inplace_graph is not None)
         genai_graph = built[f"genai {precision}"] / "model.onnx"
         cases[theirs] = bare_loop.bare_decode(genai_graph, threads, PROMPT_TOKENS, new_tokens)
         cases[shared] = bare_loop.bare_decode(genai_graph, threads, PROMPT_TOKENS, new_tokens, shared=True)
@@ -178,7 +182,8 @@ def profiles(built: dict, new_tokens: int, threads: int) -> dict:
         if name not in built:
             continue
         if name in SPEXPORT:
-            graph = built[name] / (Manifest.read(built[name]).core_graph or "model.onnx")  # what the runtime runs
+            manifest = Manifest.read(built[name])  # what the runtime runs on the CPU
+            graph = built[name] / (manifest.inplace_graph or manifest.core_graph or "model.onnx")
             past = quantization.VIRTUAL_TOKENS + PROMPT_TOKENS + new_tokens // 2
         else:
             graph, past = built[name] / "model.onnx", PROMPT_TOKENS + new_tokens // 2
