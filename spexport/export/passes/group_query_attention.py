@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from spexport.export.passes.tag import record_fusions
 from spexport.export.passes.values import constant, constant_numbers, integer, op, producer
@@ -35,12 +36,11 @@ HEAD_DIM_MULTIPLE = 16  # ONNX Runtime's CPU kernel refuses other head sizes
 
 
 class _Plan(NamedTuple):
-    """What one layer's GroupQueryAttention reads, and the nodes it replaces besides the Attention."""
+    """What one layer's GroupQueryAttention reads."""
 
     query: ir.Value  # packed QKV when key and value are None
     key: ir.Value | None
     value: ir.Value | None
-    replaced: list[ir.Node]
 
 
 class UseGroupQueryAttentionPass(InPlacePass):
@@ -62,12 +62,8 @@ class UseGroupQueryAttentionPass(InPlacePass):
             for old, new in zip(node.outputs, attend.outputs):
                 old.replace_all_uses_with(new, replace_graph_outputs=True)
                 new.name, new.shape, new.type = old.name, old.shape, old.type
-            read = [value for gone in [node, *plan.replaced] for value in gone.inputs if value is not None]
-            for gone in [node, *plan.replaced]:
-                graph.remove(gone, safe=True)
-            for value in read:  # a Split's sizes: ONNX Runtime warns of an initializer nothing reads
-                if value.is_initializer() and not value.uses() and value.name in graph.initializers:
-                    graph.initializers.pop(value.name)
+        # the Attentions, a packed QKV's Split and its sizes (ONNX Runtime warns of an initializer nothing reads)
+        RemoveUnusedNodesPass()(model)
         model.opset_imports.setdefault(MS, 1)
         record_fusions(model, {GQA: len(attentions)})
         return PassResult(model, modified=True)
@@ -88,8 +84,8 @@ def _plan(node: ir.Node) -> _Plan | None:
     split = producer(q, "Split")
     if split is not None and list(split.outputs) == [q, k, v] and _packed(split, node) and \
             all(len(value.uses()) == 1 for value in (q, k, v)):
-        return _Plan(split.inputs[0], None, None, [split])
-    return _Plan(q, k, v, [])
+        return _Plan(split.inputs[0], None, None)
+    return _Plan(q, k, v)
 
 
 def _packed(split: ir.Node, attention: ir.Node) -> bool:
