@@ -49,12 +49,8 @@ def bare_decode(graph: Path, threads: int, past: int, new_tokens: int, shared: b
         logits = np.empty((1, 1, vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if shared:
-            buffers = kv(past + new_tokens + 1)
-            for name, present, buffer, first in zip(past_names, present_names, buffers, start):
-                buffer[:, :, :past] = first
-                value = ort.OrtValue.ortvalue_from_numpy(buffer)
-                binding.bind_ortvalue_input(name, value)
-                binding.bind_ortvalue_output(present, value)
+            for name, present, first in zip(past_names, present_names, start):
+                bind_shared_cache(binding, name, present, first, past + new_tokens + 1)
         else:
             for name, first in zip(past_names, start):
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(first))
@@ -78,3 +74,16 @@ def bare_decode(graph: Path, threads: int, past: int, new_tokens: int, shared: b
             int(logits[0, 0].argmax())
         return {"ms_per_token": 1000 * (time.perf_counter() - began) / new_tokens}
     return run
+
+
+def bind_shared_cache(binding, past_name: str, present_name: str, past: np.ndarray, slots: int) -> None:
+    """Bind `past` [batch, kv heads, n, head_dim] as the first n slots of a buffer of `slots` that is both the
+    graph's `past_name` input and its `present_name` output: a graph that writes in place adds each step's slots
+    to it."""
+    import onnxruntime as ort
+
+    buffer = np.zeros((*past.shape[:2], slots, past.shape[3]), np.float32)
+    buffer[:, :, :past.shape[2]] = past
+    value = ort.OrtValue.ortvalue_from_numpy(buffer)
+    binding.bind_ortvalue_input(past_name, value)
+    binding.bind_ortvalue_output(present_name, value)

@@ -157,15 +157,11 @@ def bare_cases(built: dict, new_tokens: int, threads: int) -> dict:
     """bare_loop.py's cases: spexport's graph (the one its runtime runs on the CPU, its task's virtual tokens in the
     past; the in-place graph's past and present in one buffer) and genai's, each in the same bare loop, and
     genai's with past and present in one buffer."""
-    from spexport.artifact.manifest import Manifest
-
     cases = {}
     for precision, (ours, theirs, shared) in BARE.items():
-        folder = built[f"spexport {precision}"]
-        manifest = Manifest.read(folder)
-        graph = folder / (manifest.inplace_graph or manifest.core_graph or "model.onnx")
+        graph, in_place = workloads.served_graph(built[f"spexport {precision}"])
         cases[ours] = bare_loop.bare_decode(graph, threads, quantization.VIRTUAL_TOKENS + PROMPT_TOKENS, new_tokens,
-                                            shared=manifest.inplace_graph is not None)
+                                            shared=in_place)
         genai_graph = built[f"genai {precision}"] / "model.onnx"
         cases[theirs] = bare_loop.bare_decode(genai_graph, threads, PROMPT_TOKENS, new_tokens)
         cases[shared] = bare_loop.bare_decode(genai_graph, threads, PROMPT_TOKENS, new_tokens, shared=True)
@@ -175,15 +171,12 @@ def bare_cases(built: dict, new_tokens: int, threads: int) -> dict:
 def profiles(built: dict, new_tokens: int, threads: int) -> dict:
     """ONNX Runtime's per-operator profile of one decode step of each ONNX engine's graph, halfway through the
     timed tokens (spexport's past includes its task's virtual tokens): where the time goes beside llama.cpp."""
-    from spexport.artifact.manifest import Manifest
-
     found = {}
     for name in (*SPEXPORT, *GENAI):
         if name not in built:
             continue
         if name in SPEXPORT:
-            manifest = Manifest.read(built[name])  # what the runtime runs on the CPU
-            graph = built[name] / (manifest.inplace_graph or manifest.core_graph or "model.onnx")
+            graph = workloads.served_graph(built[name])[0]  # what the runtime runs on the CPU
             past = quantization.VIRTUAL_TOKENS + PROMPT_TOKENS + new_tokens // 2
         else:
             graph, past = built[name] / "model.onnx", PROMPT_TOKENS + new_tokens // 2

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import measure, op_profile, workloads
+from benchmarks import bare_loop, measure, op_profile, workloads
 from benchmarks.run import environment
 
 PAST = 64
@@ -71,7 +71,6 @@ def build(model_type: str, work: Path) -> Path:
 def step_timer(graph: Path, threads: int, reps: int, shared: bool = False):
     """A case for measure.interleaved: the median of `reps` decode steps of `graph` as `step_s`. `shared`: each
     past and its present bound to one buffer (the in-place graph), so every step writes the same slot."""
-    import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -82,11 +81,7 @@ def step_timer(graph: Path, threads: int, reps: int, shared: bool = False):
     binding = session.io_binding()
     for name, value in feeds.items():
         if shared and name.startswith("past_key_values."):
-            cache = np.zeros((*value.shape[:2], PAST + 1, value.shape[3]), np.float32)
-            cache[:, :, :PAST] = value
-            buffer = ort.OrtValue.ortvalue_from_numpy(cache)
-            binding.bind_ortvalue_input(name, buffer)
-            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), buffer)
+            bare_loop.bind_shared_cache(binding, name, name.replace("past_key_values.", "present."), value, PAST + 1)
         else:
             binding.bind_cpu_input(name, value)
     for output in session.get_outputs():
@@ -104,8 +99,8 @@ def measure_type(model_type: str, work: Path, threads: int, reps: int) -> dict:
 
     artifact = build(model_type, work)
     manifest = Manifest.read(artifact)
-    graph = artifact / (manifest.inplace_graph or manifest.core_graph or "model.onnx")
-    runs = measure.interleaved({"step": step_timer(graph, threads, reps, manifest.inplace_graph is not None),
+    graph, shared = workloads.served_graph(artifact)
+    runs = measure.interleaved({"step": step_timer(graph, threads, reps, shared),
                                 "matmuls": measure.matmul_ceiling(graph, threads, reps)}, ROUNDS)
     profile = op_profile.profile(graph, PAST, threads, runs=5)
     step, matmuls = measure.median(runs["step"], "step_s"), measure.median(runs["matmuls"], "step_s")

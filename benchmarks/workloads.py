@@ -147,6 +147,16 @@ def stamp_source(artifact: Path) -> None:
     artifact.with_name(artifact.name + ".source").write_text(spexport_source())
 
 
+def served_graph(artifact: Path) -> tuple[Path, bool]:
+    """The decoder graph spexport's runtime runs on the CPU (the in-place graph, else the core graph, else the main
+    one), and whether its past and present are one buffer (the in-place graph's)."""
+    from spexport.artifact.manifest import Manifest
+
+    manifest = Manifest.read(artifact)
+    graph = manifest.inplace_graph or manifest.core_graph or manifest.graph
+    return artifact / graph, manifest.inplace_graph is not None
+
+
 def subset_artifact(source: Path, target: Path, count: int) -> Path:
     """`source` serving only its first `count` tasks: the same graph (hard-linked), a smaller bank.
 
