@@ -36,7 +36,7 @@ class StepGraph(NamedTuple):
     device_id: int
     windowed: bool
     vocab: int
-    inplace: bool = False
+    inplace: bool
 
 
 class RowBatch:
